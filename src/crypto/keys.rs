@@ -1,0 +1,288 @@
+//! Key types. Key bytes live in [`Zeroizing`] buffers and in AES key schedules that the `aes`
+//! crate zeroizes on drop; `Debug` shows ids only.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use aes_gcm::{Aes256Gcm, KeyInit};
+use base64::Engine as _;
+use prost::Message as _;
+use rand::RngCore as _;
+use zeroize::Zeroizing;
+
+use super::aead;
+use crate::error::{Error, Result};
+use crate::protocol::{DataEncryptionKey, Encrypted, EncryptedDataEncryptionKey, KeyEncryptionKey};
+
+/// Length of every key: AES-256.
+pub const KEY_LEN: usize = 32;
+
+/// Key material shared by [`Dek`] and [`Kek`]: id, creation time, bytes and a ready cipher.
+struct KeyMaterial {
+    id: String,
+    created_at: i64,
+    bytes: Zeroizing<[u8; KEY_LEN]>,
+    cipher: Aes256Gcm,
+}
+
+impl KeyMaterial {
+    fn new(id: String, created_at: i64, key: &[u8], what: &str) -> Result<Self> {
+        let bytes: [u8; KEY_LEN] = key.try_into().map_err(|_| {
+            Error::invalid_argument(format!(
+                "{what} {id:?} must be {KEY_LEN} bytes, got {}",
+                key.len()
+            ))
+        })?;
+        let bytes = Zeroizing::new(bytes);
+        let cipher = Aes256Gcm::new_from_slice(bytes.as_slice())
+            .map_err(|_| Error::internal("aes-256-gcm rejected a 32-byte key"))?;
+        Ok(Self {
+            id,
+            created_at,
+            bytes,
+            cipher,
+        })
+    }
+
+    fn generate(id: String, created_at: i64) -> Self {
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        rand::rngs::OsRng.fill_bytes(bytes.as_mut_slice());
+        let cipher =
+            Aes256Gcm::new_from_slice(bytes.as_slice()).expect("aes-256-gcm accepts a 32-byte key");
+        Self {
+            id,
+            created_at,
+            bytes,
+            cipher,
+        }
+    }
+}
+
+/// A data encryption key: seals the payloads of one keyring.
+pub struct Dek(KeyMaterial);
+
+impl Dek {
+    /// A new random DEK with a fresh id.
+    pub fn generate() -> Self {
+        Self(KeyMaterial::generate(super::new_dek_id(), super::now_ms()))
+    }
+
+    /// A DEK from its parts; the key must be 32 bytes.
+    pub fn from_parts(id: String, created_at: i64, key: &[u8]) -> Result<Self> {
+        KeyMaterial::new(id, created_at, key, "data encryption key").map(Self)
+    }
+
+    /// The key id.
+    pub fn id(&self) -> &str {
+        &self.0.id
+    }
+
+    /// Creation time, unix milliseconds.
+    pub fn created_at(&self) -> i64 {
+        self.0.created_at
+    }
+
+    /// Seals a payload under a fresh nonce.
+    pub fn seal(&self, plaintext: &[u8]) -> Encrypted {
+        aead::seal(&self.0.cipher, &self.0.id, plaintext, super::now_ms())
+    }
+
+    /// Opens a payload sealed by this key.
+    pub fn open(&self, encrypted: &Encrypted) -> Result<Vec<u8>> {
+        aead::open(&self.0.cipher, encrypted)
+    }
+
+    /// The cipher, for reproducing known vectors.
+    pub fn cipher(&self) -> &Aes256Gcm {
+        &self.0.cipher
+    }
+
+    /// The protobuf bytes of the plaintext DEK, in a buffer zeroized on drop.
+    fn to_protobuf(&self) -> Zeroizing<Vec<u8>> {
+        let message = DataEncryptionKey {
+            id: self.0.id.clone(),
+            created_at: self.0.created_at,
+            key: self.0.bytes.to_vec(),
+        };
+        Zeroizing::new(message.encode_to_vec())
+    }
+}
+
+impl fmt::Debug for Dek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dek")
+            .field("id", &self.0.id)
+            .field("created_at", &self.0.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A key encryption key (master key): seals DEKs for storage.
+pub struct Kek(KeyMaterial);
+
+impl Kek {
+    /// A new random master key with a fresh id.
+    pub fn generate() -> Self {
+        Self(KeyMaterial::generate(super::new_kek_id(), super::now_ms()))
+    }
+
+    /// Parses the configured form: standard base64 of the protobuf `KeyEncryptionKey`.
+    /// Surrounding whitespace is ignored. Errors never repeat the input.
+    pub fn parse(text: &str) -> Result<Self> {
+        let bytes = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map_err(|error| {
+                    Error::invalid_argument(format!("master key is not valid base64: {error}"))
+                })?,
+        );
+        let message = KeyEncryptionKey::decode(bytes.as_slice()).map_err(|error| {
+            Error::invalid_argument(format!(
+                "master key is not a protobuf KeyEncryptionKey: {error}"
+            ))
+        })?;
+        if message.id.is_empty() {
+            return Err(Error::invalid_argument("master key has an empty id"));
+        }
+        KeyMaterial::new(
+            message.id.clone(),
+            message.created_at,
+            &message.key,
+            "master key",
+        )
+        .map(Self)
+    }
+
+    /// The configured form of this key (a secret: handle with care).
+    pub fn to_base64(&self) -> Zeroizing<String> {
+        let message = KeyEncryptionKey {
+            id: self.0.id.clone(),
+            created_at: self.0.created_at,
+            key: self.0.bytes.to_vec(),
+        };
+        let bytes = Zeroizing::new(message.encode_to_vec());
+        Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(bytes.as_slice()))
+    }
+
+    /// The key id.
+    pub fn id(&self) -> &str {
+        &self.0.id
+    }
+
+    /// Creation time, unix milliseconds.
+    pub fn created_at(&self) -> i64 {
+        self.0.created_at
+    }
+}
+
+impl fmt::Debug for Kek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kek")
+            .field("id", &self.0.id)
+            .field("created_at", &self.0.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The current master key and the previous ones still accepted for opening stored DEKs.
+/// New DEKs are always sealed by the current key.
+#[derive(Clone)]
+pub struct MasterKeys {
+    current: Arc<Kek>,
+    by_id: HashMap<String, Arc<Kek>>,
+}
+
+impl MasterKeys {
+    /// The current key and any number of previous ones. Ids must be distinct.
+    pub fn new(current: Kek, previous: impl IntoIterator<Item = Kek>) -> Result<Self> {
+        let current = Arc::new(current);
+        let mut by_id = HashMap::new();
+        by_id.insert(current.id().to_owned(), current.clone());
+        for kek in previous {
+            let id = kek.id().to_owned();
+            if by_id.insert(id.clone(), Arc::new(kek)).is_some() {
+                return Err(Error::invalid_argument(format!(
+                    "master key id {id:?} is configured twice"
+                )));
+            }
+        }
+        Ok(Self { current, by_id })
+    }
+
+    /// The key that seals new DEKs.
+    pub fn current(&self) -> &Kek {
+        &self.current
+    }
+
+    /// Whether `kek_id` is the current key.
+    pub fn is_current(&self, kek_id: &str) -> bool {
+        self.current.id() == kek_id
+    }
+
+    /// Seals `dek` with the current master key into the stored form.
+    pub fn seal_dek(&self, dek: &Dek) -> EncryptedDataEncryptionKey {
+        let plaintext = dek.to_protobuf();
+        let kek = &self.current;
+        EncryptedDataEncryptionKey {
+            id: dek.id().to_owned(),
+            created_at: dek.created_at(),
+            encrypted: Some(aead::seal(
+                &kek.0.cipher,
+                kek.id(),
+                &plaintext,
+                super::now_ms(),
+            )),
+        }
+    }
+
+    /// Opens a stored DEK with whichever configured master key sealed it.
+    pub fn open_dek(&self, stored: &EncryptedDataEncryptionKey) -> Result<Dek> {
+        let encrypted = stored.encrypted.as_ref().ok_or_else(|| {
+            Error::internal(format!("stored key {:?} has no encrypted body", stored.id))
+        })?;
+        let kek = self
+            .by_id
+            .get(&encrypted.encryption_key_id)
+            .ok_or_else(|| {
+                Error::internal(format!(
+                    "stored key {:?} is sealed by master key {:?}, which is not configured",
+                    stored.id, encrypted.encryption_key_id
+                ))
+            })?;
+        let plaintext = Zeroizing::new(aead::open(&kek.0.cipher, encrypted).map_err(|_| {
+            Error::internal(format!(
+                "stored key {:?} does not open with master key {:?}",
+                stored.id,
+                kek.id()
+            ))
+        })?);
+        let message = DataEncryptionKey::decode(plaintext.as_slice()).map_err(|error| {
+            Error::internal(format!(
+                "stored key {:?} is not a DataEncryptionKey: {error}",
+                stored.id
+            ))
+        })?;
+        let dek = Dek::from_parts(message.id.clone(), message.created_at, &message.key)
+            .map_err(|error| Error::internal(error.message().to_owned()))?;
+        if dek.id() != stored.id {
+            return Err(Error::internal(format!(
+                "stored key {:?} holds key {:?}",
+                stored.id,
+                dek.id()
+            )));
+        }
+        Ok(dek)
+    }
+}
+
+impl fmt::Debug for MasterKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut ids: Vec<_> = self.by_id.keys().collect();
+        ids.sort();
+        f.debug_struct("MasterKeys")
+            .field("current", &self.current.id())
+            .field("known", &ids)
+            .finish()
+    }
+}

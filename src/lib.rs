@@ -1,0 +1,24 @@
+//! ringvault: an actor-based, event-driven envelope-encryption service over NATS,
+//! wire- and storage-compatible with Unkey's Vault (see `spec/vault-v1.md`).
+//!
+//! Module map:
+//!
+//! - [`protocol`]: the wire contract, no I/O — `vault.v1` messages, the base64 envelope,
+//!   the protobuf/JSON codec, subjects and header names.
+//! - [`crypto`]: AES-256-GCM, [`crypto::Kek`]/[`crypto::Dek`] (zeroized on drop), the
+//!   [`crypto::MasterKeys`] that seal DEKs, key ids.
+//! - [`storage`]: the object-store trait and backends (memory, local directory, S3), the
+//!   key layout, keyring validation, time-bounded retries.
+//! - [`keyring`]: the DEK lifecycle of a keyring — get-or-create LATEST, rotate, look up by id,
+//!   the fresh/stale DEK cache — and the master-key roll.
+//! - [`error`]: the one [`Error`] with a [`Kind`] that maps to wire codes.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod crypto;
+pub mod error;
+pub mod keyring;
+pub mod protocol;
+pub mod storage;
+
+pub use error::{Error, Kind, Result};

@@ -1,0 +1,143 @@
+//! Request and reply bodies in protobuf (the default) or protobuf JSON.
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Kind, Result};
+
+/// The body format of one request; the reply uses the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// Protobuf bytes.
+    #[default]
+    Protobuf,
+    /// Protobuf's canonical JSON.
+    Json,
+}
+
+impl Format {
+    /// The format named by a `Content-Type` header value (`application/json` → JSON; anything
+    /// else, or none, → protobuf). Parameters such as `; charset=utf-8` are ignored.
+    pub fn from_content_type(content_type: Option<&str>) -> Format {
+        let Some(value) = content_type else {
+            return Format::Protobuf;
+        };
+        let media_type = value.split(';').next().unwrap_or("").trim();
+        if media_type.eq_ignore_ascii_case(super::JSON_CONTENT_TYPE) {
+            Format::Json
+        } else {
+            Format::Protobuf
+        }
+    }
+}
+
+/// Decodes a request body.
+pub fn decode<T>(format: Format, body: &[u8]) -> Result<T>
+where
+    T: prost::Message + Default + DeserializeOwned,
+{
+    match format {
+        Format::Protobuf => T::decode(body).map_err(|error| {
+            Error::invalid_argument(format!("malformed protobuf request: {error}"))
+        }),
+        Format::Json if body.is_empty() => Ok(T::default()),
+        Format::Json => serde_json::from_slice(body)
+            .map_err(|error| Error::invalid_argument(format!("malformed json request: {error}"))),
+    }
+}
+
+/// Encodes a reply body.
+pub fn encode<T>(format: Format, message: &T) -> Bytes
+where
+    T: prost::Message + Serialize,
+{
+    match format {
+        Format::Protobuf => Bytes::from(message.encode_to_vec()),
+        // Serializing these plain structs cannot fail: no maps with non-string keys, no floats.
+        Format::Json => Bytes::from(serde_json::to_vec(message).unwrap_or_default()),
+    }
+}
+
+/// The JSON body of an error reply: `{"code": "...", "message": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable machine code ([`Kind::code`]).
+    pub code: String,
+    /// Lowercase human-readable message.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// The body of `error`.
+    pub fn from_error(error: &Error) -> Self {
+        Self {
+            code: error.kind().code().to_owned(),
+            message: error.message().to_owned(),
+        }
+    }
+
+    /// The JSON bytes of this body.
+    pub fn to_bytes(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// The error this body describes.
+    pub fn into_error(self) -> Error {
+        Error::new(Kind::from_code(&self.code), self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{EncryptRequest, EncryptResponse, ReEncryptRequest};
+
+    #[test]
+    fn json_is_camel_case_out_and_accepts_both_spellings_in() {
+        let response = EncryptResponse {
+            encrypted: "abc".into(),
+            key_id: "dek_1".into(),
+        };
+        let json = encode(Format::Json, &response);
+        assert_eq!(&json[..], br#"{"encrypted":"abc","keyId":"dek_1"}"#);
+        let snake: EncryptResponse =
+            decode(Format::Json, br#"{"encrypted":"abc","key_id":"dek_1"}"#).unwrap();
+        assert_eq!(snake, response);
+        let camel: ReEncryptRequest = decode(
+            Format::Json,
+            br#"{"keyring":"k","keyId":"dek_1","extra":[1]}"#,
+        )
+        .unwrap();
+        assert_eq!(camel.key_id.as_deref(), Some("dek_1"));
+    }
+
+    #[test]
+    fn empty_fields_are_omitted() {
+        let json = encode(Format::Json, &EncryptResponse::default());
+        assert_eq!(&json[..], b"{}");
+    }
+
+    #[test]
+    fn malformed_bodies_are_invalid_argument() {
+        let error = decode::<EncryptRequest>(Format::Protobuf, &[0xff, 0xff, 0xff]).unwrap_err();
+        assert_eq!(error.kind(), Kind::InvalidArgument);
+        assert!(error.message().contains("protobuf"), "{error}");
+        let error = decode::<EncryptRequest>(Format::Json, b"{\"data\": \"\xff\"}").unwrap_err();
+        assert_eq!(error.kind(), Kind::InvalidArgument);
+        assert!(error.message().contains("json"), "{error}");
+    }
+
+    #[test]
+    fn content_type_selects_format() {
+        assert_eq!(Format::from_content_type(None), Format::Protobuf);
+        assert_eq!(
+            Format::from_content_type(Some("application/json; charset=utf-8")),
+            Format::Json
+        );
+        assert_eq!(
+            Format::from_content_type(Some("application/protobuf")),
+            Format::Protobuf
+        );
+    }
+}

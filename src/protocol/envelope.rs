@@ -1,0 +1,99 @@
+//! The envelope callers keep: standard base64, with padding, of the protobuf bytes of
+//! [`Encrypted`]. Decoding is as tolerant as Go's standard decoder, which issued the envelopes
+//! already in the wild: CR and LF are skipped, and non-zero trailing bits are accepted.
+
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use base64::Engine as _;
+use prost::Message as _;
+
+use super::Encrypted;
+use crate::error::{Error, Result};
+
+const ENCODER: GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+const TOLERANT_DECODER: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// The base64 string of `encrypted`.
+pub fn encode_envelope(encrypted: &Encrypted) -> String {
+    ENCODER.encode(encrypted.encode_to_vec())
+}
+
+/// The [`Encrypted`] inside a base64 envelope.
+///
+/// ```
+/// use ringvault::protocol::{decode_envelope, encode_envelope, Encrypted};
+/// let encrypted = Encrypted { nonce: vec![1; 12], ciphertext: vec![2; 16],
+///     encryption_key_id: "dek_1".into(), time: 1, ..Default::default() };
+/// let text = encode_envelope(&encrypted);
+/// assert_eq!(decode_envelope(&text).unwrap(), encrypted);
+/// assert!(decode_envelope("not base64!").is_err());
+/// ```
+pub fn decode_envelope(text: &str) -> Result<Encrypted> {
+    if text.is_empty() {
+        return Err(Error::invalid_argument("encrypted is empty"));
+    }
+    let bytes = if text.contains(['\r', '\n']) {
+        let cleaned: String = text.chars().filter(|c| !matches!(c, '\r' | '\n')).collect();
+        TOLERANT_DECODER.decode(cleaned)
+    } else {
+        TOLERANT_DECODER.decode(text)
+    }
+    .map_err(|error| Error::invalid_argument(format!("encrypted is not valid base64: {error}")))?;
+    Encrypted::decode(bytes.as_slice()).map_err(|error| {
+        Error::invalid_argument(format!("encrypted is not a vault.v1 envelope: {error}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Encrypted {
+        Encrypted {
+            nonce: vec![7; 12],
+            ciphertext: vec![9; 21],
+            encryption_key_id: "dek_abc".into(),
+            time: 1_700_000_000_003,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn output_is_standard_padded_base64() {
+        let text = encode_envelope(&sample());
+        assert!(text.ends_with('='), "{text}");
+        assert!(!text.contains(['-', '_']));
+    }
+
+    #[test]
+    fn tolerates_line_breaks_and_trailing_bits() {
+        let text = encode_envelope(&sample());
+        let folded = format!("{}\r\n{}\n", &text[..10], &text[10..]);
+        assert_eq!(decode_envelope(&folded).unwrap(), sample());
+        // The vector from the spec ends in `=`: flip the last data character's unused bits.
+        let vector =
+            "EgwCAgICAgICAgICAgIaFQVrWddDKJXEx3VtC+wQWZYT4astTSINZGVrX1RFU1RERUswMSiD0JX/vDE=";
+        let with_trailing_bits = vector.replace("vDE=", "vDF=");
+        assert_eq!(
+            decode_envelope(vector).unwrap(),
+            decode_envelope(&with_trailing_bits).unwrap()
+        );
+    }
+
+    #[test]
+    fn rejects_garbage_with_clear_errors() {
+        let error = decode_envelope("%%%").unwrap_err();
+        assert!(error.message().contains("base64"), "{error}");
+        let error = decode_envelope("").unwrap_err();
+        assert!(error.message().contains("empty"), "{error}");
+        // Valid base64 of bytes that are not a protobuf message.
+        let error = decode_envelope("//////8=").unwrap_err();
+        assert!(error.message().contains("envelope"), "{error}");
+    }
+}

@@ -1,0 +1,78 @@
+//! The wire contract, with no I/O: `vault.v1` messages, the base64 envelope, the protobuf/JSON
+//! codec, subjects, header names and the error body.
+
+mod codec;
+mod envelope;
+mod messages;
+
+pub use codec::{decode, encode, ErrorBody, Format};
+pub use envelope::{decode_envelope, encode_envelope};
+pub use messages::*;
+
+/// The default subject prefix of the service.
+pub const DEFAULT_PREFIX: &str = "vault.v1";
+/// The default NATS queue group, so that replicas share the load.
+pub const QUEUE_GROUP: &str = "ringvault";
+
+/// Header carrying `Bearer <token>`.
+pub const AUTHORIZATION: &str = "Authorization";
+/// Header carrying the request id (generated when absent, echoed on the reply).
+pub const REQUEST_ID: &str = "X-Request-ID";
+/// Header selecting protobuf JSON (`application/json`) instead of protobuf.
+pub const CONTENT_TYPE: &str = "Content-Type";
+/// The `Content-Type` value of protobuf JSON.
+pub const JSON_CONTENT_TYPE: &str = "application/json";
+/// NATS micro error description header.
+pub const SERVICE_ERROR: &str = "Nats-Service-Error";
+/// NATS micro error status header (HTTP-like code).
+pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+
+/// The RPC methods of the service; the subject of each is `<prefix>.<name>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// Health probe; needs no token.
+    Liveness,
+    /// Seal a plaintext with the keyring's current DEK.
+    Encrypt,
+    /// Open an envelope.
+    Decrypt,
+    /// Open an envelope and seal it again with the keyring's current DEK.
+    ReEncrypt,
+    /// Encrypt many items, all or nothing.
+    EncryptBulk,
+    /// Decrypt many items, all or nothing.
+    DecryptBulk,
+    /// Make a new DEK the keyring's LATEST (ringvault's addition).
+    RotateKeyring,
+}
+
+impl Method {
+    /// Every method, in the order the service registers them.
+    pub const ALL: [Method; 7] = [
+        Method::Liveness,
+        Method::Encrypt,
+        Method::Decrypt,
+        Method::ReEncrypt,
+        Method::EncryptBulk,
+        Method::DecryptBulk,
+        Method::RotateKeyring,
+    ];
+
+    /// The method's name, the last token of its subject.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Liveness => "Liveness",
+            Method::Encrypt => "Encrypt",
+            Method::Decrypt => "Decrypt",
+            Method::ReEncrypt => "ReEncrypt",
+            Method::EncryptBulk => "EncryptBulk",
+            Method::DecryptBulk => "DecryptBulk",
+            Method::RotateKeyring => "RotateKeyring",
+        }
+    }
+
+    /// The subject of this method under `prefix`.
+    pub fn subject(self, prefix: &str) -> String {
+        format!("{prefix}.{}", self.name())
+    }
+}

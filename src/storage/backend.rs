@@ -1,0 +1,297 @@
+//! [`ObjectStorage`] over any `object_store` implementation: in memory, a local directory
+//! (object key `K` at `<root>/K`, written atomically through a staging file and a rename), or S3.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt as _;
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{
+    ClientOptions, GetOptions, ObjectStore, PutMode, PutOptions, RetryConfig, UpdateVersion,
+};
+
+use super::{ObjectStorage, PutCondition, StorageError, Stored, Version};
+
+/// Where and how to reach an S3-compatible bucket.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct S3Settings {
+    /// Endpoint URL (`https://s3.eu-west-1.amazonaws.com`, `http://127.0.0.1:9000`); empty for AWS.
+    pub endpoint: String,
+    /// Region (`us-east-1` for most non-AWS stores).
+    pub region: String,
+    /// Bucket name.
+    pub bucket: String,
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+    /// Whether the store enforces `If-None-Match`/`If-Match` on PUT.
+    pub conditional_writes: bool,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("access_key_id", &self.access_key_id)
+            .field("conditional_writes", &self.conditional_writes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An `object_store` backend.
+pub struct ObjectStoreBackend {
+    store: Arc<dyn ObjectStore>,
+    description: String,
+    conditional_writes: bool,
+}
+
+impl ObjectStoreBackend {
+    /// An empty in-memory store (conditional writes enforced).
+    pub fn in_memory() -> Self {
+        Self {
+            store: Arc::new(InMemory::new()),
+            description: "memory".to_owned(),
+            conditional_writes: true,
+        }
+    }
+
+    /// A local directory, created when missing. Create-if-absent is enforced; a conditional
+    /// update is not (the local store cannot compare versions), so writes that need one fall
+    /// back to last-writer-wins.
+    pub fn local(root: &std::path::Path) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(root).map_err(|error| StorageError::Unavailable {
+            operation: "open",
+            key: root.display().to_string(),
+            detail: error.to_string(),
+        })?;
+        let store =
+            LocalFileSystem::new_with_prefix(root).map_err(|error| StorageError::Unavailable {
+                operation: "open",
+                key: root.display().to_string(),
+                detail: error.to_string(),
+            })?;
+        Ok(Self {
+            store: Arc::new(store),
+            description: format!("local:{}", root.display()),
+            conditional_writes: false,
+        })
+    }
+
+    /// An S3-compatible bucket with path-style addressing.
+    pub fn s3(settings: &S3Settings, request_timeout: Duration) -> Result<Self, StorageError> {
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(&settings.bucket)
+            .with_region(&settings.region)
+            .with_access_key_id(&settings.access_key_id)
+            .with_secret_access_key(&settings.secret_access_key)
+            .with_virtual_hosted_style_request(false)
+            .with_conditional_put(if settings.conditional_writes {
+                S3ConditionalPut::ETagMatch
+            } else {
+                S3ConditionalPut::Disabled
+            })
+            // ringvault retries inside its own time budget; the client's own retries are kept
+            // short so one slow attempt cannot eat the whole budget.
+            .with_retry(RetryConfig {
+                max_retries: 1,
+                retry_timeout: request_timeout,
+                ..RetryConfig::default()
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_timeout(request_timeout)
+                    .with_connect_timeout(request_timeout.min(Duration::from_secs(2)))
+                    .with_allow_http(settings.endpoint.starts_with("http://")),
+            );
+        if !settings.endpoint.is_empty() {
+            builder = builder.with_endpoint(&settings.endpoint);
+        }
+        let store = builder.build().map_err(|error| StorageError::Unavailable {
+            operation: "open",
+            key: settings.bucket.clone(),
+            detail: error.to_string(),
+        })?;
+        Ok(Self {
+            store: Arc::new(store),
+            description: format!("s3:{}", settings.bucket),
+            conditional_writes: settings.conditional_writes,
+        })
+    }
+}
+
+fn unavailable(operation: &'static str, key: &str, error: object_store::Error) -> StorageError {
+    StorageError::Unavailable {
+        operation,
+        key: key.to_owned(),
+        detail: error.to_string(),
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStorage for ObjectStoreBackend {
+    async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError> {
+        let path = Path::from(key);
+        let result = match self.store.get_opts(&path, GetOptions::default()).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(error) => return Err(unavailable("get", key, error)),
+        };
+        let version = Version {
+            e_tag: result.meta.e_tag.clone(),
+            version: result.meta.version.clone(),
+        };
+        let bytes = result
+            .bytes()
+            .await
+            .map_err(|error| unavailable("get", key, error))?;
+        Ok(Some(Stored { bytes, version }))
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        condition: PutCondition,
+    ) -> Result<(), StorageError> {
+        let mode = match condition {
+            PutCondition::Overwrite => PutMode::Overwrite,
+            PutCondition::IfAbsent => PutMode::Create,
+            PutCondition::IfUnchanged(version) => PutMode::Update(UpdateVersion {
+                e_tag: version.e_tag,
+                version: version.version,
+            }),
+        };
+        let options = PutOptions {
+            mode,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(&Path::from(key), bytes.into(), options)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(StorageError::AlreadyExists {
+                key: key.to_owned(),
+            }),
+            Err(object_store::Error::Precondition { .. }) => Err(StorageError::Changed {
+                key: key.to_owned(),
+            }),
+            Err(
+                error @ (object_store::Error::NotImplemented { .. }
+                | object_store::Error::NotSupported { .. }),
+            ) => Err(StorageError::ConditionalUnsupported {
+                detail: error.to_string(),
+            }),
+            Err(error) => Err(unavailable("put", key, error)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> BoxStream<'static, Result<String, StorageError>> {
+        let owned_prefix = prefix.to_owned();
+        self.store
+            .list(Some(&Path::from(prefix)))
+            .map(move |item| {
+                item.map(|meta| meta.location.to_string())
+                    .map_err(|error| unavailable("list", &owned_prefix, error))
+            })
+            .boxed()
+    }
+
+    fn supports_conditional_writes(&self) -> bool {
+        self.conditional_writes
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::TryStreamExt as _;
+
+    async fn exercise(backend: &ObjectStoreBackend) {
+        assert!(backend.get("keyring/a/LATEST").await.unwrap().is_none());
+        backend
+            .put(
+                "keyring/a/LATEST",
+                Bytes::from_static(b"one"),
+                PutCondition::IfAbsent,
+            )
+            .await
+            .unwrap();
+        let error = backend
+            .put(
+                "keyring/a/LATEST",
+                Bytes::from_static(b"two"),
+                PutCondition::IfAbsent,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, StorageError::AlreadyExists { .. }),
+            "{error}"
+        );
+        let stored = backend.get("keyring/a/LATEST").await.unwrap().unwrap();
+        assert_eq!(&stored.bytes[..], b"one");
+        backend
+            .put(
+                "keyring/a.b/c:d/dek_1",
+                Bytes::from_static(b"x"),
+                PutCondition::Overwrite,
+            )
+            .await
+            .unwrap();
+        let mut keys: Vec<String> = backend.list("keyring/").try_collect().await.unwrap();
+        keys.sort();
+        assert_eq!(keys, ["keyring/a.b/c:d/dek_1", "keyring/a/LATEST"]);
+    }
+
+    #[tokio::test]
+    async fn memory_backend() {
+        let backend = ObjectStoreBackend::in_memory();
+        exercise(&backend).await;
+        let stored = backend.get("keyring/a/LATEST").await.unwrap().unwrap();
+        backend
+            .put(
+                "keyring/a/LATEST",
+                Bytes::from_static(b"three"),
+                PutCondition::IfUnchanged(stored.version.clone()),
+            )
+            .await
+            .unwrap();
+        let error = backend
+            .put(
+                "keyring/a/LATEST",
+                Bytes::from_static(b"four"),
+                PutCondition::IfUnchanged(stored.version),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(error, StorageError::Changed { .. }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn local_backend_lays_objects_out_as_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = ObjectStoreBackend::local(dir.path()).unwrap();
+        exercise(&backend).await;
+        let on_disk = std::fs::read(dir.path().join("keyring/a.b/c:d/dek_1")).unwrap();
+        assert_eq!(on_disk, b"x");
+        // A file placed by hand (as a synced Vault bucket would be) is read back.
+        std::fs::create_dir_all(dir.path().join("keyring/synced")).unwrap();
+        std::fs::write(dir.path().join("keyring/synced/LATEST"), b"vault").unwrap();
+        let stored = backend.get("keyring/synced/LATEST").await.unwrap().unwrap();
+        assert_eq!(&stored.bytes[..], b"vault");
+    }
+}

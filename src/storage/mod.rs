@@ -1,0 +1,294 @@
+//! Object storage: a small trait ([`ObjectStorage`]) over `object_store` backends (memory,
+//! local directory, S3), the [`Storage`] handle that bounds every call in time and retries
+//! transient failures, and the key layout of spec/vault-v1.md:
+//!
+//! ```text
+//! keyring/<keyring>/<dek_id>   protobuf EncryptedDataEncryptionKey
+//! keyring/<keyring>/LATEST     a byte copy of the newest one
+//! ```
+//!
+//! Keyring names and key ids are validated here, before any path is built.
+
+mod backend;
+#[cfg(any(test, feature = "test-hooks"))]
+mod faults;
+mod paths;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+pub use backend::{ObjectStoreBackend, S3Settings};
+#[cfg(any(test, feature = "test-hooks"))]
+pub use faults::{Faults, FaultyStorage};
+pub use paths::{
+    dek_key, keyring_of, latest_key, validate_key_id, validate_keyring, KEYRING_ROOT, LATEST,
+    MAX_KEYRING_LEN,
+};
+
+use crate::error::Error;
+
+/// What a storage call can fail with, at the module boundary.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StorageError {
+    /// `put` with [`PutCondition::IfAbsent`] found an object already there.
+    #[error("object {key} already exists")]
+    AlreadyExists {
+        /// The object key.
+        key: String,
+    },
+    /// `put` with [`PutCondition::IfUnchanged`] found the object changed.
+    #[error("object {key} changed since it was read")]
+    Changed {
+        /// The object key.
+        key: String,
+    },
+    /// The store does not support the requested conditional write.
+    #[error("the store does not support conditional writes: {detail}")]
+    ConditionalUnsupported {
+        /// What the store said.
+        detail: String,
+    },
+    /// The store did not answer, answered with a server error, or refused our credentials.
+    /// The detail is for logs; it may name hosts and must not reach callers.
+    #[error("storage {operation} of {key} failed: {detail}")]
+    Unavailable {
+        /// `get`, `put` or `list`.
+        operation: &'static str,
+        /// The object key or prefix.
+        key: String,
+        /// The store's own words, for logs only.
+        detail: String,
+    },
+    /// The call ran out of its time budget.
+    #[error("storage {operation} of {key} timed out after {after:?}")]
+    Timeout {
+        /// `get`, `put` or `list`.
+        operation: &'static str,
+        /// The object key or prefix.
+        key: String,
+        /// The budget.
+        after: Duration,
+    },
+}
+
+impl StorageError {
+    /// Whether retrying the same call may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StorageError::Unavailable { .. })
+    }
+}
+
+impl From<StorageError> for Error {
+    fn from(error: StorageError) -> Self {
+        // Callers see the operation and the object key, never the store's detail, which can
+        // carry endpoint URLs.
+        match &error {
+            StorageError::Unavailable { operation, key, .. } => {
+                Error::unavailable(format!("storage {operation} of {key} failed"))
+            }
+            StorageError::Timeout { .. } => Error::unavailable(error.to_string()),
+            StorageError::AlreadyExists { .. } | StorageError::Changed { .. } => {
+                Error::unavailable(format!("{error}; retry"))
+            }
+            StorageError::ConditionalUnsupported { .. } => Error::internal(error.to_string()),
+        }
+    }
+}
+
+/// An object's version, as the store reports it, for conditional updates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Version {
+    /// The entity tag.
+    pub e_tag: Option<String>,
+    /// The store's version id.
+    pub version: Option<String>,
+}
+
+/// An object read from the store.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// The object's bytes.
+    pub bytes: Bytes,
+    /// Its version, for [`PutCondition::IfUnchanged`].
+    pub version: Version,
+}
+
+/// When a `put` may replace what is there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutCondition {
+    /// Always (last writer wins).
+    Overwrite,
+    /// Only when no object exists at the key.
+    IfAbsent,
+    /// Only when the object still has this version.
+    IfUnchanged(Version),
+}
+
+/// The few operations ringvault needs from an object store.
+#[async_trait::async_trait]
+pub trait ObjectStorage: Send + Sync + 'static {
+    /// The object at `key`; `Ok(None)` only when the store says it does not exist.
+    async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError>;
+
+    /// Writes `bytes` at `key` atomically, under `condition`.
+    async fn put(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        condition: PutCondition,
+    ) -> Result<(), StorageError>;
+
+    /// Every object key under `prefix`, fetched page by page as the stream is read.
+    fn list(&self, prefix: &str) -> BoxStream<'static, Result<String, StorageError>>;
+
+    /// Whether [`PutCondition::IfAbsent`] and [`PutCondition::IfUnchanged`] are enforced.
+    fn supports_conditional_writes(&self) -> bool;
+
+    /// A short description for logs (`local:/var/lib/ringvault`), without credentials.
+    fn describe(&self) -> String;
+}
+
+/// Time bounds of storage calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoragePolicy {
+    /// Total time one call may take, retries included.
+    pub timeout: Duration,
+    /// Wait before the first retry; doubles each time.
+    pub initial_backoff: Duration,
+}
+
+impl Default for StoragePolicy {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            initial_backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+/// The storage handle the rest of ringvault uses: a backend plus a time budget per call, with
+/// transient failures retried with exponential backoff inside that budget.
+#[derive(Clone)]
+pub struct Storage {
+    backend: Arc<dyn ObjectStorage>,
+    policy: StoragePolicy,
+    conditional_writes: bool,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage")
+            .field("backend", &self.backend.describe())
+            .field("policy", &self.policy)
+            .field("conditional_writes", &self.conditional_writes)
+            .finish()
+    }
+}
+
+impl Storage {
+    /// A handle over `backend`. Conditional writes are used when the backend enforces them.
+    pub fn new(backend: Arc<dyn ObjectStorage>, policy: StoragePolicy) -> Self {
+        let conditional_writes = backend.supports_conditional_writes();
+        Self {
+            backend,
+            policy,
+            conditional_writes,
+        }
+    }
+
+    /// An in-memory store, for tests and experiments.
+    pub fn in_memory() -> Self {
+        Self::new(
+            Arc::new(ObjectStoreBackend::in_memory()),
+            StoragePolicy::default(),
+        )
+    }
+
+    /// Turns conditional writes off (last writer wins), whatever the backend supports.
+    pub fn without_conditional_writes(mut self) -> Self {
+        self.conditional_writes = false;
+        self
+    }
+
+    /// Whether writes that must not clobber a concurrent writer are conditional.
+    pub fn conditional_writes(&self) -> bool {
+        self.conditional_writes
+    }
+
+    /// The backend's description, for logs.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// The time policy.
+    pub fn policy(&self) -> StoragePolicy {
+        self.policy
+    }
+
+    /// Reads `key`; `Ok(None)` only on an explicit not-found.
+    pub async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError> {
+        self.bounded("get", key, || self.backend.get(key)).await
+    }
+
+    /// Writes `key`. A condition is downgraded to [`PutCondition::Overwrite`] when conditional
+    /// writes are off: every DEK is stored under its own id first, so that loses no key.
+    pub async fn put(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        condition: PutCondition,
+    ) -> Result<(), StorageError> {
+        let condition = if self.conditional_writes {
+            condition
+        } else {
+            PutCondition::Overwrite
+        };
+        self.bounded("put", key, || {
+            self.backend.put(key, bytes.clone(), condition.clone())
+        })
+        .await
+    }
+
+    /// Every key under `prefix`, page by page.
+    pub fn list(&self, prefix: &str) -> BoxStream<'static, Result<String, StorageError>> {
+        self.backend.list(prefix)
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or the time budget runs out.
+    async fn bounded<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        key: &str,
+        mut call: F,
+    ) -> Result<T, StorageError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StorageError>>,
+    {
+        let budget = self.policy.timeout;
+        let attempts = async {
+            let mut backoff = self.policy.initial_backoff;
+            loop {
+                match call().await {
+                    Err(error) if error.is_transient() => {
+                        tracing::debug!(operation, key, %error, ?backoff, "storage call failed, retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                    result => return result,
+                }
+            }
+        };
+        match tokio::time::timeout(budget, attempts).await {
+            Ok(result) => result,
+            Err(_) => Err(StorageError::Timeout {
+                operation,
+                key: key.to_owned(),
+                after: budget,
+            }),
+        }
+    }
+}

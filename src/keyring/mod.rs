@@ -1,1 +1,446 @@
-//! keyrings
+//! Keyrings: the DEK lifecycle and the DEK cache.
+//!
+//! [`Keyrings`] is the process-wide set of keyrings. Each [`Keyring`] caches its LATEST DEK
+//! and the DEKs looked up by id. The cache is read without locks or actor hops on the hot path;
+//! loads, creation and rotation of one keyring are single-flight through its `load_lock`.
+//!
+//! Freshness of LATEST (measured from the last successful storage read):
+//! - younger than `fresh_for` (1 h): served from cache;
+//! - older, but younger than `max_stale` (24 h): served, and refreshed in the background;
+//! - older than `max_stale`: never served without a successful storage read.
+//!
+//! DEKs by id are immutable and stay until evicted. The cache holds at most `max_entries`
+//! DEKs; the least recently used go first.
+
+mod roll;
+mod store;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
+use tokio::time::Instant;
+
+pub use roll::{roll_deks, RollReport};
+pub use store::{KeyringStore, LatestRead, Rotated};
+
+use crate::crypto::Dek;
+use crate::error::{Error, Result};
+use crate::storage::{validate_key_id, validate_keyring};
+
+/// How long cached keys live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachePolicy {
+    /// LATEST is served from cache without a refresh while younger than this.
+    pub fresh_for: Duration,
+    /// LATEST is never served older than this without a successful storage read.
+    pub max_stale: Duration,
+    /// At most this many DEKs are cached; the least recently used are evicted.
+    pub max_entries: usize,
+}
+
+impl Default for CachePolicy {
+    fn default() -> Self {
+        Self {
+            fresh_for: Duration::from_secs(3600),
+            max_stale: Duration::from_secs(24 * 3600),
+            max_entries: 10_000,
+        }
+    }
+}
+
+/// The result of a rotation.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    /// The DEK that is LATEST now.
+    pub dek: Arc<Dek>,
+    /// The DEK it replaced, if any.
+    pub previous_key_id: Option<String>,
+    /// False when another writer rotated first and its DEK is LATEST.
+    pub won: bool,
+}
+
+/// LATEST as cached.
+struct CachedLatest {
+    dek: Arc<Dek>,
+    read_at: Instant,
+}
+
+/// A cached DEK and when it was last used (a logical clock, for LRU eviction).
+struct CachedDek {
+    dek: Arc<Dek>,
+    last_used: AtomicU64,
+}
+
+/// One keyring's cache.
+pub struct Keyring {
+    name: String,
+    latest: ArcSwapOption<CachedLatest>,
+    deks: DashMap<String, CachedDek>,
+    load_lock: tokio::sync::Mutex<()>,
+    refreshing: AtomicBool,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("name", &self.name)
+            .field("cached_keys", &self.deks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Keyring {
+    fn new(name: String) -> Self {
+        Self {
+            name,
+            latest: ArcSwapOption::empty(),
+            deks: DashMap::new(),
+            load_lock: tokio::sync::Mutex::new(()),
+            refreshing: AtomicBool::new(false),
+        }
+    }
+
+    /// The keyring's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The id of the cached LATEST, if any.
+    pub fn cached_latest_id(&self) -> Option<String> {
+        self.latest
+            .load()
+            .as_ref()
+            .map(|latest| latest.dek.id().to_owned())
+    }
+
+    /// How many DEKs this keyring has cached.
+    pub fn cached_keys(&self) -> usize {
+        self.deks.len()
+    }
+}
+
+struct Shared {
+    store: KeyringStore,
+    policy: CachePolicy,
+    rings: DashMap<String, Arc<Keyring>>,
+    entries: AtomicUsize,
+    clock: AtomicU64,
+}
+
+/// The keyrings of this process and their cache. Cheap to clone.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> ringvault::Result<()> {
+/// use std::sync::Arc;
+/// use ringvault::crypto::{Kek, MasterKeys};
+/// use ringvault::keyring::{CachePolicy, KeyringStore, Keyrings};
+/// use ringvault::storage::Storage;
+///
+/// let master_keys = Arc::new(MasterKeys::new(Kek::generate(), [])?);
+/// let keyrings = Keyrings::new(KeyringStore::new(Storage::in_memory(), master_keys), CachePolicy::default());
+/// let dek = keyrings.latest("ws_42").await?;
+/// let sealed = dek.seal(b"hello");
+/// let opened = keyrings.dek("ws_42", &sealed.encryption_key_id).await?.open(&sealed)?;
+/// assert_eq!(opened, b"hello");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Keyrings {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Keyrings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyrings")
+            .field("keyrings", &self.shared.rings.len())
+            .field("cached_keys", &self.cached_keys())
+            .field("policy", &self.shared.policy)
+            .finish()
+    }
+}
+
+impl Keyrings {
+    /// An empty cache over `store`.
+    pub fn new(store: KeyringStore, policy: CachePolicy) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                store,
+                policy,
+                rings: DashMap::new(),
+                entries: AtomicUsize::new(0),
+                clock: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The storage side.
+    pub fn store(&self) -> &KeyringStore {
+        &self.shared.store
+    }
+
+    /// The cache policy.
+    pub fn policy(&self) -> CachePolicy {
+        self.shared.policy
+    }
+
+    /// How many DEKs are cached in all.
+    pub fn cached_keys(&self) -> usize {
+        self.shared.entries.load(Ordering::Relaxed)
+    }
+
+    /// How many keyrings are cached.
+    pub fn cached_keyrings(&self) -> usize {
+        self.shared.rings.len()
+    }
+
+    /// The keyring `name`, validated, from the cache or new.
+    pub fn keyring(&self, name: &str) -> Result<Arc<Keyring>> {
+        if let Some(ring) = self.shared.rings.get(name) {
+            return Ok(ring.clone());
+        }
+        validate_keyring(name)?;
+        Ok(self
+            .shared
+            .rings
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(Keyring::new(name.to_owned())))
+            .clone())
+    }
+
+    /// The keyring's current DEK, for sealing: from cache while fresh, refreshed in the
+    /// background once stale, read from storage past max-stale, and created on first use
+    /// (only when storage says LATEST does not exist).
+    pub async fn latest(&self, name: &str) -> Result<Arc<Dek>> {
+        let ring = self.keyring(name)?;
+        if let Some(latest) = ring.latest.load().as_ref() {
+            let age = latest.read_at.elapsed();
+            if age < self.shared.policy.max_stale {
+                if age >= self.shared.policy.fresh_for {
+                    self.refresh_in_background(&ring);
+                }
+                self.touch(&ring, latest.dek.id());
+                return Ok(latest.dek.clone());
+            }
+        }
+        self.load_latest(&ring, false).await
+    }
+
+    /// The keyring's current DEK read from storage now, whatever the cache holds. Other
+    /// keyrings' caches are untouched.
+    pub async fn latest_from_storage(&self, name: &str) -> Result<Arc<Dek>> {
+        let ring = self.keyring(name)?;
+        self.load_latest(&ring, true).await
+    }
+
+    /// The DEK `key_id` of the keyring, for opening. Unknown ids are `not_found`.
+    pub async fn dek(&self, name: &str, key_id: &str) -> Result<Arc<Dek>> {
+        let ring = self.keyring(name)?;
+        if let Some(dek) = self.cached_dek(&ring, key_id) {
+            return Ok(dek);
+        }
+        validate_key_id(key_id)?;
+        let _single_flight = ring.load_lock.lock().await;
+        if let Some(dek) = self.cached_dek(&ring, key_id) {
+            return Ok(dek);
+        }
+        let dek = self
+            .shared
+            .store
+            .read_dek(name, key_id)
+            .await?
+            .ok_or_else(|| {
+                Error::not_found(format!("key {key_id:?} not found in keyring {name:?}"))
+            })?;
+        Ok(self.insert_dek(&ring, dek))
+    }
+
+    /// Makes a new DEK the keyring's LATEST.
+    pub async fn rotate(&self, name: &str) -> Result<Rotation> {
+        let ring = self.keyring(name)?;
+        let _single_flight = ring.load_lock.lock().await;
+        let store = &self.shared.store;
+        let current = store.read_latest(name).await?;
+        let rotated = store.rotate(name, current.as_ref()).await?;
+        let dek = self.install_latest(&ring, rotated.dek);
+        Ok(Rotation {
+            dek,
+            previous_key_id: rotated.previous_key_id,
+            won: rotated.won,
+        })
+    }
+
+    /// Installs `key_id` as the keyring's LATEST after another replica announced it, reading
+    /// it from storage unless cached. Does nothing for keyrings this process never used.
+    pub async fn apply_new_latest(&self, name: &str, key_id: &str) -> Result<()> {
+        let Some(ring) = self.shared.rings.get(name).map(|ring| ring.clone()) else {
+            return Ok(());
+        };
+        if ring.cached_latest_id().as_deref() == Some(key_id) {
+            return Ok(());
+        }
+        let dek = self.dek(name, key_id).await?;
+        let _single_flight = ring.load_lock.lock().await;
+        let cached = self.cached_dek(&ring, dek.id()).unwrap_or(dek);
+        ring.latest.store(Some(Arc::new(CachedLatest {
+            dek: cached,
+            read_at: Instant::now(),
+        })));
+        Ok(())
+    }
+
+    fn cached_dek(&self, ring: &Keyring, key_id: &str) -> Option<Arc<Dek>> {
+        let cached = ring.deks.get(key_id)?;
+        cached.last_used.store(self.tick(), Ordering::Relaxed);
+        Some(cached.dek.clone())
+    }
+
+    fn touch(&self, ring: &Keyring, key_id: &str) {
+        if let Some(cached) = ring.deks.get(key_id) {
+            cached.last_used.store(self.tick(), Ordering::Relaxed);
+        }
+    }
+
+    fn tick(&self) -> u64 {
+        self.shared.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Reads LATEST (creating the first DEK on an explicit not-found), single-flight per
+    /// keyring. Unless `force`, a load that finished while we waited is reused.
+    async fn load_latest(&self, ring: &Arc<Keyring>, force: bool) -> Result<Arc<Dek>> {
+        let waited_since = Instant::now();
+        let _single_flight = ring.load_lock.lock().await;
+        if !force {
+            if let Some(latest) = ring.latest.load().as_ref() {
+                if latest.read_at >= waited_since
+                    || latest.read_at.elapsed() < self.shared.policy.fresh_for
+                {
+                    return Ok(latest.dek.clone());
+                }
+            }
+        }
+        let store = &self.shared.store;
+        let read = match store.read_latest(&ring.name).await? {
+            Some(read) => read,
+            None => store.create_first(&ring.name).await?,
+        };
+        Ok(self.install_latest(ring, read.dek))
+    }
+
+    fn refresh_in_background(&self, ring: &Arc<Keyring>) {
+        if ring.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let keyrings = self.clone();
+        let ring = ring.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let _single_flight = ring.load_lock.lock().await;
+                match keyrings.shared.store.read_latest(&ring.name).await? {
+                    Some(read) => {
+                        keyrings.install_latest(&ring, read.dek);
+                    }
+                    None => tracing::warn!(
+                        keyring = ring.name,
+                        "latest disappeared from storage; serving the cached key until max-stale"
+                    ),
+                }
+                Ok::<_, Error>(())
+            }
+            .await;
+            if let Err(error) = result {
+                tracing::warn!(keyring = ring.name, %error, "background refresh of latest failed");
+            }
+            ring.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Caches `dek` as the keyring's LATEST, read from storage now.
+    fn install_latest(&self, ring: &Arc<Keyring>, dek: Dek) -> Arc<Dek> {
+        let dek = self.insert_dek(ring, dek);
+        ring.latest.store(Some(Arc::new(CachedLatest {
+            dek: dek.clone(),
+            read_at: Instant::now(),
+        })));
+        dek
+    }
+
+    /// Caches `dek` by id, reusing an equal cached one, and keeps the cache within capacity.
+    fn insert_dek(&self, ring: &Arc<Keyring>, dek: Dek) -> Arc<Dek> {
+        let last_used = AtomicU64::new(self.tick());
+        let mut inserted = false;
+        let cached = ring
+            .deks
+            .entry(dek.id().to_owned())
+            .or_insert_with(|| {
+                inserted = true;
+                CachedDek {
+                    dek: Arc::new(dek),
+                    last_used,
+                }
+            })
+            .dek
+            .clone();
+        if inserted {
+            let entries = self.shared.entries.fetch_add(1, Ordering::AcqRel) + 1;
+            if entries > self.shared.policy.max_entries {
+                self.evict_least_recently_used();
+            }
+        }
+        cached
+    }
+
+    /// Evicts the least recently used DEKs until the cache is within capacity, with a little
+    /// slack so that a full cache does not scan on every insert.
+    fn evict_least_recently_used(&self) {
+        let max_entries = self.shared.policy.max_entries;
+        let entries = self.shared.entries.load(Ordering::Acquire);
+        if entries <= max_entries {
+            return;
+        }
+        let slack = (max_entries / 64).max(1).min(max_entries);
+        let to_evict = entries - max_entries + slack - 1;
+        let mut candidates: Vec<(u64, Arc<Keyring>, String)> = Vec::with_capacity(entries);
+        for ring in self.shared.rings.iter() {
+            for cached in ring.deks.iter() {
+                candidates.push((
+                    cached.last_used.load(Ordering::Relaxed),
+                    ring.value().clone(),
+                    cached.key().clone(),
+                ));
+            }
+        }
+        let to_evict = to_evict.min(candidates.len());
+        if to_evict == 0 {
+            return;
+        }
+        if to_evict < candidates.len() {
+            candidates.select_nth_unstable_by_key(to_evict - 1, |(last_used, _, _)| *last_used);
+        }
+        candidates.truncate(to_evict);
+        let mut emptied = Vec::new();
+        for (_, ring, key_id) in candidates.drain(..) {
+            if ring.deks.remove(&key_id).is_some() {
+                self.shared.entries.fetch_sub(1, Ordering::AcqRel);
+            }
+            if ring.cached_latest_id().as_deref() == Some(key_id.as_str()) {
+                ring.latest.store(None);
+            }
+            if ring.deks.is_empty() {
+                emptied.push(ring.name.clone());
+            }
+        }
+        // Forget keyrings left empty that no request holds (the map's is the only Arc).
+        for name in emptied {
+            self.shared.rings.remove_if(&name, |_, ring| {
+                ring.deks.is_empty() && Arc::strong_count(ring) == 1
+            });
+        }
+        tracing::debug!(evicted = to_evict, "evicted least recently used keys");
+    }
+}
+
+#[cfg(test)]
+mod tests;

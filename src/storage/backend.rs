@@ -64,8 +64,8 @@ impl ObjectStoreBackend {
     }
 
     /// A local directory, created when missing. Create-if-absent is enforced; a conditional
-    /// update is not (the local store cannot compare versions), so writes that need one fall
-    /// back to last-writer-wins.
+    /// update is not (the local store cannot compare versions), so [`super::Storage`] falls
+    /// back to last-writer-wins for those.
     pub fn local(root: &std::path::Path) -> Result<Self, StorageError> {
         std::fs::create_dir_all(root).map_err(|error| StorageError::Unavailable {
             operation: "open",
@@ -81,7 +81,7 @@ impl ObjectStoreBackend {
         Ok(Self {
             store: Arc::new(store),
             description: format!("local:{}", root.display()),
-            conditional_writes: false,
+            conditional_writes: true,
         })
     }
 

@@ -246,10 +246,25 @@ impl Storage {
         } else {
             PutCondition::Overwrite
         };
-        self.bounded("put", key, || {
-            self.backend.put(key, bytes.clone(), condition.clone())
-        })
-        .await
+        let result = self
+            .bounded("put", key, || {
+                self.backend.put(key, bytes.clone(), condition.clone())
+            })
+            .await;
+        match result {
+            // The local store enforces create-if-absent but cannot compare versions: an update
+            // falls back to last-writer-wins, which loses no key (see above).
+            Err(StorageError::ConditionalUnsupported { .. })
+                if matches!(condition, PutCondition::IfUnchanged(_)) =>
+            {
+                self.bounded("put", key, || {
+                    self.backend
+                        .put(key, bytes.clone(), PutCondition::Overwrite)
+                })
+                .await
+            }
+            other => other,
+        }
     }
 
     /// Every key under `prefix`, page by page.

@@ -1,0 +1,198 @@
+//! The storage side of a keyring: reading, creating and rotating DEKs as stored objects.
+//! Stateless; [`super::Keyrings`] caches what it returns.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message as _;
+
+use crate::crypto::{Dek, MasterKeys};
+use crate::error::{Error, Result};
+use crate::protocol::EncryptedDataEncryptionKey;
+use crate::storage::{dek_key, latest_key, PutCondition, Storage, StorageError, Version};
+
+/// LATEST as read from the store.
+#[derive(Debug)]
+pub struct LatestRead {
+    /// The DEK it holds.
+    pub dek: Dek,
+    /// The object version, for a conditional replace.
+    pub version: Version,
+}
+
+/// What a rotation did.
+#[derive(Debug)]
+pub struct Rotated {
+    /// The DEK that is LATEST now.
+    pub dek: Dek,
+    /// The id of the DEK that was LATEST before, if any.
+    pub previous_key_id: Option<String>,
+    /// False when a concurrent writer replaced LATEST first and its DEK is returned instead.
+    pub won: bool,
+}
+
+/// Reads and writes the DEK objects of keyrings, sealing and opening them with the master keys.
+#[derive(Clone, Debug)]
+pub struct KeyringStore {
+    storage: Storage,
+    master_keys: Arc<MasterKeys>,
+}
+
+impl KeyringStore {
+    /// A store over `storage`, sealing with `master_keys`.
+    pub fn new(storage: Storage, master_keys: Arc<MasterKeys>) -> Self {
+        Self {
+            storage,
+            master_keys,
+        }
+    }
+
+    /// The storage handle.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The master keys.
+    pub fn master_keys(&self) -> &MasterKeys {
+        &self.master_keys
+    }
+
+    /// The keyring's LATEST; `None` only when the store says it does not exist.
+    pub async fn read_latest(&self, keyring: &str) -> Result<Option<LatestRead>> {
+        let key = latest_key(keyring);
+        let Some(stored) = self.storage.get(&key).await? else {
+            return Ok(None);
+        };
+        let dek = self.open(&key, &stored.bytes)?;
+        Ok(Some(LatestRead {
+            dek,
+            version: stored.version,
+        }))
+    }
+
+    /// The DEK `key_id` of the keyring; `None` when the store has no such object.
+    pub async fn read_dek(&self, keyring: &str, key_id: &str) -> Result<Option<Dek>> {
+        let key = dek_key(keyring, key_id);
+        let Some(stored) = self.storage.get(&key).await? else {
+            return Ok(None);
+        };
+        let dek = self.open(&key, &stored.bytes)?;
+        if dek.id() != key_id {
+            return Err(Error::internal(format!(
+                "object {key} holds key {:?}",
+                dek.id()
+            )));
+        }
+        Ok(Some(dek))
+    }
+
+    /// Creates the keyring's first DEK: the DEK object first, then LATEST if still absent.
+    /// When another writer created LATEST first, its DEK is returned and ours stays stored
+    /// under its own id, unused.
+    pub async fn create_first(&self, keyring: &str) -> Result<LatestRead> {
+        let dek = Dek::generate();
+        let bytes = self.seal(&dek);
+        self.storage
+            .put(
+                &dek_key(keyring, dek.id()),
+                bytes.clone(),
+                PutCondition::Overwrite,
+            )
+            .await?;
+        match self
+            .storage
+            .put(&latest_key(keyring), bytes, PutCondition::IfAbsent)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(
+                    keyring,
+                    key_id = dek.id(),
+                    "created the first key of the keyring"
+                );
+                Ok(LatestRead {
+                    dek,
+                    version: Version::default(),
+                })
+            }
+            Err(StorageError::AlreadyExists { .. }) => {
+                tracing::info!(keyring, "another writer created the first key; using it");
+                self.read_latest(keyring).await?.ok_or_else(|| {
+                    Error::unavailable(format!("keyring {keyring:?} changed while being created"))
+                })
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Makes a new DEK the keyring's LATEST, replacing `current` only if it is still LATEST
+    /// (where the store supports conditional writes).
+    pub async fn rotate(&self, keyring: &str, current: Option<&LatestRead>) -> Result<Rotated> {
+        let dek = Dek::generate();
+        let bytes = self.seal(&dek);
+        self.storage
+            .put(
+                &dek_key(keyring, dek.id()),
+                bytes.clone(),
+                PutCondition::Overwrite,
+            )
+            .await?;
+        let condition = match current {
+            Some(current) => PutCondition::IfUnchanged(current.version.clone()),
+            None => PutCondition::IfAbsent,
+        };
+        let previous_key_id = current.map(|current| current.dek.id().to_owned());
+        match self
+            .storage
+            .put(&latest_key(keyring), bytes, condition)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(
+                    keyring,
+                    key_id = dek.id(),
+                    previous_key_id,
+                    "rotated the keyring"
+                );
+                Ok(Rotated {
+                    dek,
+                    previous_key_id,
+                    won: true,
+                })
+            }
+            Err(StorageError::AlreadyExists { .. } | StorageError::Changed { .. }) => {
+                let latest = self.read_latest(keyring).await?.ok_or_else(|| {
+                    Error::unavailable(format!("keyring {keyring:?} changed while rotating"))
+                })?;
+                tracing::info!(
+                    keyring,
+                    key_id = latest.dek.id(),
+                    "another writer rotated the keyring first; using its key"
+                );
+                Ok(Rotated {
+                    dek: latest.dek,
+                    previous_key_id,
+                    won: false,
+                })
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The stored form of `dek`, sealed by the current master key.
+    pub fn seal(&self, dek: &Dek) -> Bytes {
+        Bytes::from(self.master_keys.seal_dek(dek).encode_to_vec())
+    }
+
+    /// Opens the stored object at `key`.
+    pub fn open(&self, key: &str, bytes: &[u8]) -> Result<Dek> {
+        let stored = EncryptedDataEncryptionKey::decode(bytes).map_err(|error| {
+            Error::internal(format!(
+                "object {key} is not an EncryptedDataEncryptionKey: {error}"
+            ))
+        })?;
+        self.master_keys
+            .open_dek(&stored)
+            .map_err(|error| error.context(format!("object {key}")))
+    }
+}

@@ -1,0 +1,209 @@
+//! Cache behaviour under a paused clock, single-flight creation, eviction.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::crypto::{Kek, MasterKeys};
+use crate::storage::{Faults, FaultyStorage, ObjectStoreBackend, Storage, StoragePolicy};
+use crate::Kind;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn keyrings_with(policy: CachePolicy) -> (Keyrings, Arc<Faults>) {
+    let (faulty, faults) = FaultyStorage::new(Arc::new(ObjectStoreBackend::in_memory()));
+    let storage = Storage::new(
+        Arc::new(faulty),
+        StoragePolicy {
+            timeout: Duration::from_millis(200),
+            initial_backoff: Duration::from_millis(10),
+        },
+    );
+    let master_keys = Arc::new(MasterKeys::new(Kek::generate(), []).unwrap());
+    (
+        Keyrings::new(KeyringStore::new(storage, master_keys), policy),
+        faults,
+    )
+}
+
+fn calls(faults: &Faults) -> usize {
+    faults.calls.load(Ordering::SeqCst)
+}
+
+/// Lets spawned background work run to completion under the paused clock.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn fresh_latest_is_served_from_cache() {
+    let (keyrings, faults) = keyrings_with(CachePolicy::default());
+    let first = keyrings.latest("ws_1").await.unwrap();
+    let after_create = calls(&faults);
+    tokio::time::advance(HOUR - Duration::from_secs(1)).await;
+    let again = keyrings.latest("ws_1").await.unwrap();
+    assert_eq!(first.id(), again.id());
+    settle().await;
+    assert_eq!(
+        calls(&faults),
+        after_create,
+        "a fresh hit must not touch storage"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_latest_is_served_and_refreshed_in_background() {
+    let (keyrings, faults) = keyrings_with(CachePolicy::default());
+    let first = keyrings.latest("ws_1").await.unwrap();
+    // Another replica rotates behind our back.
+    let other = Keyrings::new(keyrings.store().clone(), CachePolicy::default());
+    let rotated = other.rotate("ws_1").await.unwrap();
+    assert_ne!(rotated.dek.id(), first.id());
+
+    tokio::time::advance(HOUR + Duration::from_secs(1)).await;
+    let before = calls(&faults);
+    let served = keyrings.latest("ws_1").await.unwrap();
+    assert_eq!(served.id(), first.id(), "stale value is served at once");
+    settle().await;
+    assert!(calls(&faults) > before, "a refresh went to storage");
+    let refreshed = keyrings.latest("ws_1").await.unwrap();
+    assert_eq!(
+        refreshed.id(),
+        rotated.dek.id(),
+        "the refresh installed the new LATEST"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_latest_survives_a_failing_refresh_until_max_stale() {
+    let (keyrings, faults) = keyrings_with(CachePolicy::default());
+    let first = keyrings.latest("ws_1").await.unwrap();
+    faults.set_down(true);
+    tokio::time::advance(Duration::from_secs(23 * 3600)).await;
+    assert_eq!(keyrings.latest("ws_1").await.unwrap().id(), first.id());
+    tokio::time::advance(Duration::from_secs(2 * 3600)).await;
+    let error = keyrings.latest("ws_1").await.unwrap_err();
+    assert_eq!(error.kind(), Kind::Unavailable, "{error}");
+    // Storage back: served again after a successful read, same key, nothing created.
+    faults.set_down(false);
+    assert_eq!(keyrings.latest("ws_1").await.unwrap().id(), first.id());
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_keyring_with_storage_down_is_unavailable_and_creates_nothing() {
+    let (keyrings, faults) = keyrings_with(CachePolicy::default());
+    faults.set_down(true);
+    let error = keyrings.latest("ws_new").await.unwrap_err();
+    assert_eq!(error.kind(), Kind::Unavailable, "{error}");
+    faults.set_down(false);
+    let puts_before = faults.puts.load(Ordering::SeqCst);
+    keyrings.latest("ws_new").await.unwrap();
+    assert_eq!(
+        faults.puts.load(Ordering::SeqCst) - puts_before,
+        2,
+        "one DEK object and one LATEST"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn cached_deks_by_id_survive_storage_outage() {
+    let (keyrings, faults) = keyrings_with(CachePolicy::default());
+    let dek = keyrings.latest("ws_1").await.unwrap();
+    let sealed = dek.seal(b"payload");
+    faults.set_down(true);
+    tokio::time::advance(Duration::from_secs(48 * 3600)).await;
+    let opened = keyrings
+        .dek("ws_1", &sealed.encryption_key_id)
+        .await
+        .unwrap()
+        .open(&sealed)
+        .unwrap();
+    assert_eq!(opened, b"payload");
+}
+
+#[tokio::test(start_paused = true)]
+async fn capacity_evicts_least_recently_used() {
+    let policy = CachePolicy {
+        max_entries: 64,
+        ..CachePolicy::default()
+    };
+    let (keyrings, faults) = keyrings_with(policy);
+    let mut ids = Vec::new();
+    for index in 0..64 {
+        let dek = keyrings.latest(&format!("ws_{index}")).await.unwrap();
+        ids.push(dek.id().to_owned());
+    }
+    assert_eq!(keyrings.cached_keys(), 64);
+    // Touch ws_0 so that ws_1 is the least recently used.
+    keyrings.dek("ws_0", &ids[0]).await.unwrap();
+    keyrings.latest("ws_64").await.unwrap();
+    assert!(keyrings.cached_keys() <= 64, "{}", keyrings.cached_keys());
+    let before = calls(&faults);
+    keyrings.dek("ws_0", &ids[0]).await.unwrap();
+    assert_eq!(calls(&faults), before, "recently used key stayed cached");
+    keyrings.dek("ws_1", &ids[1]).await.unwrap();
+    assert!(
+        calls(&faults) > before,
+        "least recently used key was evicted"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_first_use_creates_exactly_one_dek() {
+    let (keyrings, faults) = keyrings_with(CachePolicy::default());
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let keyrings = keyrings.clone();
+            tokio::spawn(async move { keyrings.latest("ws_race").await.unwrap().id().to_owned() })
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for task in tasks {
+        ids.insert(task.await.unwrap());
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(faults.puts.load(Ordering::SeqCst), 2);
+    let stored: Vec<String> =
+        futures::TryStreamExt::try_collect(keyrings.store().storage().list("keyring/ws_race/"))
+            .await
+            .unwrap();
+    assert_eq!(stored.len(), 2, "{stored:?}");
+}
+
+#[tokio::test]
+async fn unknown_key_id_and_invalid_names_are_errors() {
+    let (keyrings, _) = keyrings_with(CachePolicy::default());
+    keyrings.latest("ws_1").await.unwrap();
+    let error = keyrings.dek("ws_1", "dek_nope").await.unwrap_err();
+    assert_eq!(error.kind(), Kind::NotFound);
+    let error = keyrings.dek("ws_1", "../../x").await.unwrap_err();
+    assert_eq!(error.kind(), Kind::InvalidArgument);
+    let error = keyrings.latest("a//b").await.unwrap_err();
+    assert_eq!(error.kind(), Kind::InvalidArgument);
+}
+
+#[tokio::test]
+async fn rotation_makes_a_new_latest_and_keeps_old_keys() {
+    let (keyrings, _) = keyrings_with(CachePolicy::default());
+    let first = keyrings.latest("ws_1").await.unwrap();
+    let sealed = first.seal(b"old");
+    let rotation = keyrings.rotate("ws_1").await.unwrap();
+    assert!(rotation.won);
+    assert_eq!(rotation.previous_key_id.as_deref(), Some(first.id()));
+    assert_eq!(
+        keyrings.latest("ws_1").await.unwrap().id(),
+        rotation.dek.id()
+    );
+    let fresh = Keyrings::new(keyrings.store().clone(), CachePolicy::default());
+    assert_eq!(fresh.latest("ws_1").await.unwrap().id(), rotation.dek.id());
+    let opened = fresh
+        .dek("ws_1", first.id())
+        .await
+        .unwrap()
+        .open(&sealed)
+        .unwrap();
+    assert_eq!(opened, b"old");
+}

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use aes_gcm::{Aes256Gcm, KeyInit};
+use aes_gcm::{AeadCore as _, Aes256Gcm, KeyInit};
 use base64::Engine as _;
 use prost::Message as _;
 use rand::RngCore as _;
@@ -222,16 +222,29 @@ impl MasterKeys {
 
     /// Seals `dek` with the current master key into the stored form.
     pub fn seal_dek(&self, dek: &Dek) -> EncryptedDataEncryptionKey {
+        let nonce = aes_gcm::Aes256Gcm::generate_nonce(&mut aes_gcm::aead::OsRng);
+        self.seal_dek_with_nonce(dek, nonce.into(), super::now_ms())
+    }
+
+    /// Seals `dek` under a given nonce and time. Only for reproducing known vectors: a nonce
+    /// must never repeat under one key, which is why [`MasterKeys::seal_dek`] draws a fresh one.
+    pub fn seal_dek_with_nonce(
+        &self,
+        dek: &Dek,
+        nonce: [u8; aead::NONCE_LEN],
+        time_ms: i64,
+    ) -> EncryptedDataEncryptionKey {
         let plaintext = dek.to_protobuf();
         let kek = &self.current;
         EncryptedDataEncryptionKey {
             id: dek.id().to_owned(),
             created_at: dek.created_at(),
-            encrypted: Some(aead::seal(
+            encrypted: Some(aead::seal_with_nonce(
                 &kek.0.cipher,
                 kek.id(),
                 &plaintext,
-                super::now_ms(),
+                nonce,
+                time_ms,
             )),
         }
     }

@@ -11,14 +11,28 @@
 //!   key layout, keyring validation, time-bounded retries.
 //! - [`keyring`]: the DEK lifecycle of a keyring — get-or-create LATEST, rotate, look up by id,
 //!   the fresh/stale DEK cache — and the master-key roll.
+//! - [`auth`]: credentials → [`auth::Principal`], permissions, static tokens.
+//! - [`actors`]: the actor tree — supervisor, gateway (NATS), auth, keyring, storage.
+//! - [`rpc`]: what each RPC does with a decoded request and a principal.
+//! - [`server`]: bootstrap from [`config::Config`] and the run/shutdown lifecycle.
+//! - [`config`]: typed configuration (embedded defaults, file, `RINGVAULT_*` variables).
 //! - [`error`]: the one [`Error`] with a [`Kind`] that maps to wire codes.
+//! - [`client`]: a typed async client of the NATS API (retries, timeouts, service errors).
+//! - [`bench`](mod@bench): the load generator of `ringvault bench`, with an echo baseline.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod actors;
+pub mod auth;
+pub mod bench;
+pub mod client;
+pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod keyring;
 pub mod protocol;
+pub mod rpc;
+pub mod server;
 pub mod storage;
 
 pub use error::{Error, Kind, Result};

@@ -1,1 +1,609 @@
-fn main() {}
+//! The `ringvault` command: the service (`serve`), maintenance on the store (`keygen`,
+//! `roll-deks`), client commands over NATS, and the load generator (`bench`).
+#![forbid(unsafe_code)]
+
+use std::io::{IsTerminal as _, Read as _, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ringvault::bench::{self, BenchCase, BenchMethod, BenchResult};
+use ringvault::client::{Client, ClientOptions};
+use ringvault::config::Config;
+use ringvault::crypto::Kek;
+use ringvault::keyring::{roll_deks, KeyringStore};
+use ringvault::protocol::{Format, DEFAULT_PREFIX};
+use ringvault::server::{self, ServerError};
+use ringvault::storage::{Storage, StoragePolicy};
+use ringvault::{Error, Kind};
+
+#[derive(Parser)]
+#[command(
+    name = "ringvault",
+    version,
+    about = "Envelope encryption over NATS, compatible with Unkey's Vault"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve(ConfigArgs),
+    /// Print a new random master key (base64 of a protobuf KeyEncryptionKey).
+    Keygen,
+    /// Re-seal every stored key with the current master key (works on the store directly).
+    RollDeks(ConfigArgs),
+    /// Ask a running service whether it is alive.
+    Liveness(ClientArgs),
+    /// Encrypt DATA (or standard input) for a keyring; prints the envelope.
+    Encrypt(DataArgs),
+    /// Decrypt an envelope (argument or standard input); prints the plaintext.
+    Decrypt(DataArgs),
+    /// Re-encrypt an envelope with the keyring's current key; prints the new envelope.
+    Reencrypt(DataArgs),
+    /// Make a new key the keyring's current one; prints its id.
+    Rotate(KeyringArgs),
+    /// Load-generate against the service and an echo responder on the same nats-server.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// A TOML file merged over the embedded defaults (config/ringvault.toml).
+    #[arg(long, short, env = "RINGVAULT_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// NATS server of the service.
+    #[arg(long, env = "RINGVAULT_URL", default_value = "nats://127.0.0.1:4222")]
+    url: String,
+    /// Bearer token; defaults to the contents of --token-file.
+    #[arg(long, env = "RINGVAULT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token (the development token of `serve`).
+    #[arg(long, default_value = "./data/token")]
+    token_file: PathBuf,
+    /// Subject prefix of the service.
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    prefix: String,
+    /// Request timeout in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+#[derive(Args)]
+struct KeyringArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The keyring.
+    #[arg(long, short)]
+    keyring: String,
+}
+
+#[derive(Args)]
+struct DataArgs {
+    #[command(flatten)]
+    keyring: KeyringArgs,
+    /// The input; read from standard input when absent.
+    data: Option<String>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Run the whole matrix (Encrypt and Decrypt × 32 B, 1 KiB, 16 KiB, 64 KiB × 1 and 64 in flight).
+    #[arg(long)]
+    matrix: bool,
+    /// Scale the matrix's request counts (0.1 for a quick look).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// `encrypt` or `decrypt` (single case).
+    #[arg(long, default_value = "encrypt")]
+    method: String,
+    /// Requests in total (single case).
+    #[arg(long, default_value_t = 20_000)]
+    requests: usize,
+    /// Requests in flight (single case).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Plaintext size in bytes (single case).
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Use a running service on this NATS server; by default the bench starts a nats-server
+    /// and a ringvault in-process, on loopback, and stops them at the end.
+    #[arg(long)]
+    url: Option<String>,
+    /// Bearer token for --url.
+    #[arg(long, env = "RINGVAULT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::from(70);
+        }
+    };
+    let code = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Keygen => keygen(),
+            Command::RollDeks(args) => roll(args).await,
+            Command::Liveness(args) => {
+                client_command(&args, |client| async move {
+                    Ok(client.liveness().await?.status)
+                })
+                .await
+            }
+            Command::Encrypt(args) => {
+                let data = input(args.data);
+                let keyring = args.keyring.keyring.clone();
+                client_command(&args.keyring.client, |client| async move {
+                    Ok(client.encrypt(&keyring, &data?).await?.encrypted)
+                })
+                .await
+            }
+            Command::Decrypt(args) => {
+                let data = input(args.data);
+                let keyring = args.keyring.keyring.clone();
+                client_command(&args.keyring.client, |client| async move {
+                    Ok(client.decrypt(&keyring, data?.trim()).await?.plaintext)
+                })
+                .await
+            }
+            Command::Reencrypt(args) => {
+                let data = input(args.data);
+                let keyring = args.keyring.keyring.clone();
+                client_command(&args.keyring.client, |client| async move {
+                    Ok(client.reencrypt(&keyring, data?.trim()).await?.encrypted)
+                })
+                .await
+            }
+            Command::Rotate(args) => {
+                let keyring = args.keyring.clone();
+                client_command(&args.client, |client| async move {
+                    Ok(client.rotate(&keyring).await?.key_id)
+                })
+                .await
+            }
+            Command::Bench(args) => run_bench(args).await,
+        }
+    });
+    ExitCode::from(code)
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, u8> {
+    Config::load(path).map_err(|error| {
+        eprintln!("error: {error}");
+        64
+    })
+}
+
+async fn connect_nats(config: &Config) -> Result<async_nats::Client, ServerError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name("ringvault")
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            tracing::info!(%event, "nats connection event");
+        });
+    if !config.nats.credentials_file.is_empty() {
+        options = options
+            .credentials_file(&config.nats.credentials_file)
+            .await
+            .map_err(|error| ServerError::Config(format!("nats.credentials_file: {error}")))?;
+    }
+    if !config.nats.token.is_empty() {
+        options = options.token(config.nats.token.clone());
+    }
+    options
+        .connect(config.nats.url.as_str())
+        .await
+        .map_err(|error| {
+            ServerError::Unavailable(format!(
+                "cannot connect to nats at {}: {error}",
+                config.nats.url
+            ))
+        })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown signal received: draining");
+}
+
+async fn serve(args: ConfigArgs) -> u8 {
+    let config = match load_config(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    init_logging(&config);
+    let result = async {
+        let nats = connect_nats(&config).await?;
+        tracing::info!(url = config.nats.url, "connected to nats");
+        server::run(&config, nats, shutdown_signal()).await
+    }
+    .await;
+    match result {
+        Ok(()) => 0,
+        Err(error) => {
+            tracing::error!(%error, "ringvault stopped with an error");
+            eprintln!("error: {error}");
+            u8::try_from(error.exit_code()).unwrap_or(70)
+        }
+    }
+}
+
+fn keygen() -> u8 {
+    let kek = Kek::generate();
+    println!("{}", kek.to_base64().as_str());
+    eprintln!("generated master key {}; store it as a secret", kek.id());
+    0
+}
+
+async fn roll(args: ConfigArgs) -> u8 {
+    let config = match load_config(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let setup = async {
+        let master_keys = server::load_master_keys(&config)?;
+        let backend = server::open_backend(&config).await?;
+        Ok::<_, ServerError>((master_keys, backend))
+    }
+    .await;
+    let (master_keys, backend) = match setup {
+        Ok(parts) => parts,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return u8::try_from(error.exit_code()).unwrap_or(70);
+        }
+    };
+    let storage = Storage::new(
+        backend,
+        StoragePolicy {
+            timeout: config.storage_timeout(),
+            ..StoragePolicy::default()
+        },
+    );
+    eprintln!(
+        "re-sealing every key in {} with master key {}",
+        storage.describe(),
+        master_keys.current().id()
+    );
+    let store = KeyringStore::new(storage, std::sync::Arc::new(master_keys));
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let outcome = roll_deks(&store, |report| {
+        bar.set_message(format!(
+            "scanned {} · re-sealed {} · already current {} · failed {}",
+            report.scanned, report.resealed, report.already_current, report.failed
+        ));
+    })
+    .await;
+    bar.finish_and_clear();
+    match outcome {
+        Ok(report) => {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{:<16} {:>10}", "objects", "count");
+            let _ = writeln!(out, "{:<16} {:>10}", "scanned", report.scanned);
+            let _ = writeln!(out, "{:<16} {:>10}", "re-sealed", report.resealed);
+            let _ = writeln!(
+                out,
+                "{:<16} {:>10}",
+                "already current", report.already_current
+            );
+            let _ = writeln!(out, "{:<16} {:>10}", "failed", report.failed);
+            for (key, reason) in &report.failures {
+                eprintln!("failed: {key}: {reason}");
+            }
+            if report.failed > 0 {
+                eprintln!("some objects were not re-sealed; fix the cause and run roll-deks again");
+                return 65;
+            }
+            0
+        }
+        Err(error) => {
+            eprintln!("error: {error}; the roll is safe to run again");
+            exit_code(&error)
+        }
+    }
+}
+
+/// Exit codes of client commands, by error kind (sysexits.h).
+fn exit_code(error: &Error) -> u8 {
+    match error.kind() {
+        Kind::InvalidArgument | Kind::PayloadTooLarge => 65,
+        Kind::NotFound => 66,
+        Kind::AuthenticationRequired
+        | Kind::InvalidToken
+        | Kind::TokenExpired
+        | Kind::AccessDenied => 77,
+        Kind::RateLimited => 75,
+        Kind::Unavailable => 69,
+        Kind::Internal => 70,
+    }
+}
+
+fn input(argument: Option<String>) -> ringvault::Result<String> {
+    if let Some(data) = argument {
+        return Ok(data);
+    }
+    if std::io::stdin().is_terminal() {
+        eprintln!("reading input from standard input; end with Ctrl-D");
+    }
+    let mut data = String::new();
+    std::io::stdin()
+        .read_to_string(&mut data)
+        .map_err(|error| {
+            Error::invalid_argument(format!("cannot read standard input as utf-8: {error}"))
+        })?;
+    Ok(data)
+}
+
+fn client_token(args: &ClientArgs) -> Option<String> {
+    if let Some(token) = &args.token {
+        return Some(token.clone());
+    }
+    std::fs::read_to_string(&args.token_file)
+        .ok()
+        .map(|text| text.trim().to_owned())
+        .filter(|token| !token.is_empty())
+}
+
+async fn client_command<F, Fut>(args: &ClientArgs, command: F) -> u8
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = ringvault::Result<String>>,
+{
+    let options = ClientOptions {
+        prefix: args.prefix.clone(),
+        token: client_token(args),
+        timeout: Duration::from_millis(args.timeout_ms),
+        ..ClientOptions::default()
+    };
+    let outcome = async {
+        let client = Client::connect(&args.url, options).await?;
+        command(client).await
+    }
+    .await;
+    match outcome {
+        Ok(output) => {
+            println!("{output}");
+            0
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            exit_code(&error)
+        }
+    }
+}
+
+/// A nats-server started for the bench on a free loopback port, killed on drop.
+struct BenchNats {
+    child: std::process::Child,
+    url: String,
+}
+
+impl BenchNats {
+    fn start() -> Result<BenchNats, Error> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map_err(|error| Error::unavailable(format!("no free port: {error}")))?
+            .port();
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|error| {
+                Error::unavailable(format!(
+                    "cannot start nats-server ({error}); install it with `just deps` or pass --url"
+                ))
+            })?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                return Err(Error::unavailable("nats-server did not start within 10 s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(BenchNats {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+        })
+    }
+}
+
+impl Drop for BenchNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn run_bench(args: BenchArgs) -> u8 {
+    match bench_main(args).await {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("error: {error}");
+            exit_code(&error)
+        }
+    }
+}
+
+async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
+    let cases = if args.matrix {
+        bench::matrix_scaled(args.scale)
+    } else {
+        let method = match args.method.as_str() {
+            "encrypt" => BenchMethod::Encrypt,
+            "decrypt" => BenchMethod::Decrypt,
+            other => return Err(Error::invalid_argument(format!("unknown method {other:?}"))),
+        };
+        vec![BenchCase {
+            method,
+            requests: args.requests,
+            concurrency: args.concurrency,
+            payload_bytes: args.size,
+            keyring: bench::DEFAULT_KEYRING.to_owned(),
+        }]
+    };
+    // Without --url: our own nats-server and an in-process service over a temporary store.
+    let mut local = None;
+    let (url, token) = match args.url {
+        Some(url) => (url, args.token),
+        None => {
+            let nats = BenchNats::start()?;
+            let dir = std::env::temp_dir().join(format!("ringvault-bench-{}", std::process::id()));
+            let token = format!("bench-{}", hex::encode(rand::random::<[u8; 16]>()));
+            let env = [
+                ("RINGVAULT_NATS_URL", nats.url.clone()),
+                (
+                    "RINGVAULT_STORAGE_PATH",
+                    dir.join("store").display().to_string(),
+                ),
+                (
+                    "RINGVAULT_MASTER_KEY_CURRENT",
+                    Kek::generate().to_base64().to_string(),
+                ),
+                (
+                    "RINGVAULT_AUTH_TOKEN_FILE",
+                    dir.join("token").display().to_string(),
+                ),
+                ("RINGVAULT_LOG_LEVEL", "warn".to_owned()),
+            ];
+            std::fs::create_dir_all(&dir).map_err(|error| {
+                Error::unavailable(format!("cannot create {}: {error}", dir.display()))
+            })?;
+            std::fs::write(dir.join("token"), &token).map_err(|error| {
+                Error::unavailable(format!("cannot write the bench token: {error}"))
+            })?;
+            let config = Config::from_sources(
+                None,
+                env.into_iter()
+                    .map(|(name, value)| (name.to_owned(), value)),
+            )
+            .map_err(|error| Error::invalid_argument(error.to_string()))?;
+            let nats_client = async_nats::connect(nats.url.as_str())
+                .await
+                .map_err(|error| {
+                    Error::unavailable(format!("cannot connect to the bench nats: {error}"))
+                })?;
+            let service = server::Server::start(&config, nats_client)
+                .await
+                .map_err(|error| Error::unavailable(error.to_string()))?;
+            let url = nats.url.clone();
+            local = Some((nats, service, dir));
+            (url, Some(token))
+        }
+    };
+    let client = Client::connect(
+        &url,
+        ClientOptions {
+            token: token.clone(),
+            timeout: Duration::from_secs(30),
+            format: Format::Protobuf,
+            ..ClientOptions::default()
+        },
+    )
+    .await?;
+    let echo_subject = format!(
+        "ringvault.bench.echo.{}",
+        hex::encode(rand::random::<[u8; 4]>())
+    );
+    let echo_nats = async_nats::connect(url.as_str()).await.map_err(|error| {
+        Error::unavailable(format!("cannot connect the echo responder: {error}"))
+    })?;
+    let echo = bench::start_echo_responder(&echo_nats, &echo_subject).await?;
+    // Warm up: the first Encrypt creates the keyring's key.
+    client.encrypt(bench::DEFAULT_KEYRING, "warm-up").await?;
+
+    let mut rows: Vec<(BenchResult, BenchResult)> = Vec::new();
+    let total = cases.len();
+    for (index, case) in cases.iter().enumerate() {
+        let label = format!(
+            "[{}/{total}] {} {} B × {} in flight",
+            index + 1,
+            case.method.name(),
+            case.payload_bytes,
+            case.concurrency
+        );
+        let bar = indicatif::ProgressBar::new((case.requests * 2) as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(label.clone());
+        let service =
+            bench::run_service_case(&client, case, |done| bar.set_position(done as u64)).await?;
+        let offset = case.requests as u64;
+        let echo_result = bench::run_echo_case(
+            client.nats(),
+            &echo_subject,
+            case,
+            token.as_deref(),
+            Format::Protobuf,
+            |done| bar.set_position(offset + done as u64),
+        )
+        .await?;
+        bar.finish_and_clear();
+        eprintln!(
+            "{label}: {:.0} req/s (echo {:.0}), ratio {:.2}",
+            service.req_per_sec,
+            echo_result.req_per_sec,
+            bench::ratio(&service, &echo_result)
+        );
+        rows.push((service, echo_result));
+    }
+    echo.abort();
+    println!("{}", bench::table(&rows));
+    for (service, echo_result) in &rows {
+        println!("{}", service.json_line(echo_result));
+    }
+    if let Some((nats, service, dir)) = local.take() {
+        let _ = service.shutdown().await;
+        drop(nats);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
+}

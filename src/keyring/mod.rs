@@ -214,18 +214,39 @@ impl Keyrings {
     /// background once stale, read from storage past max-stale, and created on first use
     /// (only when storage says LATEST does not exist).
     pub async fn latest(&self, name: &str) -> Result<Arc<Dek>> {
-        let ring = self.keyring(name)?;
-        if let Some(latest) = ring.latest.load().as_ref() {
-            let age = latest.read_at.elapsed();
-            if age < self.shared.policy.max_stale {
-                if age >= self.shared.policy.fresh_for {
-                    self.refresh_in_background(&ring);
-                }
-                self.touch(&ring, latest.dek.id());
-                return Ok(latest.dek.clone());
-            }
+        if let Some(dek) = self.cached_latest(name) {
+            return Ok(dek);
         }
+        let ring = self.keyring(name)?;
         self.load_latest(&ring, false).await
+    }
+
+    /// The hot path of [`Keyrings::latest`]: the cached LATEST if it may be served (fresh, or
+    /// stale within max-stale, which starts a background refresh), without touching storage.
+    pub fn cached_latest(&self, name: &str) -> Option<Arc<Dek>> {
+        let ring = self.shared.rings.get(name)?;
+        let guard = ring.latest.load();
+        let latest = guard.as_ref()?;
+        let age = latest.read_at.elapsed();
+        if age >= self.shared.policy.max_stale {
+            return None;
+        }
+        if age >= self.shared.policy.fresh_for {
+            self.refresh_in_background(&ring);
+        }
+        self.touch(&ring, latest.dek.id());
+        Some(latest.dek.clone())
+    }
+
+    /// The hot path of [`Keyrings::dek`]: the DEK if cached.
+    pub fn cached_dek_of(&self, name: &str, key_id: &str) -> Option<Arc<Dek>> {
+        let ring = self.shared.rings.get(name)?;
+        self.cached_dek(&ring, key_id)
+    }
+
+    /// Whether this process caches anything of keyring `name`.
+    pub fn is_cached(&self, name: &str) -> bool {
+        self.shared.rings.contains_key(name)
     }
 
     /// The keyring's current DEK read from storage now, whatever the cache holds. Other

@@ -62,6 +62,15 @@ pub enum StorageError {
         /// The store's own words, for logs only.
         detail: String,
     },
+    /// The storage writer died while handling this write; it is being restarted. Not retried:
+    /// the caller gets `unavailable` and may try again.
+    #[error("storage {operation} of {key} was interrupted: the storage writer restarted")]
+    Interrupted {
+        /// `put`.
+        operation: &'static str,
+        /// The object key.
+        key: String,
+    },
     /// The call ran out of its time budget.
     #[error("storage {operation} of {key} timed out after {after:?}")]
     Timeout {
@@ -89,7 +98,9 @@ impl From<StorageError> for Error {
             StorageError::Unavailable { operation, key, .. } => {
                 Error::unavailable(format!("storage {operation} of {key} failed"))
             }
-            StorageError::Timeout { .. } => Error::unavailable(error.to_string()),
+            StorageError::Timeout { .. } | StorageError::Interrupted { .. } => {
+                Error::unavailable(error.to_string())
+            }
             StorageError::AlreadyExists { .. } | StorageError::Changed { .. } => {
                 Error::unavailable(format!("{error}; retry"))
             }

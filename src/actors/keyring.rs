@@ -1,0 +1,275 @@
+//! KeyringActor (one per keyring) and the KeyringRegistry that finds or spawns it.
+//!
+//! The actor owns its keyring's slow paths: loading LATEST, creating the first DEK, looking up
+//! a DEK by id, rotating. The registry answers the hot path from the shared cache first and
+//! calls the actor only on a miss, so a hot keyring is never serialized on one mailbox.
+//! Keyring actors are transient: one that fails is forgotten and respawned on next use; the
+//! registry stops the actors of keyrings the cache has evicted.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::Hooks;
+use crate::crypto::Dek;
+use crate::error::{Error, Result};
+use crate::keyring::{Keyrings, Rotation};
+
+/// Messages of a [`KeyringActor`].
+pub enum KeyringMsg {
+    /// The current DEK; `from_storage` forces a storage read.
+    Latest {
+        /// Read storage whatever the cache holds.
+        from_storage: bool,
+        /// The DEK.
+        reply: RpcReplyPort<Result<Arc<Dek>>>,
+    },
+    /// The DEK with this id.
+    Dek {
+        /// Key id.
+        key_id: String,
+        /// The DEK.
+        reply: RpcReplyPort<Result<Arc<Dek>>>,
+    },
+    /// Make a new DEK LATEST.
+    Rotate {
+        /// The rotation.
+        reply: RpcReplyPort<Result<Rotation>>,
+    },
+}
+
+/// The actor of one keyring.
+pub struct KeyringActor;
+
+/// State and arguments of a [`KeyringActor`].
+pub struct KeyringActorState {
+    name: String,
+    keyrings: Keyrings,
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+    hooks: Hooks,
+}
+
+impl Actor for KeyringActor {
+    type Msg = KeyringMsg;
+    type State = KeyringActorState;
+    type Arguments = KeyringActorState;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: KeyringActorState,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        #[cfg(feature = "test-hooks")]
+        if state.hooks.faults.take_keyring_failure(&state.name) {
+            return Err(format!("injected fault in keyring actor {:?}", state.name).into());
+        }
+        let keyrings = &state.keyrings;
+        let name = state.name.as_str();
+        match message {
+            KeyringMsg::Latest {
+                from_storage,
+                reply,
+            } => {
+                let result = if from_storage {
+                    keyrings.latest_from_storage(name).await
+                } else {
+                    keyrings.latest(name).await
+                };
+                let _ = reply.send(result);
+            }
+            KeyringMsg::Dek { key_id, reply } => {
+                let _ = reply.send(keyrings.dek(name, &key_id).await);
+            }
+            KeyringMsg::Rotate { reply } => {
+                let _ = reply.send(keyrings.rotate(name).await);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Finds or spawns the actor of a keyring; answers cache hits without one.
+#[derive(Clone)]
+pub struct KeyringRegistry {
+    keyrings: Keyrings,
+    actors: Arc<DashMap<String, ActorRef<KeyringMsg>>>,
+    supervisor: Arc<OnceLock<ActorCell>>,
+    call_timeout: Duration,
+    hooks: Hooks,
+}
+
+impl std::fmt::Debug for KeyringRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyringRegistry")
+            .field("actors", &self.actors.len())
+            .field("keyrings", &self.keyrings)
+            .finish()
+    }
+}
+
+impl KeyringRegistry {
+    /// A registry over the cache `keyrings`.
+    pub fn new(keyrings: Keyrings, call_timeout: Duration, hooks: Hooks) -> Self {
+        Self {
+            keyrings,
+            actors: Arc::new(DashMap::new()),
+            supervisor: Arc::new(OnceLock::new()),
+            call_timeout,
+            hooks,
+        }
+    }
+
+    /// The cache.
+    pub fn keyrings(&self) -> &Keyrings {
+        &self.keyrings
+    }
+
+    /// Links keyring actors spawned from now on to `supervisor`.
+    pub fn set_supervisor(&self, supervisor: ActorCell) {
+        let _ = self.supervisor.set(supervisor);
+    }
+
+    /// How many keyring actors are alive.
+    pub fn actor_count(&self) -> usize {
+        self.actors.len()
+    }
+
+    /// The keyring's current DEK, for sealing.
+    pub async fn latest(&self, name: &str) -> Result<Arc<Dek>> {
+        if let Some(dek) = self.keyrings.cached_latest(name) {
+            return Ok(dek);
+        }
+        self.call(name, |reply| KeyringMsg::Latest {
+            from_storage: false,
+            reply,
+        })
+        .await?
+    }
+
+    /// The keyring's current DEK read from storage now (ReEncrypt); only this keyring's
+    /// cache changes.
+    pub async fn latest_from_storage(&self, name: &str) -> Result<Arc<Dek>> {
+        self.call(name, |reply| KeyringMsg::Latest {
+            from_storage: true,
+            reply,
+        })
+        .await?
+    }
+
+    /// The DEK `key_id` of the keyring, for opening.
+    pub async fn dek(&self, name: &str, key_id: &str) -> Result<Arc<Dek>> {
+        if let Some(dek) = self.keyrings.cached_dek_of(name, key_id) {
+            return Ok(dek);
+        }
+        let key_id = key_id.to_owned();
+        self.call(name, |reply| KeyringMsg::Dek { key_id, reply })
+            .await?
+    }
+
+    /// Makes a new DEK the keyring's LATEST.
+    pub async fn rotate(&self, name: &str) -> Result<Rotation> {
+        self.call(name, |reply| KeyringMsg::Rotate { reply })
+            .await?
+    }
+
+    async fn call<T, F>(&self, name: &str, build: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(RpcReplyPort<T>) -> KeyringMsg,
+    {
+        let actor = self.actor(name).await?;
+        super::call("keyring actor", &actor, build, self.call_timeout)
+            .await
+            .map_err(|error| error.context(format!("keyring {name:?}")))
+    }
+
+    /// The live actor of keyring `name`, spawned when there is none.
+    async fn actor(&self, name: &str) -> Result<ActorRef<KeyringMsg>> {
+        if let Some(actor) = self.actors.get(name) {
+            return Ok(actor.clone());
+        }
+        // Validates the name before anything is spawned for it.
+        self.keyrings.keyring(name)?;
+        let state = KeyringActorState {
+            name: name.to_owned(),
+            keyrings: self.keyrings.clone(),
+            hooks: self.hooks.clone(),
+        };
+        let spawned = match self.supervisor.get() {
+            Some(supervisor) => {
+                Actor::spawn_linked(None, KeyringActor, state, supervisor.clone()).await
+            }
+            None => Actor::spawn(None, KeyringActor, state).await,
+        };
+        let (actor, _) = spawned.map_err(|error| {
+            Error::unavailable(format!(
+                "cannot start the actor of keyring {name:?}: {error}"
+            ))
+        })?;
+        // Two first uses may race; the first actor registered wins and the other stops.
+        let winner = self
+            .actors
+            .entry(name.to_owned())
+            .or_insert_with(|| actor.clone())
+            .clone();
+        if winner.get_id() != actor.get_id() {
+            actor.stop(None);
+        }
+        Ok(winner)
+    }
+
+    /// Forgets the actor with `id` after it failed or stopped; returns whether it was one of
+    /// ours.
+    pub fn forget(&self, id: ActorId) -> bool {
+        let mut found = None;
+        for entry in self.actors.iter() {
+            if entry.value().get_id() == id {
+                found = Some(entry.key().clone());
+                break;
+            }
+        }
+        match found {
+            Some(name) => {
+                self.actors
+                    .remove_if(&name, |_, actor| actor.get_id() == id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops the actors of keyrings that the cache no longer holds.
+    pub fn stop_idle(&self) -> usize {
+        let idle: Vec<String> = self
+            .actors
+            .iter()
+            .filter(|entry| !self.keyrings.is_cached(entry.key()))
+            .map(|entry| entry.key().clone())
+            .collect();
+        for name in &idle {
+            if let Some((_, actor)) = self.actors.remove(name) {
+                actor.stop(Some("keyring evicted from cache".into()));
+            }
+        }
+        idle.len()
+    }
+
+    /// Stops every keyring actor (shutdown).
+    pub fn stop_all(&self) {
+        for entry in self.actors.iter() {
+            entry.value().stop(Some("shutdown".into()));
+        }
+        self.actors.clear();
+    }
+}

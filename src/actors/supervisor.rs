@@ -1,0 +1,281 @@
+//! Supervisor: the root of the actor tree. Permanent children (storage, auth, gateway) are
+//! restarted with exponential backoff; more than `max_restarts` failures within `window`
+//! escalate: the supervisor reports a fatal error and stops, and the process exits non-zero so
+//! that the orchestrator restarts it. Keyring actors are transient: a failed one is forgotten
+//! and respawned on next use.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::watch;
+
+use super::auth::{AuthActor, AuthMsg};
+use super::gateway::{Gateway, GatewayArgs, GatewayMsg};
+use super::keyring::KeyringRegistry;
+use super::storage::{StorageActor, StorageActorState, StorageMsg};
+use super::{ActorSlot, Hooks};
+use crate::auth::Authenticator;
+use crate::storage::ObjectStorage;
+
+/// How often actors of evicted keyrings are stopped.
+const IDLE_SWEEP_PERIOD: Duration = Duration::from_secs(30);
+/// How long shutdown waits for the gateway to drain.
+const DRAIN_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// When to restart and when to give up.
+#[derive(Debug, Clone, Copy)]
+pub struct SupervisionPolicy {
+    /// Backoff before the first restart; doubles with each failure in the window.
+    pub backoff: Duration,
+    /// Failures tolerated within `window`.
+    pub max_restarts: usize,
+    /// The window.
+    pub window: Duration,
+}
+
+/// Everything the supervisor starts its children with.
+pub struct SupervisorArgs {
+    /// Restart policy.
+    pub policy: SupervisionPolicy,
+    /// The store the StorageActor writes to.
+    pub storage_backend: Arc<dyn ObjectStorage>,
+    /// Where the live StorageActor is published.
+    pub storage_slot: Arc<ActorSlot<StorageMsg>>,
+    /// Credential sources of the AuthActor.
+    pub authenticator: Authenticator,
+    /// Where the live AuthActor is published.
+    pub auth_slot: Arc<ActorSlot<AuthMsg>>,
+    /// Gateway arguments.
+    pub gateway: GatewayArgs,
+    /// Where the live Gateway is published.
+    pub gateway_slot: Arc<ActorSlot<GatewayMsg>>,
+    /// Keyring actors.
+    pub registry: KeyringRegistry,
+    /// Test hooks.
+    pub hooks: Hooks,
+    /// Set to the reason when supervision gives up.
+    pub fatal: watch::Sender<Option<String>>,
+}
+
+/// Messages of the [`Supervisor`].
+pub enum SupervisorMsg {
+    /// Stop actors of keyrings the cache evicted.
+    SweepIdle,
+    /// Drain and stop everything, storage last; replies when done.
+    Shutdown(RpcReplyPort<()>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Child {
+    Storage,
+    Auth,
+    Gateway,
+}
+
+impl Child {
+    fn name(self) -> &'static str {
+        match self {
+            Child::Storage => "storage actor",
+            Child::Auth => "auth actor",
+            Child::Gateway => "gateway",
+        }
+    }
+}
+
+/// State of the [`Supervisor`].
+pub struct SupervisorState {
+    args: SupervisorArgs,
+    children: HashMap<ActorId, Child>,
+    failures: VecDeque<Instant>,
+    stopping: bool,
+}
+
+/// The root actor.
+pub struct Supervisor;
+
+impl Supervisor {
+    async fn start_child(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        child: Child,
+    ) -> Result<(), ActorProcessingErr> {
+        let args = &state.args;
+        let supervisor = myself.get_cell();
+        let id = match child {
+            Child::Storage => {
+                let actor_state = StorageActorState {
+                    backend: args.storage_backend.clone(),
+                    hooks: args.hooks.clone(),
+                };
+                let (actor, _) =
+                    Actor::spawn_linked(None, StorageActor, actor_state, supervisor).await?;
+                args.storage_slot.set(actor.clone());
+                actor.get_id()
+            }
+            Child::Auth => {
+                let (actor, _) =
+                    Actor::spawn_linked(None, AuthActor, args.authenticator.clone(), supervisor)
+                        .await?;
+                args.auth_slot.set(actor.clone());
+                actor.get_id()
+            }
+            Child::Gateway => {
+                let (actor, _) =
+                    Actor::spawn_linked(None, Gateway, args.gateway.clone(), supervisor).await?;
+                args.gateway_slot.set(actor.clone());
+                actor.get_id()
+            }
+        };
+        state.children.insert(id, child);
+        Ok(())
+    }
+
+    fn slot_clear(state: &SupervisorState, child: Child) {
+        match child {
+            Child::Storage => state.args.storage_slot.clear(),
+            Child::Auth => state.args.auth_slot.clear(),
+            Child::Gateway => state.args.gateway_slot.clear(),
+        }
+    }
+
+    async fn on_child_down(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        id: ActorId,
+        reason: String,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(child) = state.children.remove(&id) else {
+            if state.args.registry.forget(id) {
+                tracing::warn!(%reason, "keyring actor stopped; it is respawned on next use");
+            }
+            return Ok(());
+        };
+        Self::slot_clear(state, child);
+        if state.stopping {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let policy = state.args.policy;
+        state.failures.push_back(now);
+        while let Some(&first) = state.failures.front() {
+            if now.duration_since(first) <= policy.window {
+                break;
+            }
+            state.failures.pop_front();
+        }
+        let recent = state.failures.len();
+        if recent > policy.max_restarts {
+            let message = format!(
+                "{} failed {recent} times within {:?}: giving up ({reason})",
+                child.name(),
+                policy.window
+            );
+            tracing::error!(child = child.name(), failures = recent, %reason, "supervision gave up");
+            state.args.fatal.send_replace(Some(message));
+            state.stopping = true;
+            state.args.registry.stop_all();
+            myself.stop_children(Some("escalated".into()));
+            myself.stop(Some("escalated".into()));
+            return Ok(());
+        }
+        let exponent = u32::try_from(recent.saturating_sub(1))
+            .unwrap_or(u32::MAX)
+            .min(10);
+        let backoff = policy
+            .backoff
+            .saturating_mul(1 << exponent)
+            .min(Duration::from_secs(10));
+        tracing::warn!(child = child.name(), failures = recent, ?backoff, %reason, "restarting");
+        tokio::time::sleep(backoff).await;
+        Self::start_child(myself, state, child).await
+    }
+
+    async fn shutdown(state: &mut SupervisorState) {
+        state.stopping = true;
+        if let Some(gateway) = state.args.gateway_slot.get() {
+            let drained =
+                super::call("gateway", &gateway, GatewayMsg::Drain, DRAIN_CALL_TIMEOUT).await;
+            if let Err(error) = drained {
+                tracing::warn!(%error, "gateway did not drain cleanly");
+            }
+            gateway.stop(None);
+        }
+        state.args.registry.stop_all();
+        if let Some(auth) = state.args.auth_slot.get() {
+            let _ = auth.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+        }
+        // Storage goes last: every write a drained request started has finished.
+        if let Some(storage) = state.args.storage_slot.get() {
+            let _ = storage
+                .stop_and_wait(None, Some(Duration::from_secs(10)))
+                .await;
+        }
+    }
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        args.registry.set_supervisor(myself.get_cell());
+        let mut state = SupervisorState {
+            args,
+            children: HashMap::new(),
+            failures: VecDeque::new(),
+            stopping: false,
+        };
+        for child in [Child::Storage, Child::Auth, Child::Gateway] {
+            Self::start_child(&myself, &mut state, child).await?;
+        }
+        myself.send_interval(IDLE_SWEEP_PERIOD, || SupervisorMsg::SweepIdle);
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SupervisorMsg::SweepIdle => {
+                let stopped = state.args.registry.stop_idle();
+                if stopped > 0 {
+                    tracing::debug!(stopped, "stopped actors of evicted keyrings");
+                }
+            }
+            SupervisorMsg::Shutdown(reply) => {
+                Self::shutdown(state).await;
+                let _ = reply.send(());
+                myself.stop(Some("shutdown".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, error) => {
+                Self::on_child_down(&myself, state, cell.get_id(), error.to_string()).await
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                let reason = reason.unwrap_or_else(|| "stopped".to_owned());
+                Self::on_child_down(&myself, state, cell.get_id(), reason).await
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Who is asking and what they may do: [`Principal`], [`Action`], [`Grant`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Kind, Result};
+
+/// An operation a principal may be allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Encrypt and EncryptBulk.
+    Encrypt,
+    /// Decrypt and DecryptBulk.
+    Decrypt,
+    /// ReEncrypt.
+    ReEncrypt,
+    /// RotateKeyring.
+    Rotate,
+    /// Everything, and acting for another workspace.
+    Admin,
+}
+
+impl Action {
+    /// The permission name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Encrypt => "encrypt",
+            Action::Decrypt => "decrypt",
+            Action::ReEncrypt => "reencrypt",
+            Action::Rotate => "rotate",
+            Action::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Action {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "encrypt" => Ok(Action::Encrypt),
+            "decrypt" => Ok(Action::Decrypt),
+            "reencrypt" => Ok(Action::ReEncrypt),
+            "rotate" => Ok(Action::Rotate),
+            "admin" => Ok(Action::Admin),
+            other => Err(Error::invalid_argument(format!(
+                "unknown permission {other:?}; expected encrypt, decrypt, reencrypt, rotate or admin"
+            ))),
+        }
+    }
+}
+
+/// One permission: an action, optionally limited to keyrings matching a pattern where `*`
+/// matches any run of characters (`decrypt:ws_42/*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The action allowed.
+    pub action: Action,
+    /// The keyrings it applies to; `None` means all (within the principal's workspace).
+    pub pattern: Option<String>,
+}
+
+impl FromStr for Grant {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let (action, pattern) = match text.split_once(':') {
+            Some((action, pattern)) if !pattern.is_empty() => (action, Some(pattern.to_owned())),
+            Some(_) => {
+                return Err(Error::invalid_argument(format!(
+                    "permission {text:?} has an empty keyring pattern"
+                )))
+            }
+            None => (text, None),
+        };
+        Ok(Grant {
+            action: action.trim().parse()?,
+            pattern,
+        })
+    }
+}
+
+impl Grant {
+    fn allows(&self, action: Action, keyring: &str) -> bool {
+        let action_matches = self.action == action || self.action == Action::Admin;
+        action_matches
+            && self
+                .pattern
+                .as_deref()
+                .is_none_or(|pattern| glob_matches(pattern, keyring))
+    }
+}
+
+/// `*` matches any run of characters (including `/`); everything else matches itself.
+fn glob_matches(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(index) => rest = &rest[index + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// Where a principal's credential came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CredentialSource {
+    /// A static bearer token from configuration.
+    StaticToken,
+    /// An HS256 token minted by ringvault.
+    SignedToken,
+    /// A JWT from an external identity provider.
+    Jwt,
+}
+
+impl CredentialSource {
+    /// The name used in logs and audit records.
+    pub fn name(self) -> &'static str {
+        match self {
+            CredentialSource::StaticToken => "static_token",
+            CredentialSource::SignedToken => "signed_token",
+            CredentialSource::Jwt => "jwt",
+        }
+    }
+}
+
+/// A verified caller: what every handler sees instead of a credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The workspace it is bound to; `None` reaches every keyring.
+    pub workspace: Option<String>,
+    /// Who it is.
+    pub subject: String,
+    /// The credential source that verified it.
+    pub source: CredentialSource,
+    /// What it may do.
+    pub permissions: Vec<Grant>,
+}
+
+impl Principal {
+    /// Allows `action` on `keyring` or fails closed with `access_denied`: the keyring must
+    /// belong to the principal's workspace (`ws` or `ws/…`) and a grant must cover it.
+    pub fn authorize(&self, action: Action, keyring: &str) -> Result<()> {
+        if let Some(workspace) = &self.workspace {
+            if !in_workspace(workspace, keyring) {
+                return Err(Error::new(
+                    Kind::AccessDenied,
+                    format!(
+                        "{} may not {action} keyring {keyring:?}: it is outside workspace {workspace:?}",
+                        self.subject
+                    ),
+                ));
+            }
+        }
+        if self
+            .permissions
+            .iter()
+            .any(|grant| grant.allows(action, keyring))
+        {
+            return Ok(());
+        }
+        Err(Error::new(
+            Kind::AccessDenied,
+            format!(
+                "{} has no {action} permission for keyring {keyring:?}",
+                self.subject
+            ),
+        ))
+    }
+}
+
+/// Whether `keyring` is `workspace` itself or below it.
+pub fn in_workspace(workspace: &str, keyring: &str) -> bool {
+    match keyring.strip_prefix(workspace) {
+        Some("") => true,
+        Some(rest) => rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// Parses permission strings (`encrypt`, `decrypt:ws_42/*`).
+pub fn parse_grants<S: AsRef<str>>(permissions: &[S]) -> Result<Vec<Grant>> {
+    permissions
+        .iter()
+        .map(|permission| permission.as_ref().parse())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(workspace: Option<&str>, permissions: &[&str]) -> Principal {
+        Principal {
+            workspace: workspace.map(str::to_owned),
+            subject: "svc".into(),
+            source: CredentialSource::StaticToken,
+            permissions: parse_grants(permissions).unwrap(),
+        }
+    }
+
+    #[test]
+    fn grants_and_patterns() {
+        let p = principal(None, &["encrypt", "decrypt:ws_42/*"]);
+        assert!(p.authorize(Action::Encrypt, "anything").is_ok());
+        assert!(p.authorize(Action::Decrypt, "ws_42/a/b").is_ok());
+        assert!(p.authorize(Action::Decrypt, "ws_42").is_err());
+        assert!(p.authorize(Action::Decrypt, "ws_43/a").is_err());
+        let error = p.authorize(Action::Rotate, "x").unwrap_err();
+        assert_eq!(error.kind(), Kind::AccessDenied);
+    }
+
+    #[test]
+    fn workspace_binding() {
+        let p = principal(Some("ws_a"), &["admin"]);
+        assert!(p.authorize(Action::Rotate, "ws_a").is_ok());
+        assert!(p.authorize(Action::Encrypt, "ws_a/x").is_ok());
+        assert!(p.authorize(Action::Encrypt, "ws_ab").is_err());
+        assert!(p.authorize(Action::Encrypt, "ws_b").is_err());
+    }
+
+    #[test]
+    fn glob() {
+        assert!(glob_matches("*", ""));
+        assert!(glob_matches("a*c", "abbbc"));
+        assert!(glob_matches("a*b*c", "a-b-c"));
+        assert!(!glob_matches("a*b*c", "a-c"));
+        assert!(!glob_matches("abc", "abcd"));
+        assert!(glob_matches("ws_*/prod", "ws_1/prod"));
+    }
+
+    #[test]
+    fn bad_permissions_are_refused() {
+        assert!("delete".parse::<Grant>().is_err());
+        assert!("decrypt:".parse::<Grant>().is_err());
+    }
+}

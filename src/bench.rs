@@ -1,0 +1,735 @@
+//! A load generator over NATS, used by `ringvault bench` and `just bench`.
+//!
+//! A [`BenchCase`] sends `requests` Encrypt or Decrypt requests from `concurrency` worker tasks
+//! that share one NATS connection, each worker sending its share one request after the other and
+//! timing every request with [`Instant`]. [`run_service_case`] measures the service;
+//! [`run_echo_case`] sends requests of the same shape (the same protobuf body size, the same
+//! headers) to a bare echo responder ([`start_echo_responder`]), which is the NATS round-trip
+//! floor the service is compared with. [`table`] and [`BenchResult::json_line`] report both.
+//!
+//! Failed requests are counted and the first failure is kept; they do not stop a run. Latency
+//! percentiles are over successful requests, and `req_per_sec` counts successful requests only.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+
+use crate::client::{request_headers, Client};
+use crate::error::{Error, Result};
+use crate::protocol::{self, DecryptRequest, EncryptRequest, Encrypted, Format, Method};
+
+/// The keyring the benchmark matrix uses.
+pub const DEFAULT_KEYRING: &str = "bench";
+/// How often the progress callback is called while a case runs.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+/// Payload sizes of the matrix, in bytes.
+const MATRIX_PAYLOAD_BYTES: [usize; 4] = [32, 1024, 16384, 65536];
+/// Concurrency levels of the matrix, with the number of requests of each (at scale 1).
+const MATRIX_CONCURRENCY: [(usize, usize); 2] = [(1, 2000), (64, 20000)];
+
+/// The operation a [`BenchCase`] measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BenchMethod {
+    /// `Encrypt` of a fresh copy of the payload each time.
+    Encrypt,
+    /// `Decrypt` of one ciphertext of the payload, over and over.
+    Decrypt,
+}
+
+impl BenchMethod {
+    /// Lowercase name, as shown in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchMethod::Encrypt => "encrypt",
+            BenchMethod::Decrypt => "decrypt",
+        }
+    }
+
+    /// The service method it calls.
+    pub fn method(self) -> Method {
+        match self {
+            BenchMethod::Encrypt => Method::Encrypt,
+            BenchMethod::Decrypt => Method::Decrypt,
+        }
+    }
+}
+
+/// One benchmark configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchCase {
+    /// What to call.
+    pub method: BenchMethod,
+    /// How many requests in total.
+    pub requests: usize,
+    /// How many worker tasks send them (each waits for its reply before the next request).
+    pub concurrency: usize,
+    /// Plaintext size in bytes (ASCII characters).
+    pub payload_bytes: usize,
+    /// The keyring used.
+    pub keyring: String,
+}
+
+/// The outcome of running one [`BenchCase`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchResult {
+    /// The case that was run.
+    pub case: BenchCase,
+    /// Requests sent (successful or not).
+    pub requests: usize,
+    /// Requests that failed.
+    pub errors: usize,
+    /// The message of the first failure, if any.
+    pub first_error: Option<String>,
+    /// Wall time from the first request to the last reply.
+    pub elapsed: Duration,
+    /// Successful requests per second.
+    pub req_per_sec: f64,
+    /// Median latency of successful requests.
+    pub p50: Duration,
+    /// 90th percentile latency.
+    pub p90: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+    /// Largest latency.
+    pub max: Duration,
+}
+
+impl BenchResult {
+    /// One JSON object (no trailing newline) describing this service result next to `echo`,
+    /// the echo result of the same case.
+    pub fn json_line(&self, echo: &BenchResult) -> String {
+        let line = serde_json::json!({
+            "method": self.case.method.name(),
+            "payload_bytes": self.case.payload_bytes,
+            "concurrency": self.case.concurrency,
+            "requests": self.case.requests,
+            "keyring": self.case.keyring,
+            "ratio": ratio(self, echo),
+            "service": json_side(self),
+            "echo": json_side(echo),
+        });
+        line.to_string()
+    }
+}
+
+fn json_side(result: &BenchResult) -> serde_json::Value {
+    serde_json::json!({
+        "requests": result.requests,
+        "errors": result.errors,
+        "first_error": result.first_error,
+        "elapsed_ms": result.elapsed.as_secs_f64() * 1e3,
+        "req_per_sec": result.req_per_sec,
+        "p50_us": result.p50.as_micros() as u64,
+        "p90_us": result.p90.as_micros() as u64,
+        "p99_us": result.p99.as_micros() as u64,
+        "max_us": result.max.as_micros() as u64,
+    })
+}
+
+/// Service throughput as a fraction of echo throughput (0 when the echo did nothing).
+pub fn ratio(service: &BenchResult, echo: &BenchResult) -> f64 {
+    if echo.req_per_sec <= 0.0 {
+        return 0.0;
+    }
+    service.req_per_sec / echo.req_per_sec
+}
+
+/// The full matrix at scale 1: Encrypt and Decrypt × payloads of 32 B, 1 KiB, 16 KiB and
+/// 64 KiB × concurrency 1 (2000 requests) and 64 (20000 requests), on [`DEFAULT_KEYRING`].
+pub fn matrix() -> Vec<BenchCase> {
+    matrix_scaled(1.0)
+}
+
+/// The matrix with every request count multiplied by `scale` (at least one request per worker).
+pub fn matrix_scaled(scale: f64) -> Vec<BenchCase> {
+    let mut cases = Vec::new();
+    for method in [BenchMethod::Encrypt, BenchMethod::Decrypt] {
+        for payload_bytes in MATRIX_PAYLOAD_BYTES {
+            for (concurrency, requests) in MATRIX_CONCURRENCY {
+                let scaled = (requests as f64 * scale).round() as usize;
+                cases.push(BenchCase {
+                    method,
+                    requests: scaled.max(concurrency),
+                    concurrency,
+                    payload_bytes,
+                    keyring: DEFAULT_KEYRING.to_owned(),
+                });
+            }
+        }
+    }
+    cases
+}
+
+/// A plaintext of exactly `bytes` ASCII characters.
+pub fn payload(bytes: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    (0..bytes)
+        .map(|index| ALPHABET[index % ALPHABET.len()] as char)
+        .collect()
+}
+
+/// Runs `case` against the service through `client`. `progress` is called about every 100 ms
+/// with the number of requests completed so far, and once at the end. For Decrypt, one payload
+/// is encrypted first (a failure there is an error) and that ciphertext is decrypted each time.
+pub async fn run_service_case(
+    client: &Client,
+    case: &BenchCase,
+    progress: impl Fn(usize),
+) -> Result<BenchResult> {
+    let keyring: Arc<str> = Arc::from(case.keyring.as_str());
+    let plaintext: Arc<str> = Arc::from(payload(case.payload_bytes));
+    match case.method {
+        BenchMethod::Encrypt => {
+            let client = client.clone();
+            let operation = move || {
+                let client = client.clone();
+                let keyring = keyring.clone();
+                let plaintext = plaintext.clone();
+                async move { client.encrypt(&keyring, &plaintext).await.map(drop) }
+            };
+            run_workers(case, operation, progress).await
+        }
+        BenchMethod::Decrypt => {
+            let sealed = client
+                .encrypt(&keyring, &plaintext)
+                .await
+                .map_err(|error| error.context("cannot encrypt the payload to decrypt"))?;
+            let encrypted: Arc<str> = Arc::from(sealed.encrypted);
+            let client = client.clone();
+            let operation = move || {
+                let client = client.clone();
+                let keyring = keyring.clone();
+                let encrypted = encrypted.clone();
+                let plaintext = plaintext.clone();
+                async move {
+                    let opened = client.decrypt(&keyring, &encrypted).await?;
+                    if opened.plaintext.as_str() != &*plaintext {
+                        return Err(Error::internal("decrypt returned a different plaintext"));
+                    }
+                    Ok(())
+                }
+            };
+            run_workers(case, operation, progress).await
+        }
+    }
+}
+
+/// Subscribes to `subject` and answers every request with its own payload (no headers), from one
+/// task, until the returned handle is aborted or the connection closes.
+pub async fn start_echo_responder(
+    nats: &async_nats::Client,
+    subject: &str,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let mut subscriber = nats
+        .subscribe(subject.to_owned())
+        .await
+        .map_err(|error| Error::unavailable(format!("cannot subscribe to {subject}: {error}")))?;
+    // Make sure the server knows the subscription before anyone sends to it.
+    nats.flush()
+        .await
+        .map_err(|error| Error::unavailable(format!("cannot flush nats: {error}")))?;
+    let nats = nats.clone();
+    let handle = tokio::spawn(async move {
+        while let Some(message) = subscriber.next().await {
+            let Some(reply) = message.reply else {
+                continue;
+            };
+            if nats.publish(reply, message.payload).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(handle)
+}
+
+/// A base64 envelope of the size the service produces for a `payload_bytes` plaintext
+/// (12-byte nonce, ciphertext plus 16-byte tag, a `dek_` id of 22 characters, a current time).
+fn stand_in_envelope(payload_bytes: usize) -> String {
+    let now_millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as i64);
+    let encrypted = Encrypted {
+        algorithm: 0,
+        nonce: vec![0; 12],
+        ciphertext: vec![0; payload_bytes + 16],
+        encryption_key_id: format!("dek_{}", "0".repeat(22)),
+        time: now_millis,
+    };
+    protocol::encode_envelope(&encrypted)
+}
+
+/// Runs `case` against an echo responder on `subject`, with requests shaped like the service's:
+/// the same request message in `format` (a stand-in envelope of the right size for Decrypt), a
+/// fresh `X-Request-ID`, and `Authorization` when `token` is given. Same worker model and
+/// `progress` as [`run_service_case`].
+pub async fn run_echo_case(
+    nats: &async_nats::Client,
+    subject: &str,
+    case: &BenchCase,
+    token: Option<&str>,
+    format: Format,
+    progress: impl Fn(usize),
+) -> Result<BenchResult> {
+    let nats = nats.clone();
+    let subject: Arc<str> = Arc::from(subject);
+    let token: Option<Arc<str>> = token.map(Arc::from);
+    let keyring: Arc<str> = Arc::from(case.keyring.as_str());
+    let data: Arc<str> = match case.method {
+        BenchMethod::Encrypt => Arc::from(payload(case.payload_bytes)),
+        BenchMethod::Decrypt => Arc::from(stand_in_envelope(case.payload_bytes)),
+    };
+    let method = case.method;
+    let operation = move || {
+        let nats = nats.clone();
+        let subject = subject.clone();
+        let token = token.clone();
+        let keyring = keyring.clone();
+        let data = data.clone();
+        async move {
+            let body = match method {
+                BenchMethod::Encrypt => protocol::encode(
+                    format,
+                    &EncryptRequest {
+                        keyring: keyring.to_string(),
+                        data: data.to_string(),
+                    },
+                ),
+                BenchMethod::Decrypt => protocol::encode(
+                    format,
+                    &DecryptRequest {
+                        keyring: keyring.to_string(),
+                        encrypted: data.to_string(),
+                    },
+                ),
+            };
+            let headers = request_headers(token.as_deref(), format);
+            echo_request(&nats, &subject, headers, body).await
+        }
+    };
+    run_workers(case, operation, progress).await
+}
+
+async fn echo_request(
+    nats: &async_nats::Client,
+    subject: &str,
+    headers: async_nats::HeaderMap,
+    body: Bytes,
+) -> Result<()> {
+    let expected_len = body.len();
+    let reply = nats
+        .request_with_headers(subject.to_owned(), headers, body)
+        .await
+        .map_err(|error| {
+            Error::unavailable(format!("echo request to {subject} failed: {error}"))
+        })?;
+    if reply.payload.len() != expected_len {
+        return Err(Error::internal(format!(
+            "echo reply has {} bytes, expected {expected_len}",
+            reply.payload.len()
+        )));
+    }
+    Ok(())
+}
+
+/// What one worker measured.
+#[derive(Debug, Default)]
+struct WorkerReport {
+    latencies_micros: Vec<u64>,
+    errors: usize,
+    first_error: Option<String>,
+}
+
+/// Runs `case.requests` calls of `operation` from `case.concurrency` tasks and aggregates them.
+async fn run_workers<F, Fut>(
+    case: &BenchCase,
+    operation: F,
+    progress: impl Fn(usize),
+) -> Result<BenchResult>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    if case.concurrency == 0 {
+        return Err(Error::invalid_argument(
+            "bench concurrency must be at least 1",
+        ));
+    }
+    let workers = case.concurrency.min(case.requests);
+    let completed = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut handles = Vec::with_capacity(workers);
+    for worker in 0..workers {
+        let share = case.requests / workers + usize::from(worker < case.requests % workers);
+        let operation = operation.clone();
+        let completed = completed.clone();
+        handles.push(tokio::spawn(async move {
+            let mut report = WorkerReport {
+                latencies_micros: Vec::with_capacity(share),
+                ..WorkerReport::default()
+            };
+            for _ in 0..share {
+                let request_started = Instant::now();
+                let outcome = operation().await;
+                let latency = request_started.elapsed();
+                match outcome {
+                    Ok(()) => report.latencies_micros.push(latency.as_micros() as u64),
+                    Err(error) => {
+                        report.errors += 1;
+                        report.first_error.get_or_insert_with(|| error.to_string());
+                    }
+                }
+                completed.fetch_add(1, Ordering::Relaxed);
+            }
+            report
+        }));
+    }
+
+    let all_workers = futures::future::join_all(handles);
+    tokio::pin!(all_workers);
+    let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
+    let joined = loop {
+        tokio::select! {
+            joined = &mut all_workers => break joined,
+            _ = ticker.tick() => progress(completed.load(Ordering::Relaxed)),
+        }
+    };
+    let elapsed = started.elapsed();
+    progress(completed.load(Ordering::Relaxed));
+
+    let mut latencies_micros = Vec::with_capacity(case.requests);
+    let mut errors = 0;
+    let mut first_error = None;
+    for outcome in joined {
+        let report =
+            outcome.map_err(|error| Error::internal(format!("bench worker failed: {error}")))?;
+        latencies_micros.extend(report.latencies_micros);
+        errors += report.errors;
+        if first_error.is_none() {
+            first_error = report.first_error;
+        }
+    }
+    Ok(summarize(
+        case,
+        latencies_micros,
+        errors,
+        first_error,
+        elapsed,
+    ))
+}
+
+/// Builds a [`BenchResult`] from the latencies (microseconds) of the successful requests.
+fn summarize(
+    case: &BenchCase,
+    mut latencies_micros: Vec<u64>,
+    errors: usize,
+    first_error: Option<String>,
+    elapsed: Duration,
+) -> BenchResult {
+    latencies_micros.sort_unstable();
+    let successes = latencies_micros.len();
+    let seconds = elapsed.as_secs_f64();
+    let req_per_sec = if seconds > 0.0 {
+        successes as f64 / seconds
+    } else {
+        0.0
+    };
+    BenchResult {
+        case: case.clone(),
+        requests: successes + errors,
+        errors,
+        first_error,
+        elapsed,
+        req_per_sec,
+        p50: percentile(&latencies_micros, 0.50),
+        p90: percentile(&latencies_micros, 0.90),
+        p99: percentile(&latencies_micros, 0.99),
+        max: percentile(&latencies_micros, 1.0),
+    }
+}
+
+/// The nearest-rank `quantile` (0..=1) of ascending `sorted_micros`; zero when empty.
+pub fn percentile(sorted_micros: &[u64], quantile: f64) -> Duration {
+    if sorted_micros.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (quantile.clamp(0.0, 1.0) * sorted_micros.len() as f64).ceil() as usize;
+    let index = rank.clamp(1, sorted_micros.len()) - 1;
+    Duration::from_micros(sorted_micros[index])
+}
+
+/// A latency for humans: `850µs`, `12.34ms`, `1.50s`.
+fn format_latency(latency: Duration) -> String {
+    let micros = latency.as_micros();
+    if micros < 1000 {
+        return format!("{micros}µs");
+    }
+    if micros < 1_000_000 {
+        return format!("{:.2}ms", micros as f64 / 1e3);
+    }
+    format!("{:.2}s", latency.as_secs_f64())
+}
+
+/// A payload size for humans: `32 B`, `1 KiB`, `64 KiB`, `1.5 KiB`.
+fn format_size(bytes: usize) -> String {
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    if bytes % 1024 == 0 {
+        return format!("{} KiB", bytes / 1024);
+    }
+    format!("{:.1} KiB", bytes as f64 / 1024.0)
+}
+
+/// A plain-text table of (service, echo) result pairs: method, size, concurrency, service and
+/// echo req/s, their ratio, service and echo p50/p99, and the error counts.
+pub fn table(rows: &[(BenchResult, BenchResult)]) -> String {
+    let header = [
+        "method",
+        "size",
+        "conc",
+        "svc req/s",
+        "echo req/s",
+        "ratio",
+        "svc p50",
+        "svc p99",
+        "echo p50",
+        "echo p99",
+        "errors",
+    ]
+    .map(str::to_owned);
+    let mut cells: Vec<[String; 11]> = vec![header];
+    for (service, echo) in rows {
+        cells.push([
+            service.case.method.name().to_owned(),
+            format_size(service.case.payload_bytes),
+            service.case.concurrency.to_string(),
+            format!("{:.0}", service.req_per_sec),
+            format!("{:.0}", echo.req_per_sec),
+            format!("{:.2}", ratio(service, echo)),
+            format_latency(service.p50),
+            format_latency(service.p99),
+            format_latency(echo.p50),
+            format_latency(echo.p99),
+            format!("{}/{}", service.errors, echo.errors),
+        ]);
+    }
+    let mut widths = [0usize; 11];
+    for row in &cells {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for (index, row) in cells.iter().enumerate() {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(column, (cell, width))| {
+                let padding = " ".repeat(width - cell.chars().count());
+                // The method column reads left to right; numbers line up on the right.
+                if column == 0 {
+                    format!("{cell}{padding}")
+                } else {
+                    format!("{padding}{cell}")
+                }
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+        if index == 0 {
+            let total = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+            out.push_str(&"-".repeat(total));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(method: BenchMethod, payload_bytes: usize, concurrency: usize) -> BenchCase {
+        BenchCase {
+            method,
+            requests: 100,
+            concurrency,
+            payload_bytes,
+            keyring: DEFAULT_KEYRING.to_owned(),
+        }
+    }
+
+    fn result(case: BenchCase, req_per_sec: f64, p50_micros: u64, errors: usize) -> BenchResult {
+        BenchResult {
+            case,
+            requests: 100,
+            errors,
+            first_error: None,
+            elapsed: Duration::from_secs(1),
+            req_per_sec,
+            p50: Duration::from_micros(p50_micros),
+            p90: Duration::from_micros(p50_micros * 2),
+            p99: Duration::from_micros(p50_micros * 3),
+            max: Duration::from_micros(p50_micros * 4),
+        }
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let sorted: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&sorted, 0.50), Duration::from_micros(50));
+        assert_eq!(percentile(&sorted, 0.90), Duration::from_micros(90));
+        assert_eq!(percentile(&sorted, 0.99), Duration::from_micros(99));
+        assert_eq!(percentile(&sorted, 1.0), Duration::from_micros(100));
+        assert_eq!(percentile(&sorted, 0.0), Duration::from_micros(1));
+        assert_eq!(percentile(&[7], 0.99), Duration::from_micros(7));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn summarize_counts_successes_and_errors() {
+        let latencies = vec![30, 10, 20, 40];
+        let summary = summarize(
+            &case(BenchMethod::Encrypt, 32, 1),
+            latencies,
+            1,
+            Some("unavailable: down".into()),
+            Duration::from_secs(2),
+        );
+        assert_eq!(summary.requests, 5);
+        assert_eq!(summary.errors, 1);
+        assert_eq!(summary.req_per_sec, 2.0);
+        assert_eq!(summary.p50, Duration::from_micros(20));
+        assert_eq!(summary.max, Duration::from_micros(40));
+        assert_eq!(summary.first_error.as_deref(), Some("unavailable: down"));
+    }
+
+    #[test]
+    fn matrix_covers_methods_sizes_and_concurrency() {
+        let cases = matrix();
+        assert_eq!(cases.len(), 2 * 4 * 2);
+        let serial = cases.iter().filter(|c| c.concurrency == 1);
+        assert!(serial.clone().all(|c| c.requests == 2000));
+        assert_eq!(serial.count(), 8);
+        assert!(cases
+            .iter()
+            .filter(|c| c.concurrency == 64)
+            .all(|c| c.requests == 20000));
+        for size in MATRIX_PAYLOAD_BYTES {
+            assert_eq!(cases.iter().filter(|c| c.payload_bytes == size).count(), 4);
+        }
+        let tiny = matrix_scaled(0.001);
+        assert_eq!(tiny.len(), cases.len());
+        assert!(tiny.iter().all(|c| c.requests >= c.concurrency));
+        assert_eq!(tiny[0].requests, 2);
+    }
+
+    #[test]
+    fn payload_is_ascii_of_the_exact_size() {
+        for size in [0, 1, 32, 1024, 65536] {
+            let text = payload(size);
+            assert_eq!(text.len(), size);
+            assert!(text.is_ascii());
+        }
+    }
+
+    #[test]
+    fn stand_in_envelope_is_a_valid_envelope_of_the_right_size() {
+        let envelope = stand_in_envelope(1024);
+        let encrypted = protocol::decode_envelope(&envelope).unwrap();
+        assert_eq!(encrypted.ciphertext.len(), 1024 + 16);
+        assert_eq!(encrypted.nonce.len(), 12);
+        assert_eq!(encrypted.encryption_key_id.len(), 26);
+    }
+
+    #[test]
+    fn table_lines_up_columns() {
+        let rows = vec![
+            (
+                result(case(BenchMethod::Encrypt, 32, 1), 5000.0, 180, 0),
+                result(case(BenchMethod::Encrypt, 32, 1), 10000.0, 90, 0),
+            ),
+            (
+                result(case(BenchMethod::Decrypt, 65536, 64), 1234.4, 2500, 3),
+                result(case(BenchMethod::Decrypt, 65536, 64), 0.0, 1_500_000, 0),
+            ),
+        ];
+        let text = table(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].starts_with("method"), "{text}");
+        assert!(lines[1].chars().all(|c| c == '-'), "{text}");
+        assert!(lines[2].starts_with("encrypt"), "{text}");
+        assert!(lines[2].contains("32 B"), "{text}");
+        assert!(lines[2].contains("0.50"), "{text}");
+        assert!(lines[2].contains("180µs"), "{text}");
+        assert!(lines[3].starts_with("decrypt"), "{text}");
+        assert!(lines[3].contains("64 KiB"), "{text}");
+        assert!(lines[3].contains("2.50ms"), "{text}");
+        assert!(lines[3].contains("1.50s"), "{text}");
+        assert!(lines[3].contains("3/0"), "{text}");
+        // Every row has the width of the header: the last column is right-aligned.
+        let width = lines[0].chars().count();
+        assert!(
+            lines[2..].iter().all(|line| line.chars().count() == width),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn json_line_has_both_sides() {
+        let service = result(case(BenchMethod::Decrypt, 1024, 64), 3000.0, 100, 1);
+        let echo = result(case(BenchMethod::Decrypt, 1024, 64), 6000.0, 50, 0);
+        let line = service.json_line(&echo);
+        assert!(!line.contains('\n'));
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(value["method"], "decrypt");
+        assert_eq!(value["payload_bytes"], 1024);
+        assert_eq!(value["concurrency"], 64);
+        assert_eq!(value["ratio"], 0.5);
+        assert_eq!(value["service"]["errors"], 1);
+        assert_eq!(value["service"]["p50_us"], 100);
+        assert_eq!(value["echo"]["req_per_sec"], 6000.0);
+    }
+
+    #[tokio::test]
+    async fn workers_split_requests_and_count_errors() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let operation = move || {
+            let counter = counter.clone();
+            async move {
+                let call = counter.fetch_add(1, Ordering::Relaxed);
+                if call % 10 == 0 {
+                    return Err(Error::unavailable("every tenth fails"));
+                }
+                Ok(())
+            }
+        };
+        let bench_case = BenchCase {
+            requests: 103,
+            ..case(BenchMethod::Encrypt, 32, 8)
+        };
+        let last_progress = std::cell::Cell::new(0);
+        let result = run_workers(&bench_case, operation, |done| last_progress.set(done))
+            .await
+            .unwrap();
+        assert_eq!(calls.load(Ordering::Relaxed), 103);
+        assert_eq!(result.requests, 103);
+        assert_eq!(result.errors, 11);
+        assert_eq!(last_progress.get(), 103);
+        assert!(result.first_error.unwrap().contains("every tenth"));
+        let zero = BenchCase {
+            concurrency: 0,
+            ..bench_case
+        };
+        assert!(run_workers(&zero, || async { Ok(()) }, |_| {})
+            .await
+            .is_err());
+    }
+}

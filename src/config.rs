@@ -1,0 +1,479 @@
+//! Typed configuration: the embedded defaults of `config/ringvault.toml`, an optional file
+//! merged over them, and `RINGVAULT_*` environment variables over both, validated at start.
+//!
+//! ```
+//! let config = ringvault::config::Config::from_sources(
+//!     None,
+//!     [("RINGVAULT_NATS_URL".to_owned(), "nats://127.0.0.1:4333".to_owned())],
+//! ).unwrap();
+//! assert_eq!(config.nats.url, "nats://127.0.0.1:4333");
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The embedded defaults.
+pub const DEFAULTS: &str = include_str!("../config/ringvault.toml");
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "RINGVAULT_";
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or does not fit the schema.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// An environment variable has a value of the wrong type.
+    #[error("environment variable {name}: {reason}")]
+    Env {
+        /// The variable.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// NATS connection and API surface.
+    pub nats: NatsConfig,
+    /// Object storage.
+    pub storage: StorageConfig,
+    /// Master keys.
+    pub master_key: MasterKeyConfig,
+    /// DEK cache.
+    pub cache: CacheConfig,
+    /// Credentials.
+    pub auth: AuthConfig,
+    /// Actor supervision.
+    pub supervision: SupervisionConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[nats]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL.
+    pub url: String,
+    /// Subject prefix.
+    pub prefix: String,
+    /// Queue group shared by replicas.
+    pub queue_group: String,
+    /// Requests handled at once.
+    pub max_inflight: usize,
+    /// Largest plaintext accepted (bytes).
+    pub max_plaintext_bytes: usize,
+    /// A `.creds` file for the connection (empty: none).
+    pub credentials_file: String,
+    /// A token for the connection (empty: none).
+    pub token: String,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `file`, `s3` or `memory`.
+    pub backend: String,
+    /// Root of the file backend.
+    pub path: PathBuf,
+    /// Budget of one storage call.
+    pub timeout_ms: u64,
+    /// Use conditional writes where supported.
+    pub conditional_writes: bool,
+    /// `[storage.s3]`
+    pub s3: S3Config,
+}
+
+/// `[storage.s3]`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint URL; empty for AWS.
+    pub endpoint: String,
+    /// Region.
+    pub region: String,
+    /// Bucket.
+    pub bucket: String,
+    /// Access key id; empty: `AWS_ACCESS_KEY_ID`.
+    pub access_key_id: String,
+    /// Secret; empty: `AWS_SECRET_ACCESS_KEY`.
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[master_key]`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterKeyConfig {
+    /// The current key, base64 (empty: read `current_file`).
+    pub current: String,
+    /// File holding the current key.
+    pub current_file: PathBuf,
+    /// Generate `current_file` when absent (development default).
+    pub generate_if_missing: bool,
+    /// Previous keys, base64.
+    pub previous: Vec<String>,
+}
+
+impl std::fmt::Debug for MasterKeyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasterKeyConfig")
+            .field("current_file", &self.current_file)
+            .field("generate_if_missing", &self.generate_if_missing)
+            .field("previous", &self.previous.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Freshness of LATEST.
+    pub fresh_for_secs: u64,
+    /// Longest LATEST is served without a storage read.
+    pub max_stale_secs: u64,
+    /// Cached DEKs.
+    pub max_entries: usize,
+}
+
+/// `[auth]`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File holding the development token (empty: none).
+    pub token_file: PathBuf,
+    /// Generate `token_file` when absent.
+    pub generate_token_if_missing: bool,
+    /// Static bearer tokens.
+    #[serde(default)]
+    pub tokens: Vec<StaticTokenConfig>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("token_file", &self.token_file)
+            .field("tokens", &self.tokens.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[[auth.tokens]]`: one static bearer token.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticTokenConfig {
+    /// The token itself, or empty when `sha256` is given.
+    #[serde(default)]
+    pub token: String,
+    /// Hex SHA-256 of the token, so that the file holds no secret.
+    #[serde(default)]
+    pub sha256: String,
+    /// Who presents it (audit, logs).
+    pub subject: String,
+    /// The workspace it is bound to; empty: all keyrings.
+    #[serde(default)]
+    pub workspace: String,
+    /// Permissions such as `encrypt` or `decrypt:ws_42/*`.
+    pub permissions: Vec<String>,
+}
+
+/// `[supervision]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisionConfig {
+    /// First restart backoff.
+    pub restart_backoff_ms: u64,
+    /// Failures tolerated within the window.
+    pub max_restarts: usize,
+    /// The window.
+    pub window_secs: u64,
+    /// Timeout of every actor call.
+    pub call_timeout_ms: u64,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// Level filter.
+    pub level: String,
+}
+
+impl Config {
+    /// The embedded defaults, with no file and no environment.
+    pub fn defaults() -> Config {
+        Self::from_sources(None, std::iter::empty()).expect("embedded defaults are valid")
+    }
+
+    /// Loads the defaults, `file` over them, and the process environment over both.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Config, ConfigError> {
+        let text = match file {
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                        path: path.to_owned(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        Self::from_sources(text.as_deref(), std::env::vars())
+    }
+
+    /// Builds a configuration from a TOML text (merged over the defaults) and environment
+    /// pairs; only `RINGVAULT_*` names are looked at.
+    pub fn from_sources(
+        file: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut merged: toml::Table = DEFAULTS
+            .parse()
+            .map_err(|error| ConfigError::Parse(format!("embedded defaults: {error}")))?;
+        if let Some(text) = file {
+            let overlay: toml::Table = text
+                .parse()
+                .map_err(|error: toml::de::Error| ConfigError::Parse(error.to_string()))?;
+            merge(&mut merged, overlay);
+        }
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+            .collect();
+        apply_env(&mut merged, &mut Vec::new(), &env)?;
+        let config: Config = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|error: toml::de::Error| ConfigError::Parse(error.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        if !self.nats.url.contains("://") && !self.nats.url.contains(':') {
+            return invalid(format!("nats.url {:?} is not a url", self.nats.url));
+        }
+        if self.nats.prefix.is_empty()
+            || self.nats.prefix.contains([' ', '*', '>'])
+            || self.nats.prefix.starts_with('.')
+            || self.nats.prefix.ends_with('.')
+        {
+            return invalid(format!(
+                "nats.prefix {:?} is not a valid subject prefix",
+                self.nats.prefix
+            ));
+        }
+        if self.nats.max_inflight == 0 {
+            return invalid("nats.max_inflight must be at least 1".into());
+        }
+        if self.nats.max_plaintext_bytes == 0 {
+            return invalid("nats.max_plaintext_bytes must be at least 1".into());
+        }
+        match self.storage.backend.as_str() {
+            "file" | "memory" => {}
+            "s3" if self.storage.s3.bucket.is_empty() => {
+                return invalid(
+                    "storage.s3.bucket is required with storage.backend = \"s3\"".into(),
+                )
+            }
+            "s3" => {}
+            other => {
+                return invalid(format!(
+                    "storage.backend {other:?} is not one of \"file\", \"s3\", \"memory\""
+                ))
+            }
+        }
+        if self.storage.timeout_ms == 0 {
+            return invalid("storage.timeout_ms must be at least 1".into());
+        }
+        if self.cache.fresh_for_secs > self.cache.max_stale_secs {
+            return invalid("cache.fresh_for_secs must not exceed cache.max_stale_secs".into());
+        }
+        if self.cache.max_entries == 0 {
+            return invalid("cache.max_entries must be at least 1".into());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return invalid(format!(
+                "log.format {:?} is not \"text\" or \"json\"",
+                self.log.format
+            ));
+        }
+        if self.supervision.call_timeout_ms == 0 {
+            return invalid("supervision.call_timeout_ms must be at least 1".into());
+        }
+        for (index, token) in self.auth.tokens.iter().enumerate() {
+            if token.token.is_empty() == token.sha256.is_empty() {
+                return invalid(format!(
+                    "auth.tokens[{index}] ({:?}) needs exactly one of token or sha256",
+                    token.subject
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Budget of one storage call.
+    pub fn storage_timeout(&self) -> Duration {
+        Duration::from_millis(self.storage.timeout_ms)
+    }
+
+    /// Timeout of actor calls.
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.supervision.call_timeout_ms)
+    }
+}
+
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(base_table)), toml::Value::Table(overlay_table)) => {
+                merge(base_table, overlay_table)
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Overrides every leaf of `table` that has a `RINGVAULT_<PATH>` variable, parsed as the
+/// leaf's type.
+fn apply_env(
+    table: &mut toml::Table,
+    path: &mut Vec<String>,
+    env: &[(String, String)],
+) -> Result<(), ConfigError> {
+    for (key, value) in table.iter_mut() {
+        path.push(key.clone());
+        if let toml::Value::Table(inner) = value {
+            apply_env(inner, path, env)?;
+        } else {
+            let name = format!("{ENV_PREFIX}{}", path.join("_").to_uppercase());
+            if let Some((_, text)) = env.iter().rev().find(|(candidate, _)| *candidate == name) {
+                *value = parse_env_value(&name, value, text)?;
+            }
+        }
+        path.pop();
+    }
+    Ok(())
+}
+
+fn parse_env_value(name: &str, like: &toml::Value, text: &str) -> Result<toml::Value, ConfigError> {
+    let wrong = |expected: &str| ConfigError::Env {
+        name: name.to_owned(),
+        reason: format!("expected {expected}, got {text:?}"),
+    };
+    Ok(match like {
+        toml::Value::Integer(_) => {
+            toml::Value::Integer(text.trim().parse().map_err(|_| wrong("an integer"))?)
+        }
+        toml::Value::Boolean(_) => match text.trim() {
+            "true" | "1" | "yes" => toml::Value::Boolean(true),
+            "false" | "0" | "no" => toml::Value::Boolean(false),
+            _ => return Err(wrong("true or false")),
+        },
+        toml::Value::Array(_) => toml::Value::Array(
+            text.split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(|item| toml::Value::String(item.to_owned()))
+                .collect(),
+        ),
+        _ => toml::Value::String(text.to_owned()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_ones() {
+        let config = Config::defaults();
+        assert_eq!(config.nats.url, "nats://127.0.0.1:4222");
+        assert_eq!(config.nats.prefix, "vault.v1");
+        assert_eq!(config.storage.backend, "file");
+        assert_eq!(config.storage.path, PathBuf::from("./data/store"));
+        assert_eq!(
+            config.master_key.current_file,
+            PathBuf::from("./data/master.key")
+        );
+        assert_eq!(config.cache.max_entries, 10_000);
+        assert_eq!(config.nats.max_plaintext_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let file = "[nats]\nprefix = \"acme.vault\"\n[cache]\nmax_entries = 5\n";
+        let config = Config::from_sources(
+            Some(file),
+            env(&[
+                ("RINGVAULT_CACHE_MAX_ENTRIES", "7"),
+                ("RINGVAULT_MASTER_KEY_PREVIOUS", "a, b"),
+                ("RINGVAULT_STORAGE_CONDITIONAL_WRITES", "false"),
+                ("OTHER_VAR", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.nats.prefix, "acme.vault");
+        assert_eq!(config.cache.max_entries, 7);
+        assert_eq!(config.master_key.previous, ["a", "b"]);
+        assert!(!config.storage.conditional_writes);
+    }
+
+    #[test]
+    fn invalid_configuration_is_a_clear_error() {
+        let error = Config::from_sources(None, env(&[("RINGVAULT_CACHE_MAX_ENTRIES", "lots")]))
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("RINGVAULT_CACHE_MAX_ENTRIES"),
+            "{error}"
+        );
+        let error = Config::from_sources(Some("[nats]\nurll = \"x\""), []).unwrap_err();
+        assert!(error.to_string().contains("urll"), "{error}");
+        let error =
+            Config::from_sources(None, env(&[("RINGVAULT_STORAGE_BACKEND", "s3")])).unwrap_err();
+        assert!(error.to_string().contains("bucket"), "{error}");
+        let error =
+            Config::from_sources(None, env(&[("RINGVAULT_NATS_PREFIX", "a.>")])).unwrap_err();
+        assert!(error.to_string().contains("prefix"), "{error}");
+    }
+}

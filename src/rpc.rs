@@ -1,0 +1,178 @@
+//! What each RPC does, on decoded requests and a verified [`Principal`]; no NATS here.
+//! Every handler asks the principal for the operation's permission before touching a keyring.
+
+use std::collections::HashMap;
+
+use crate::actors::KeyringRegistry;
+use crate::auth::{Action, Principal};
+use crate::crypto::validate_envelope;
+use crate::error::{Error, Kind, Result};
+use crate::protocol::{
+    decode_envelope, encode_envelope, DecryptBulkRequest, DecryptBulkResponse, DecryptRequest,
+    DecryptResponse, EncryptBulkRequest, EncryptBulkResponse, EncryptBulkResponseItem,
+    EncryptRequest, EncryptResponse, ReEncryptRequest, ReEncryptResponse, RotateKeyringRequest,
+    RotateKeyringResponse,
+};
+use crate::storage::validate_keyring;
+
+/// The operations of the API.
+#[derive(Debug, Clone)]
+pub struct Vault {
+    registry: KeyringRegistry,
+    max_plaintext_bytes: usize,
+}
+
+impl Vault {
+    /// Operations over `registry`, refusing plaintexts larger than `max_plaintext_bytes`.
+    pub fn new(registry: KeyringRegistry, max_plaintext_bytes: usize) -> Self {
+        Self {
+            registry,
+            max_plaintext_bytes,
+        }
+    }
+
+    /// The largest plaintext accepted.
+    pub fn max_plaintext_bytes(&self) -> usize {
+        self.max_plaintext_bytes
+    }
+
+    /// The keyring registry.
+    pub fn registry(&self) -> &KeyringRegistry {
+        &self.registry
+    }
+
+    /// Encrypt: seal `data` with the keyring's current DEK.
+    pub async fn encrypt(
+        &self,
+        principal: &Principal,
+        request: EncryptRequest,
+    ) -> Result<EncryptResponse> {
+        authorize(principal, Action::Encrypt, &request.keyring)?;
+        self.check_size(request.data.len())?;
+        let (encrypted, key_id) = self.seal(&request.keyring, &request.data).await?;
+        Ok(EncryptResponse { encrypted, key_id })
+    }
+
+    /// Decrypt: open an envelope of the keyring.
+    pub async fn decrypt(
+        &self,
+        principal: &Principal,
+        request: DecryptRequest,
+    ) -> Result<DecryptResponse> {
+        authorize(principal, Action::Decrypt, &request.keyring)?;
+        let plaintext = self.open(&request.keyring, &request.encrypted).await?;
+        Ok(DecryptResponse { plaintext })
+    }
+
+    /// ReEncrypt: open, then seal with the keyring's current DEK as storage has it now.
+    pub async fn reencrypt(
+        &self,
+        principal: &Principal,
+        request: ReEncryptRequest,
+    ) -> Result<ReEncryptResponse> {
+        authorize(principal, Action::ReEncrypt, &request.keyring)?;
+        let plaintext = self.open(&request.keyring, &request.encrypted).await?;
+        let dek = self.registry.latest_from_storage(&request.keyring).await?;
+        let encrypted = encode_envelope(&dek.seal(plaintext.as_bytes()));
+        Ok(ReEncryptResponse {
+            encrypted,
+            key_id: dek.id().to_owned(),
+        })
+    }
+
+    /// EncryptBulk: every item or none; an error names the failing item.
+    pub async fn encrypt_bulk(
+        &self,
+        principal: &Principal,
+        request: EncryptBulkRequest,
+    ) -> Result<EncryptBulkResponse> {
+        authorize(principal, Action::Encrypt, &request.keyring)?;
+        let total: usize = request.items.values().map(String::len).sum();
+        self.check_size(total)
+            .map_err(|error| error.context("bulk items together"))?;
+        let dek = self.registry.latest(&request.keyring).await?;
+        let mut items = HashMap::with_capacity(request.items.len());
+        for (id, data) in request.items {
+            let encrypted = encode_envelope(&dek.seal(data.as_bytes()));
+            items.insert(
+                id,
+                EncryptBulkResponseItem {
+                    encrypted,
+                    key_id: dek.id().to_owned(),
+                },
+            );
+        }
+        Ok(EncryptBulkResponse { items })
+    }
+
+    /// DecryptBulk: every item or none; an error names the failing item.
+    pub async fn decrypt_bulk(
+        &self,
+        principal: &Principal,
+        request: DecryptBulkRequest,
+    ) -> Result<DecryptBulkResponse> {
+        authorize(principal, Action::Decrypt, &request.keyring)?;
+        let mut ids: Vec<&String> = request.items.keys().collect();
+        ids.sort_unstable();
+        let mut items = HashMap::with_capacity(ids.len());
+        for id in ids {
+            let plaintext = self
+                .open(&request.keyring, &request.items[id])
+                .await
+                .map_err(|error| error.context(format!("item {id:?}")))?;
+            items.insert(id.clone(), plaintext);
+        }
+        Ok(DecryptBulkResponse { items })
+    }
+
+    /// RotateKeyring: a new DEK becomes LATEST.
+    pub async fn rotate(
+        &self,
+        principal: &Principal,
+        request: RotateKeyringRequest,
+    ) -> Result<RotateKeyringResponse> {
+        authorize(principal, Action::Rotate, &request.keyring)?;
+        let rotation = self.registry.rotate(&request.keyring).await?;
+        Ok(RotateKeyringResponse {
+            key_id: rotation.dek.id().to_owned(),
+            previous_key_id: rotation.previous_key_id.unwrap_or_default(),
+        })
+    }
+
+    fn check_size(&self, len: usize) -> Result<()> {
+        if len > self.max_plaintext_bytes {
+            return Err(Error::new(
+                Kind::PayloadTooLarge,
+                format!(
+                    "plaintext is {len} bytes, at most {} are accepted",
+                    self.max_plaintext_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn seal(&self, keyring: &str, data: &str) -> Result<(String, String)> {
+        let dek = self.registry.latest(keyring).await?;
+        let encrypted = encode_envelope(&dek.seal(data.as_bytes()));
+        Ok((encrypted, dek.id().to_owned()))
+    }
+
+    async fn open(&self, keyring: &str, encrypted: &str) -> Result<String> {
+        let envelope = decode_envelope(encrypted)?;
+        validate_envelope(&envelope)?;
+        let dek = self
+            .registry
+            .dek(keyring, &envelope.encryption_key_id)
+            .await?;
+        let plaintext = dek.open(&envelope)?;
+        String::from_utf8(plaintext)
+            .map_err(|_| Error::internal("decrypted plaintext is not valid utf-8"))
+    }
+}
+
+/// Validates the keyring name, then asks the principal.
+fn authorize(principal: &Principal, action: Action, keyring: &str) -> Result<()> {
+    validate_keyring(keyring)?;
+    principal.authorize(action, keyring)
+}

@@ -1,0 +1,419 @@
+//! The running service: bootstraps keys, storage and credentials from a [`Config`], starts the
+//! actor tree on a NATS connection it is given, and runs until a shutdown signal (drain, then
+//! stop) or until supervision gives up. Tests start it in-process with [`Server::start`].
+
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+use tokio::sync::watch;
+
+use crate::actors::{
+    ActorSlot, ActorStorage, AuthHandle, GatewayArgs, Hooks, KeyringRegistry, SupervisionPolicy,
+    Supervisor, SupervisorArgs, SupervisorMsg,
+};
+use crate::auth::{Authenticator, CredentialSource, Principal, StaticToken, StaticTokens};
+use crate::config::Config;
+use crate::crypto::{Kek, MasterKeys};
+use crate::keyring::{CachePolicy, KeyringStore, Keyrings};
+use crate::rpc::Vault;
+use crate::storage::{ObjectStorage, ObjectStoreBackend, S3Settings, Storage, StoragePolicy};
+
+/// Room kept in a NATS message for headers and the envelope's own fields.
+const REPLY_OVERHEAD: usize = 4096;
+
+/// Why the service could not start or had to stop. Each has its process exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is unusable (exit 64).
+    #[error("{0}")]
+    Config(String),
+    /// A dependency (NATS, storage) is unreachable (exit 69).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Supervision gave up after repeated failures (exit 70).
+    #[error("fatal: {0}")]
+    Fatal(String),
+    /// Anything else (exit 70).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ServerError {
+    /// The process exit code (sysexits.h).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ServerError::Config(_) => 64,
+            ServerError::Unavailable(_) => 69,
+            ServerError::Fatal(_) | ServerError::Internal(_) => 70,
+        }
+    }
+}
+
+/// A started service.
+pub struct Server {
+    supervisor: ActorRef<SupervisorMsg>,
+    fatal: watch::Receiver<Option<String>>,
+    keyrings: Keyrings,
+    hooks: Hooks,
+    max_plaintext_bytes: usize,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("keyrings", &self.keyrings)
+            .field("max_plaintext_bytes", &self.max_plaintext_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Starts the service on `nats` as `config` says.
+    pub async fn start(config: &Config, nats: async_nats::Client) -> Result<Server, ServerError> {
+        let master_keys = Arc::new(load_master_keys(config)?);
+        let backend = open_backend(config).await?;
+        let authenticator = load_authenticator(config)?;
+        let hooks = Hooks::default();
+        let call_timeout = config.call_timeout();
+
+        let storage_slot = ActorSlot::new("storage actor");
+        let auth_slot = ActorSlot::new("auth actor");
+        let gateway_slot = ActorSlot::new("gateway");
+        let actor_storage = ActorStorage::new(
+            backend.clone(),
+            storage_slot.clone(),
+            config.storage_timeout() + Duration::from_secs(1),
+        );
+        let mut storage = Storage::new(
+            Arc::new(actor_storage),
+            StoragePolicy {
+                timeout: config.storage_timeout(),
+                ..StoragePolicy::default()
+            },
+        );
+        if !config.storage.conditional_writes {
+            storage = storage.without_conditional_writes();
+        }
+        tracing::info!(
+            store = storage.describe(),
+            conditional_writes = storage.conditional_writes(),
+            master_key = master_keys.current().id(),
+            "storage ready"
+        );
+        let keyrings = Keyrings::new(
+            KeyringStore::new(storage, master_keys),
+            CachePolicy {
+                fresh_for: Duration::from_secs(config.cache.fresh_for_secs),
+                max_stale: Duration::from_secs(config.cache.max_stale_secs),
+                max_entries: config.cache.max_entries,
+            },
+        );
+        let registry = KeyringRegistry::new(keyrings.clone(), call_timeout, hooks.clone());
+        let max_plaintext_bytes = effective_max_plaintext(config, &nats);
+        let vault = Vault::new(registry.clone(), max_plaintext_bytes);
+        let gateway = GatewayArgs {
+            nats: nats.clone(),
+            prefix: config.nats.prefix.clone(),
+            queue_group: config.nats.queue_group.clone(),
+            max_inflight: config.nats.max_inflight,
+            auth: AuthHandle::new(auth_slot.clone(), call_timeout),
+            vault,
+        };
+        let (fatal_sender, fatal) = watch::channel(None);
+        let args = SupervisorArgs {
+            policy: SupervisionPolicy {
+                backoff: Duration::from_millis(config.supervision.restart_backoff_ms),
+                max_restarts: config.supervision.max_restarts,
+                window: Duration::from_secs(config.supervision.window_secs),
+            },
+            storage_backend: backend,
+            storage_slot,
+            authenticator,
+            auth_slot,
+            gateway,
+            gateway_slot,
+            registry,
+            hooks: hooks.clone(),
+            fatal: fatal_sender,
+        };
+        let (supervisor, _) = Actor::spawn(None, Supervisor, args)
+            .await
+            .map_err(|error| ServerError::Internal(format!("cannot start the actors: {error}")))?;
+        Ok(Server {
+            supervisor,
+            fatal,
+            keyrings,
+            hooks,
+            max_plaintext_bytes,
+        })
+    }
+
+    /// The test hooks of this instance.
+    pub fn hooks(&self) -> &Hooks {
+        &self.hooks
+    }
+
+    /// The keyring cache of this instance.
+    pub fn keyrings(&self) -> &Keyrings {
+        &self.keyrings
+    }
+
+    /// The largest plaintext accepted (the configured value, bounded by NATS' max_payload).
+    pub fn max_plaintext_bytes(&self) -> usize {
+        self.max_plaintext_bytes
+    }
+
+    /// Drains (stop taking requests, answer the ones in flight) and stops every actor,
+    /// storage last.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        if let Some(reason) = self.fatal.borrow().clone() {
+            return Err(ServerError::Fatal(reason));
+        }
+        let outcome = crate::actors::call(
+            "supervisor",
+            &self.supervisor,
+            SupervisorMsg::Shutdown,
+            Duration::from_secs(120),
+        )
+        .await;
+        if let Err(error) = outcome {
+            return Err(ServerError::Internal(format!(
+                "shutdown did not complete: {error}"
+            )));
+        }
+        tracing::info!("ringvault stopped");
+        Ok(())
+    }
+
+    /// Runs until `shutdown` completes (then drains and returns `Ok`) or supervision gives up
+    /// (returns [`ServerError::Fatal`]).
+    pub async fn run_until(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        tokio::select! {
+            () = shutdown => self.shutdown().await,
+            reason = wait_fatal(&mut self.fatal) => Err(ServerError::Fatal(reason)),
+        }
+    }
+}
+
+async fn wait_fatal(fatal: &mut watch::Receiver<Option<String>>) -> String {
+    loop {
+        if let Some(reason) = fatal.borrow_and_update().clone() {
+            return reason;
+        }
+        if fatal.changed().await.is_err() {
+            // The supervisor is gone without a reason: wait for the shutdown signal instead.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Starts the service and runs it until `shutdown`.
+pub async fn run(
+    config: &Config,
+    nats: async_nats::Client,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    Server::start(config, nats).await?.run_until(shutdown).await
+}
+
+/// The largest plaintext whose Encrypt reply (base64 of the envelope) still fits the server's
+/// max_payload.
+fn effective_max_plaintext(config: &Config, nats: &async_nats::Client) -> usize {
+    let max_payload = nats.server_info().max_payload;
+    let configured = config.nats.max_plaintext_bytes;
+    if max_payload == 0 {
+        return configured;
+    }
+    let fits = max_payload.saturating_sub(REPLY_OVERHEAD) / 4 * 3;
+    if configured > fits {
+        tracing::info!(
+            configured,
+            max_payload,
+            effective = fits,
+            "nats.max_plaintext_bytes lowered to what fits the server's max_payload"
+        );
+        return fits;
+    }
+    configured
+}
+
+/// Writes `contents` to `path` readable by the owner only, creating parent directories.
+fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(contents.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()
+}
+
+/// The configured master keys; generates the development key file when allowed and absent.
+pub fn load_master_keys(config: &Config) -> Result<MasterKeys, ServerError> {
+    let settings = &config.master_key;
+    let current_text = if !settings.current.is_empty() {
+        zeroize::Zeroizing::new(settings.current.clone())
+    } else {
+        let path = &settings.current_file;
+        match std::fs::read_to_string(path) {
+            Ok(text) => zeroize::Zeroizing::new(text),
+            Err(error)
+                if error.kind() == std::io::ErrorKind::NotFound && settings.generate_if_missing =>
+            {
+                let kek = Kek::generate();
+                let text = kek.to_base64();
+                write_secret_file(path, &text).map_err(|error| {
+                    ServerError::Config(format!(
+                        "cannot write master key file {}: {error}",
+                        path.display()
+                    ))
+                })?;
+                tracing::warn!(
+                    path = %path.display(),
+                    master_key = kek.id(),
+                    "GENERATED A DEVELOPMENT MASTER KEY. Keep this file safe and private: every key in the store is sealed by it. In production, set master_key.current (RINGVAULT_MASTER_KEY_CURRENT) and generate_if_missing = false"
+                );
+                text
+            }
+            Err(error) => {
+                return Err(ServerError::Config(format!(
+                    "cannot read master key file {}: {error}",
+                    path.display()
+                )))
+            }
+        }
+    };
+    let current = Kek::parse(&current_text)
+        .map_err(|error| ServerError::Config(format!("master_key.current: {}", error.message())))?;
+    let previous = settings
+        .previous
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            Kek::parse(text).map_err(|error| {
+                ServerError::Config(format!("master_key.previous[{index}]: {}", error.message()))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    MasterKeys::new(current, previous)
+        .map_err(|error| ServerError::Config(error.message().to_owned()))
+}
+
+/// The configured credential sources; generates the development token file when allowed.
+pub fn load_authenticator(config: &Config) -> Result<Authenticator, ServerError> {
+    let mut tokens = Vec::new();
+    for entry in &config.auth.tokens {
+        tokens.push(
+            StaticToken::from_config(entry).map_err(|error| {
+                ServerError::Config(format!("auth.tokens: {}", error.message()))
+            })?,
+        );
+    }
+    if let Some(token) = load_dev_token(config)? {
+        tokens.push(StaticToken::new(
+            &token,
+            Principal {
+                workspace: None,
+                subject: "dev".to_owned(),
+                source: CredentialSource::StaticToken,
+                permissions: crate::auth::parse_grants(&["admin"]).expect("valid grant"),
+            },
+        ));
+    }
+    if tokens.is_empty() {
+        tracing::warn!("no credentials configured: every request but Liveness will be refused");
+    }
+    Ok(Authenticator::new(StaticTokens::new(tokens)))
+}
+
+fn load_dev_token(config: &Config) -> Result<Option<zeroize::Zeroizing<String>>, ServerError> {
+    let path = &config.auth.token_file;
+    if path.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().is_empty() => Err(ServerError::Config(format!(
+            "token file {} is empty",
+            path.display()
+        ))),
+        Ok(text) => Ok(Some(zeroize::Zeroizing::new(text.trim().to_owned()))),
+        Err(error)
+            if error.kind() == std::io::ErrorKind::NotFound
+                && config.auth.generate_token_if_missing =>
+        {
+            let token = zeroize::Zeroizing::new(format!(
+                "rv_dev_{}",
+                hex::encode(rand::random::<[u8; 24]>())
+            ));
+            write_secret_file(path, &token).map_err(|error| {
+                ServerError::Config(format!(
+                    "cannot write token file {}: {error}",
+                    path.display()
+                ))
+            })?;
+            tracing::warn!(
+                path = %path.display(),
+                token = crate::auth::fingerprint(&token),
+                "GENERATED A DEVELOPMENT TOKEN with every permission; send it as \"Authorization: Bearer $(cat {})\"",
+                path.display()
+            );
+            Ok(Some(token))
+        }
+        Err(error) => Err(ServerError::Config(format!(
+            "cannot read token file {}: {error}",
+            path.display()
+        ))),
+    }
+}
+
+/// Opens the configured store, checking that it answers.
+pub async fn open_backend(config: &Config) -> Result<Arc<dyn ObjectStorage>, ServerError> {
+    let backend: Arc<dyn ObjectStorage> = match config.storage.backend.as_str() {
+        "memory" => Arc::new(ObjectStoreBackend::in_memory()),
+        "file" => Arc::new(
+            ObjectStoreBackend::local(&config.storage.path)
+                .map_err(|error| ServerError::Unavailable(format!("file store: {error}")))?,
+        ),
+        "s3" => {
+            let s3 = &config.storage.s3;
+            let from_env = |value: &str, name: &str| {
+                if value.is_empty() {
+                    std::env::var(name).unwrap_or_default()
+                } else {
+                    value.to_owned()
+                }
+            };
+            let settings = S3Settings {
+                endpoint: s3.endpoint.clone(),
+                region: s3.region.clone(),
+                bucket: s3.bucket.clone(),
+                access_key_id: from_env(&s3.access_key_id, "AWS_ACCESS_KEY_ID"),
+                secret_access_key: from_env(&s3.secret_access_key, "AWS_SECRET_ACCESS_KEY"),
+                conditional_writes: config.storage.conditional_writes,
+            };
+            Arc::new(
+                ObjectStoreBackend::s3(&settings, config.storage_timeout())
+                    .map_err(|error| ServerError::Config(format!("s3 store: {error}")))?,
+            )
+        }
+        other => {
+            return Err(ServerError::Config(format!(
+                "unknown storage backend {other:?}"
+            )))
+        }
+    };
+    Ok(backend)
+}

@@ -1,0 +1,190 @@
+//! The bench echo baseline and the client's transport behaviour against a real `nats-server`
+//! (no ringvault service involved).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use common::NatsServer;
+use futures::StreamExt as _;
+use ringvault::bench::{self, BenchCase, BenchMethod};
+use ringvault::client::{Client, ClientOptions};
+use ringvault::protocol::{self, ErrorBody, Format, Method};
+use ringvault::{Error, Kind};
+
+#[tokio::test]
+async fn echo_case_runs_every_request_without_errors() {
+    let server = NatsServer::start().await;
+    let nats = async_nats::connect(server.url()).await.expect("connect");
+    let subject = "bench.echo";
+    let responder = bench::start_echo_responder(&nats, subject)
+        .await
+        .expect("start echo responder");
+
+    for (method, format) in [
+        (BenchMethod::Encrypt, Format::Protobuf),
+        (BenchMethod::Decrypt, Format::Protobuf),
+        (BenchMethod::Decrypt, Format::Json),
+    ] {
+        let case = BenchCase {
+            method,
+            requests: 200,
+            concurrency: 8,
+            payload_bytes: 1024,
+            keyring: bench::DEFAULT_KEYRING.to_owned(),
+        };
+        let last_progress = std::cell::Cell::new(0);
+        let result = bench::run_echo_case(&nats, subject, &case, Some("t0k"), format, |done| {
+            assert!(done <= 200, "progress {done} beyond the request count");
+            last_progress.set(last_progress.get().max(done));
+        })
+        .await
+        .expect("echo case");
+        assert_eq!(result.requests, 200, "{result:?}");
+        assert_eq!(result.errors, 0, "{:?}", result.first_error);
+        assert!(result.req_per_sec > 0.0);
+        assert!(result.p50 <= result.p99 && result.p99 <= result.max);
+        assert_eq!(last_progress.get(), 200);
+
+        let line = result.json_line(&result);
+        assert!(line.contains("\"ratio\":1.0"), "{line}");
+        let text = bench::table(&[(result.clone(), result)]);
+        assert_eq!(text.lines().count(), 3, "{text}");
+    }
+    responder.abort();
+}
+
+#[tokio::test]
+async fn no_responders_is_unavailable_after_the_retries() {
+    let server = NatsServer::start().await;
+    let options = ClientOptions {
+        prefix: "nobody.home".into(),
+        retries: 2,
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&server.url(), options)
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let error = client.liveness().await.unwrap_err();
+    assert_eq!(error.kind(), Kind::Unavailable, "{error}");
+    assert!(error.message().contains("nobody.home.Liveness"), "{error}");
+    // Backoffs of 50 ms and 100 ms happened before giving up.
+    assert!(started.elapsed() >= Duration::from_millis(150));
+}
+
+#[tokio::test]
+async fn unreachable_server_is_unavailable_and_names_the_url() {
+    let url = format!("nats://127.0.0.1:{}", common::free_port());
+    let options = ClientOptions {
+        timeout: Duration::from_secs(1),
+        ..ClientOptions::default()
+    };
+    let error = Client::connect(&url, options).await.unwrap_err();
+    assert_eq!(error.kind(), Kind::Unavailable, "{error}");
+    assert!(error.message().contains(&url), "{error}");
+}
+
+/// A stand-in service on `vault.v1.Encrypt`: a request with `Authorization: Bearer good` gets a
+/// success reply in the request's format; anything else gets a 401 error reply.
+async fn start_fake_encrypt(nats: &async_nats::Client) -> tokio::task::JoinHandle<()> {
+    let mut subscriber = nats
+        .subscribe(Method::Encrypt.subject(protocol::DEFAULT_PREFIX))
+        .await
+        .expect("subscribe");
+    nats.flush().await.expect("flush");
+    let nats = nats.clone();
+    tokio::spawn(async move {
+        while let Some(message) = subscriber.next().await {
+            let Some(reply) = message.reply else {
+                continue;
+            };
+            let request_headers = message.headers.unwrap_or_default();
+            let header = |name: &str| request_headers.get(name).map(|v| v.as_str().to_owned());
+            let format = Format::from_content_type(header(protocol::CONTENT_TYPE).as_deref());
+            let mut headers = HeaderMap::new();
+            if let Some(request_id) = header(protocol::REQUEST_ID) {
+                headers.insert(protocol::REQUEST_ID, request_id.as_str());
+            }
+            let body = if header(protocol::AUTHORIZATION).as_deref() == Some("Bearer good") {
+                let request: protocol::EncryptRequest =
+                    protocol::decode(format, &message.payload).expect("decode request");
+                let response = protocol::EncryptResponse {
+                    encrypted: format!("sealed:{}", request.data),
+                    key_id: "dek_1".into(),
+                };
+                protocol::encode(format, &response)
+            } else {
+                let error = Error::new(Kind::InvalidToken, "token is not valid");
+                headers.insert(protocol::SERVICE_ERROR_CODE, "401");
+                headers.insert(protocol::SERVICE_ERROR, error.message());
+                ErrorBody::from_error(&error).to_bytes()
+            };
+            nats.publish_with_headers(reply, headers, body)
+                .await
+                .expect("publish reply");
+        }
+    })
+}
+
+#[tokio::test]
+async fn calls_decode_successes_and_surface_service_errors() {
+    let server = NatsServer::start().await;
+    let nats = async_nats::connect(server.url()).await.expect("connect");
+    let fake = start_fake_encrypt(&nats).await;
+
+    for format in [Format::Protobuf, Format::Json] {
+        let client = Client::new(
+            nats.clone(),
+            ClientOptions {
+                token: Some("good".into()),
+                format,
+                ..ClientOptions::default()
+            },
+        );
+        let sealed = client.encrypt("ring", "hello").await.expect("encrypt");
+        assert_eq!(sealed.encrypted, "sealed:hello");
+        assert_eq!(sealed.key_id, "dek_1");
+
+        let error = client
+            .with_token(Some("bad".into()))
+            .encrypt("ring", "hello")
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), Kind::InvalidToken, "{error}");
+        assert_eq!(error.message(), "token is not valid");
+    }
+
+    let client = Client::new(nats.clone(), ClientOptions::default());
+    let mut headers = HeaderMap::new();
+    headers.insert(protocol::REQUEST_ID, "req-42");
+    let reply = client
+        .request_raw(Method::Encrypt, headers, Bytes::from_static(b"\xff\xff"))
+        .await
+        .expect("raw request");
+    assert_eq!(reply.request_id().as_deref(), Some("req-42"));
+    assert_eq!(reply.error().map(|e| e.kind()), Some(Kind::InvalidToken));
+    fake.abort();
+}
+
+#[tokio::test]
+async fn a_silent_responder_times_out_as_unavailable() {
+    let server = NatsServer::start().await;
+    let nats = async_nats::connect(server.url()).await.expect("connect");
+    // Subscribed but never answering.
+    let _silent = nats
+        .subscribe(Method::Liveness.subject("silent"))
+        .await
+        .expect("subscribe");
+    nats.flush().await.expect("flush");
+    let options = ClientOptions {
+        prefix: "silent".into(),
+        timeout: Duration::from_millis(200),
+        ..ClientOptions::default()
+    };
+    let error = Client::new(nats, options).liveness().await.unwrap_err();
+    assert_eq!(error.kind(), Kind::Unavailable, "{error}");
+    assert!(error.message().contains("timed out"), "{error}");
+}

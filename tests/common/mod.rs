@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod service;
+
 /// Upper bound (seconds) on the lifetime of every spawned server process.
 const PROCESS_LIFETIME_SECS: &str = "900";
 const READY_TIMEOUT: Duration = Duration::from_secs(10);

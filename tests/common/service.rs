@@ -1,0 +1,144 @@
+//! In-process ringvault instances for integration tests, on a real nats-server.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ringvault::client::{Client, ClientOptions};
+use ringvault::config::Config;
+use ringvault::crypto::Kek;
+use ringvault::protocol::Format;
+use ringvault::server::Server;
+use tempfile::TempDir;
+
+use super::NatsServer;
+
+/// The token every test service accepts (with every permission).
+pub const TOKEN: &str = "test-token-with-every-permission";
+
+/// A nats-server, a store directory and a master key that several instances can share.
+pub struct TestEnv {
+    pub nats: NatsServer,
+    pub dir: TempDir,
+    pub master_key: String,
+}
+
+impl TestEnv {
+    pub async fn start() -> TestEnv {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("token"), TOKEN).expect("write token");
+        TestEnv {
+            nats: NatsServer::start().await,
+            dir,
+            master_key: Kek::generate().to_base64().to_string(),
+        }
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// The configuration of an instance: this env's NATS, store and key, then `extra`.
+    pub fn config(&self, extra: &[(&str, &str)]) -> Config {
+        let mut env: Vec<(String, String)> = vec![
+            ("RINGVAULT_NATS_URL".into(), self.nats.url()),
+            (
+                "RINGVAULT_STORAGE_PATH".into(),
+                self.store_path().display().to_string(),
+            ),
+            (
+                "RINGVAULT_MASTER_KEY_CURRENT".into(),
+                self.master_key.clone(),
+            ),
+            (
+                "RINGVAULT_MASTER_KEY_GENERATE_IF_MISSING".into(),
+                "false".into(),
+            ),
+            (
+                "RINGVAULT_AUTH_TOKEN_FILE".into(),
+                self.dir.path().join("token").display().to_string(),
+            ),
+            (
+                "RINGVAULT_AUTH_GENERATE_TOKEN_IF_MISSING".into(),
+                "false".into(),
+            ),
+            (
+                "RINGVAULT_SUPERVISION_RESTART_BACKOFF_MS".into(),
+                "10".into(),
+            ),
+        ];
+        env.extend(
+            extra
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string())),
+        );
+        Config::from_sources(None, env).expect("test config is valid")
+    }
+
+    /// Starts an instance with `extra` configuration.
+    pub async fn service(&self, extra: &[(&str, &str)]) -> Server {
+        start_server(&self.config(extra)).await
+    }
+
+    /// A client with the test token in `format`.
+    pub async fn client(&self, format: Format) -> Client {
+        client(&self.nats.url(), Some(TOKEN), format).await
+    }
+}
+
+pub async fn start_server(config: &Config) -> Server {
+    let nats = async_nats::connect(config.nats.url.as_str())
+        .await
+        .expect("connect to test nats");
+    let server = Server::start(config, nats).await.expect("server starts");
+    server
+}
+
+pub async fn client(url: &str, token: Option<&str>, format: Format) -> Client {
+    Client::connect(
+        url,
+        ClientOptions {
+            token: token.map(str::to_owned),
+            timeout: Duration::from_secs(10),
+            format,
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .expect("client connects")
+}
+
+/// Polls `condition` every 20 ms for up to `within`.
+pub async fn eventually<F, Fut>(within: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+pub fn files_under(path: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![path.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}

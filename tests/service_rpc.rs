@@ -1,0 +1,196 @@
+//! Every RPC over a real nats-server, in protobuf and JSON; authentication on the wire;
+//! rotation and ReEncrypt; two instances in one queue group.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::service::{TestEnv, TOKEN};
+use ringvault::protocol::{Format, Method};
+use ringvault::Kind;
+
+async fn round_trip_every_rpc(format: Format) {
+    let env = TestEnv::start().await;
+    let server = env.service(&[]).await;
+    let client = env.client(format).await;
+
+    assert_eq!(client.liveness().await.unwrap().status, "ok");
+
+    let sealed = client.encrypt("ws_rpc", "hello over nats").await.unwrap();
+    assert!(sealed.key_id.starts_with("dek_"), "{sealed:?}");
+    let opened = client.decrypt("ws_rpc", &sealed.encrypted).await.unwrap();
+    assert_eq!(opened.plaintext, "hello over nats");
+
+    let again = client.reencrypt("ws_rpc", &sealed.encrypted).await.unwrap();
+    assert_eq!(again.key_id, sealed.key_id, "no rotation yet: same key");
+    assert_ne!(again.encrypted, sealed.encrypted, "fresh nonce");
+
+    let items: HashMap<String, String> = (0..5)
+        .map(|index| (format!("item-{index}"), format!("secret {index}")))
+        .collect();
+    let bulk = client.encrypt_bulk("ws_rpc", items.clone()).await.unwrap();
+    assert_eq!(bulk.items.len(), 5);
+    let envelopes: HashMap<String, String> = bulk
+        .items
+        .iter()
+        .map(|(id, item)| (id.clone(), item.encrypted.clone()))
+        .collect();
+    let opened = client
+        .decrypt_bulk("ws_rpc", envelopes.clone())
+        .await
+        .unwrap();
+    assert_eq!(opened.items, items);
+
+    // All or nothing: one bad item fails the call and is named.
+    let mut with_bad = envelopes;
+    with_bad.insert("broken".into(), "not base64 !!".into());
+    let error = client.decrypt_bulk("ws_rpc", with_bad).await.unwrap_err();
+    assert_eq!(error.kind(), Kind::InvalidArgument);
+    assert!(error.message().contains("\"broken\""), "{error}");
+
+    let rotated = client.rotate("ws_rpc").await.unwrap();
+    assert_ne!(rotated.key_id, sealed.key_id);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_rpc_round_trips_in_protobuf() {
+    round_trip_every_rpc(Format::Protobuf).await;
+}
+
+#[tokio::test]
+async fn every_rpc_round_trips_in_json() {
+    round_trip_every_rpc(Format::Json).await;
+}
+
+#[tokio::test]
+async fn json_by_hand_uses_camel_case_and_accepts_snake_case() {
+    let env = TestEnv::start().await;
+    let _server = env.service(&[]).await;
+    let client = env.client(Format::Json).await;
+    let mut headers = ringvault::client::request_headers(Some(TOKEN), Format::Json);
+    headers.insert("X-Request-ID", "my-request-1");
+    let reply = client
+        .request_raw(
+            Method::Encrypt,
+            headers,
+            r#"{"keyring":"ws_json","data":"by hand","unknown":1}"#.into(),
+        )
+        .await
+        .unwrap();
+    assert!(reply.error().is_none(), "{:?}", reply.error());
+    assert_eq!(reply.request_id().as_deref(), Some("my-request-1"));
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert!(
+        body["keyId"].as_str().unwrap().starts_with("dek_"),
+        "{body}"
+    );
+    let encrypted = body["encrypted"].as_str().unwrap();
+    let request = format!(r#"{{"keyring":"ws_json","encrypted":"{encrypted}"}}"#);
+    let reply = client
+        .request_raw(
+            Method::Decrypt,
+            ringvault::client::request_headers(Some(TOKEN), Format::Json),
+            request.into(),
+        )
+        .await
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(body["plaintext"], "by hand");
+    assert!(
+        reply.request_id().is_some_and(|id| id.len() == 32),
+        "generated id"
+    );
+}
+
+#[tokio::test]
+async fn liveness_needs_no_token_and_the_rest_refuse_bad_ones() {
+    let env = TestEnv::start().await;
+    let _server = env.service(&[]).await;
+    let anonymous = common::service::client(&env.nats.url(), None, Format::Protobuf).await;
+    assert_eq!(anonymous.liveness().await.unwrap().status, "ok");
+    let error = anonymous.encrypt("ws_1", "x").await.unwrap_err();
+    assert_eq!(error.kind(), Kind::AuthenticationRequired, "{error}");
+    let wrong = anonymous.with_token(Some("not-the-token".into()));
+    for error in [
+        wrong.encrypt("ws_1", "x").await.unwrap_err(),
+        wrong.decrypt("ws_1", "AAAA").await.unwrap_err(),
+        wrong.reencrypt("ws_1", "AAAA").await.unwrap_err(),
+        wrong.rotate("ws_1").await.unwrap_err(),
+    ] {
+        assert_eq!(error.kind(), Kind::InvalidToken, "{error}");
+    }
+    // Another scheme is refused as invalid_token, with the 401 status header.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Authorization", "Basic dXNlcjpwYXNz");
+    let reply = anonymous
+        .request_raw(Method::Encrypt, headers, bytes::Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(reply.error().unwrap().kind(), Kind::InvalidToken);
+    let status = reply.headers.get("Nats-Service-Error-Code").unwrap();
+    assert_eq!(status.as_str(), "401");
+}
+
+#[tokio::test]
+async fn after_rotation_reencrypt_moves_to_the_new_key_and_old_ciphertexts_decrypt() {
+    let env = TestEnv::start().await;
+    let _server = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    let old = client.encrypt("ws_rot", "before rotation").await.unwrap();
+    let rotated = client.rotate("ws_rot").await.unwrap();
+    assert_eq!(rotated.previous_key_id, old.key_id);
+    let moved = client.reencrypt("ws_rot", &old.encrypted).await.unwrap();
+    assert_eq!(moved.key_id, rotated.key_id);
+    assert_eq!(
+        client
+            .decrypt("ws_rot", &old.encrypted)
+            .await
+            .unwrap()
+            .plaintext,
+        "before rotation"
+    );
+    assert_eq!(
+        client
+            .decrypt("ws_rot", &moved.encrypted)
+            .await
+            .unwrap()
+            .plaintext,
+        "before rotation"
+    );
+    let fresh = client.encrypt("ws_rot", "after").await.unwrap();
+    assert_eq!(fresh.key_id, rotated.key_id);
+}
+
+#[tokio::test]
+async fn two_instances_in_one_queue_group_decrypt_each_others_ciphertexts() {
+    let env = TestEnv::start().await;
+    let first = env.service(&[]).await;
+    let second = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    let mut sealed = Vec::new();
+    for index in 0..40 {
+        let keyring = format!("ws_pair_{}", index % 4);
+        let text = format!("payload {index}");
+        let reply = client.encrypt(&keyring, &text).await.unwrap();
+        sealed.push((keyring, text, reply.encrypted));
+    }
+    for (keyring, text, encrypted) in &sealed {
+        assert_eq!(
+            &client.decrypt(keyring, encrypted).await.unwrap().plaintext,
+            text
+        );
+    }
+    // Both instances served: each cached some keyring.
+    assert!(first.keyrings().cached_keyrings() > 0);
+    assert!(second.keyrings().cached_keyrings() > 0);
+    // Each decrypts what the other encrypted: ask each directly by stopping the other.
+    second.shutdown().await.unwrap();
+    for (keyring, text, encrypted) in &sealed {
+        assert_eq!(
+            &client.decrypt(keyring, encrypted).await.unwrap().plaintext,
+            text
+        );
+    }
+    first.shutdown().await.unwrap();
+}

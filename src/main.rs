@@ -294,13 +294,23 @@ async fn roll(args: ConfigArgs) -> u8 {
             return u8::try_from(error.exit_code()).unwrap_or(70);
         }
     };
-    let storage = Storage::new(
+    let mut storage = Storage::new(
         backend,
         StoragePolicy {
             timeout: config.storage_timeout(),
             ..StoragePolicy::default()
         },
     );
+    if !config.storage.conditional_writes {
+        storage = storage.without_conditional_writes();
+    }
+    if let Err(error) = storage.probe().await {
+        eprintln!(
+            "error: storage {} is not usable: {error}",
+            storage.describe()
+        );
+        return 69;
+    }
     eprintln!(
         "re-sealing every key in {} with master key {}",
         storage.describe(),

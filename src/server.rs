@@ -87,14 +87,24 @@ impl Server {
             storage_slot.clone(),
             config.storage_timeout() + Duration::from_secs(1),
         );
-        let mut storage = Storage::new(
-            Arc::new(actor_storage),
-            StoragePolicy {
-                timeout: config.storage_timeout(),
-                ..StoragePolicy::default()
-            },
-        );
+        let policy = StoragePolicy {
+            timeout: config.storage_timeout(),
+            ..StoragePolicy::default()
+        };
+        // Probe the store itself before the actors exist: reachability and whether it
+        // enforces conditional writes decide how the actors' storage behaves.
+        let mut direct = Storage::new(backend.clone(), policy);
         if !config.storage.conditional_writes {
+            direct = direct.without_conditional_writes();
+        }
+        direct.probe().await.map_err(|error| {
+            ServerError::Unavailable(format!(
+                "storage {} is not usable: {error}",
+                direct.describe()
+            ))
+        })?;
+        let mut storage = Storage::new(Arc::new(actor_storage), policy);
+        if !direct.conditional_writes() {
             storage = storage.without_conditional_writes();
         }
         tracing::info!(

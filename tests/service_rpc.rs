@@ -9,8 +9,35 @@ use common::service::{TestEnv, TOKEN};
 use ringvault::protocol::{Format, Method};
 use ringvault::Kind;
 
-async fn round_trip_every_rpc(format: Format) {
-    let env = TestEnv::start().await;
+/// Runs a scenario on a local-directory store and on S3.
+macro_rules! on_both_stores {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[tokio::test]
+                async fn file_store() {
+                    super::$scenario(super::TestEnv::start().await).await;
+                }
+
+                #[tokio::test]
+                async fn s3_store() {
+                    super::$scenario(super::TestEnv::start_s3().await).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both_stores!(
+    every_rpc_round_trips_in_protobuf,
+    every_rpc_round_trips_in_json,
+    json_by_hand_uses_camel_case_and_accepts_snake_case,
+    liveness_needs_no_token_and_the_rest_refuse_bad_ones,
+    after_rotation_reencrypt_moves_to_the_new_key_and_old_ciphertexts_decrypt,
+    two_instances_in_one_queue_group_decrypt_each_others_ciphertexts,
+);
+
+async fn round_trip_every_rpc(env: TestEnv, format: Format) {
     let server = env.service(&[]).await;
     let client = env.client(format).await;
 
@@ -53,19 +80,15 @@ async fn round_trip_every_rpc(format: Format) {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn every_rpc_round_trips_in_protobuf() {
-    round_trip_every_rpc(Format::Protobuf).await;
+async fn every_rpc_round_trips_in_protobuf(env: TestEnv) {
+    round_trip_every_rpc(env, Format::Protobuf).await;
 }
 
-#[tokio::test]
-async fn every_rpc_round_trips_in_json() {
-    round_trip_every_rpc(Format::Json).await;
+async fn every_rpc_round_trips_in_json(env: TestEnv) {
+    round_trip_every_rpc(env, Format::Json).await;
 }
 
-#[tokio::test]
-async fn json_by_hand_uses_camel_case_and_accepts_snake_case() {
-    let env = TestEnv::start().await;
+async fn json_by_hand_uses_camel_case_and_accepts_snake_case(env: TestEnv) {
     let _server = env.service(&[]).await;
     let client = env.client(Format::Json).await;
     let mut headers = ringvault::client::request_headers(Some(TOKEN), Format::Json);
@@ -103,9 +126,7 @@ async fn json_by_hand_uses_camel_case_and_accepts_snake_case() {
     );
 }
 
-#[tokio::test]
-async fn liveness_needs_no_token_and_the_rest_refuse_bad_ones() {
-    let env = TestEnv::start().await;
+async fn liveness_needs_no_token_and_the_rest_refuse_bad_ones(env: TestEnv) {
     let _server = env.service(&[]).await;
     let anonymous = common::service::client(&env.nats.url(), None, Format::Protobuf).await;
     assert_eq!(anonymous.liveness().await.unwrap().status, "ok");
@@ -132,9 +153,7 @@ async fn liveness_needs_no_token_and_the_rest_refuse_bad_ones() {
     assert_eq!(status.as_str(), "401");
 }
 
-#[tokio::test]
-async fn after_rotation_reencrypt_moves_to_the_new_key_and_old_ciphertexts_decrypt() {
-    let env = TestEnv::start().await;
+async fn after_rotation_reencrypt_moves_to_the_new_key_and_old_ciphertexts_decrypt(env: TestEnv) {
     let _server = env.service(&[]).await;
     let client = env.client(Format::Protobuf).await;
     let old = client.encrypt("ws_rot", "before rotation").await.unwrap();
@@ -162,9 +181,7 @@ async fn after_rotation_reencrypt_moves_to_the_new_key_and_old_ciphertexts_decry
     assert_eq!(fresh.key_id, rotated.key_id);
 }
 
-#[tokio::test]
-async fn two_instances_in_one_queue_group_decrypt_each_others_ciphertexts() {
-    let env = TestEnv::start().await;
+async fn two_instances_in_one_queue_group_decrypt_each_others_ciphertexts(env: TestEnv) {
     let first = env.service(&[]).await;
     let second = env.service(&[]).await;
     let client = env.client(Format::Protobuf).await;

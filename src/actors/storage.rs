@@ -141,6 +141,10 @@ impl ObjectStorage for ActorStorage {
         self.backend.list(prefix)
     }
 
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        self.backend.delete(key).await
+    }
+
     fn supports_conditional_writes(&self) -> bool {
         self.backend.supports_conditional_writes()
     }

@@ -12,7 +12,8 @@ use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{
-    ClientOptions, GetOptions, ObjectStore, PutMode, PutOptions, RetryConfig, UpdateVersion,
+    ClientOptions, GetOptions, ObjectStore, ObjectStoreExt as _, PutMode, PutOptions, RetryConfig,
+    UpdateVersion,
 };
 
 use super::{ObjectStorage, PutCondition, StorageError, Stored, Version};
@@ -204,6 +205,13 @@ impl ObjectStorage for ObjectStoreBackend {
                     .map_err(|error| unavailable("list", &owned_prefix, error))
             })
             .boxed()
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        match self.store.delete(&Path::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(error) => Err(unavailable("delete", key, error)),
+        }
     }
 
     fn supports_conditional_writes(&self) -> bool {

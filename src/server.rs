@@ -11,13 +11,14 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::watch;
 
 use crate::actors::{
-    ActorSlot, ActorStorage, AuthHandle, GatewayArgs, Hooks, KeyringRegistry, SupervisionPolicy,
-    Supervisor, SupervisorArgs, SupervisorMsg,
+    ActorSlot, ActorStorage, AuthHandle, EventStream, EventsArgs, EventsHandle, GatewayArgs,
+    Hooks, KeyringRegistry, SupervisionPolicy, Supervisor, SupervisorArgs, SupervisorMsg,
 };
 use crate::auth::{Authenticator, CredentialSource, Principal, StaticToken, StaticTokens};
 use crate::config::Config;
+use crate::http::HealthSource;
 use crate::crypto::{Kek, MasterKeys};
-use crate::keyring::{CachePolicy, KeyringStore, Keyrings};
+use crate::keyring::{CachePolicy, KeyringStore, Keyrings, RotationPolicy};
 use crate::rpc::Vault;
 use crate::storage::{ObjectStorage, ObjectStoreBackend, S3Settings, Storage, StoragePolicy};
 
@@ -59,6 +60,54 @@ pub struct Server {
     keyrings: Keyrings,
     hooks: Hooks,
     max_plaintext_bytes: usize,
+    http: Option<HttpServer>,
+}
+
+/// The running health and metrics endpoint.
+struct HttpServer {
+    address: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// What `/health` reports: the NATS connection, the permanent actors, the cache.
+struct ServiceHealth {
+    nats: async_nats::Client,
+    actors: Vec<(&'static str, Box<dyn Fn() -> bool + Send + Sync>)>,
+    keyrings: Keyrings,
+}
+
+impl HealthSource for ServiceHealth {
+    fn report(&self) -> (serde_json::Value, bool) {
+        let nats_connected =
+            self.nats.connection_state() == async_nats::connection::State::Connected;
+        let mut healthy = nats_connected;
+        let mut actors = serde_json::Map::new();
+        for (name, alive) in &self.actors {
+            let up = alive();
+            healthy &= up;
+            actors.insert((*name).to_owned(), serde_json::Value::from(if up { "up" } else { "down" }));
+        }
+        let report = serde_json::json!({
+            "status": if healthy { "ok" } else { "degraded" },
+            "nats": if nats_connected { "connected" } else { "disconnected" },
+            "actors": actors,
+            "cached_keyrings": self.keyrings.cached_keyrings(),
+            "cached_keys": self.keyrings.cached_keys(),
+        });
+        (report, healthy)
+    }
+
+    fn update_gauges(&self) {
+        metrics::gauge!("ringvault_cache_keys").set(self.keyrings.cached_keys() as f64);
+        metrics::gauge!("ringvault_cache_keyrings").set(self.keyrings.cached_keyrings() as f64);
+        let connects = self
+            .nats
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!("ringvault_nats_reconnects").set(connects.saturating_sub(1) as f64);
+    }
 }
 
 impl std::fmt::Debug for Server {
@@ -79,7 +128,9 @@ impl Server {
         let hooks = Hooks::default();
         let call_timeout = config.call_timeout();
 
+        let replica = hex::encode(rand::random::<[u8; 8]>());
         let storage_slot = ActorSlot::new("storage actor");
+        let events_slot = ActorSlot::new("events actor");
         let auth_slot = ActorSlot::new("auth actor");
         let gateway_slot = ActorSlot::new("gateway");
         let actor_storage = ActorStorage::new(
@@ -121,7 +172,22 @@ impl Server {
                 max_entries: config.cache.max_entries,
             },
         );
+        keyrings.set_event_sink(Arc::new(EventsHandle::new(
+            events_slot.clone(),
+            replica.clone(),
+        )));
         let registry = KeyringRegistry::new(keyrings.clone(), call_timeout, hooks.clone());
+        let events = EventsArgs {
+            nats: nats.clone(),
+            prefix: config.nats.prefix.clone(),
+            replica: replica.clone(),
+            registry: registry.clone(),
+            stream: config.events.jetstream.then(|| EventStream {
+                name: config.events.stream.clone(),
+                max_age: Duration::from_secs(config.events.max_age_secs),
+                max_messages: config.events.max_messages,
+            }),
+        };
         let max_plaintext_bytes = effective_max_plaintext(config, &nats);
         let vault = Vault::new(registry.clone(), max_plaintext_bytes);
         let gateway = GatewayArgs {
@@ -145,19 +211,35 @@ impl Server {
             auth_slot,
             gateway,
             gateway_slot,
+            events,
+            events_slot,
             registry,
+            rotation: rotation_policy(config),
+            rotation_check: Duration::from_secs(config.rotation.check_interval_secs.max(1)),
             hooks: hooks.clone(),
             fatal: fatal_sender,
         };
+        let health = ServiceHealth {
+            nats: nats.clone(),
+            actors: vec![
+                ("storage", alive(&args.storage_slot)),
+                ("auth", alive(&args.auth_slot)),
+                ("events", alive(&args.events_slot)),
+                ("gateway", alive(&args.gateway_slot)),
+            ],
+            keyrings: keyrings.clone(),
+        };
+        let http = start_http(config, health).await?;
         let (supervisor, _) = Actor::spawn(None, Supervisor, args)
             .await
-            .map_err(|error| ServerError::Internal(format!("cannot start the actors: {error}")))?;
+            .map_err(|error| ServerError::Unavailable(format!("cannot start the actors: {error}")))?;
         Ok(Server {
             supervisor,
             fatal,
             keyrings,
             hooks,
             max_plaintext_bytes,
+            http,
         })
     }
 
@@ -171,6 +253,11 @@ impl Server {
         &self.keyrings
     }
 
+    /// The address of the health and metrics endpoint, when it runs.
+    pub fn http_address(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().map(|http| http.address)
+    }
+
     /// The largest plaintext accepted (the configured value, bounded by NATS' max_payload).
     pub fn max_plaintext_bytes(&self) -> usize {
         self.max_plaintext_bytes
@@ -178,7 +265,11 @@ impl Server {
 
     /// Drains (stop taking requests, answer the ones in flight) and stops every actor,
     /// storage last.
-    pub async fn shutdown(self) -> Result<(), ServerError> {
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        if let Some(http) = self.http.take() {
+            let _ = http.stop.send(());
+            let _ = http.task.await;
+        }
         if let Some(reason) = self.fatal.borrow().clone() {
             return Err(ServerError::Fatal(reason));
         }
@@ -230,6 +321,59 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
     Server::start(config, nats).await?.run_until(shutdown).await
+}
+
+fn alive<M: ractor::Message>(slot: &Arc<ActorSlot<M>>) -> Box<dyn Fn() -> bool + Send + Sync> {
+    let slot = slot.clone();
+    Box::new(move || slot.get().is_some())
+}
+
+/// Starts the health and metrics endpoint when `http.listen` is set.
+async fn start_http(config: &Config, health: ServiceHealth) -> Result<Option<HttpServer>, ServerError> {
+    crate::http::metrics_handle();
+    if config.http.listen.is_empty() {
+        return Ok(None);
+    }
+    let tokens = crate::auth::SignedTokens::new(
+        &[config.http.token_secret.as_bytes()],
+        config.auth.issuer.clone(),
+        Some(config.http.audience.clone()),
+        Duration::from_secs(config.auth.leeway_secs),
+        config.auth.workspace_claim.clone(),
+    )
+    .map_err(|error| ServerError::Config(format!("http.token_secret: {}", error.message())))?;
+    let listener = tokio::net::TcpListener::bind(&config.http.listen)
+        .await
+        .map_err(|error| {
+            ServerError::Unavailable(format!("cannot listen on {}: {error}", config.http.listen))
+        })?;
+    let address = listener
+        .local_addr()
+        .map_err(|error| ServerError::Internal(format!("http listener: {error}")))?;
+    let router = crate::http::router(tokens, Arc::new(health));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(crate::http::serve(listener, router, async move {
+        let _ = stopped.await;
+    }));
+    tracing::info!(%address, "health and metrics on http");
+    Ok(Some(HttpServer {
+        address,
+        stop,
+        task,
+    }))
+}
+
+fn rotation_policy(config: &Config) -> RotationPolicy {
+    let age = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
+    RotationPolicy {
+        default: age(config.rotation.rotate_after_secs),
+        by_pattern: config
+            .rotation
+            .keyrings
+            .iter()
+            .map(|entry| (entry.pattern.clone(), age(entry.rotate_after_secs)))
+            .collect(),
+    }
 }
 
 /// The largest plaintext whose Encrypt reply (base64 of the envelope) still fits the server's
@@ -343,10 +487,37 @@ pub fn load_authenticator(config: &Config) -> Result<Authenticator, ServerError>
             },
         ));
     }
-    if tokens.is_empty() {
+    let auth = &config.auth;
+    let signed = crate::auth::SignedTokens::from_config(auth)
+        .map_err(auth_config_error("auth.signing_secrets"))?;
+    let jwt = crate::auth::JwtVerifier::from_config(auth).map_err(auth_config_error("auth.jwt"))?;
+    let policies = crate::auth::Policies::from_config(&auth.policies)
+        .map_err(auth_config_error("auth.policies"))?;
+    if tokens.is_empty() && signed.is_none() && jwt.is_none() {
         tracing::warn!("no credentials configured: every request but Liveness will be refused");
     }
-    Ok(Authenticator::new(StaticTokens::new(tokens)))
+    tracing::info!(
+        static_tokens = tokens.len(),
+        signing_secrets = auth.signing_secrets.len(),
+        jwks = jwt.as_ref().map(|jwt| jwt.source().to_string()),
+        policies = policies.len(),
+        "credential sources"
+    );
+    let mut authenticator = Authenticator::new(StaticTokens::new(tokens))
+        .with_policies(policies)
+        .with_revocation_sync(config.clone());
+    if let Some(signed) = signed {
+        authenticator = authenticator.with_signed_tokens(signed);
+    }
+    if let Some(jwt) = jwt {
+        authenticator = authenticator.with_jwt(jwt);
+    }
+    Ok(authenticator)
+}
+
+/// Maps an error of the `[auth]` section named `section` to a configuration error.
+fn auth_config_error(section: &'static str) -> impl Fn(crate::Error) -> ServerError {
+    move |error| ServerError::Config(format!("{section}: {}", error.message()))
 }
 
 fn load_dev_token(config: &Config) -> Result<Option<zeroize::Zeroizing<String>>, ServerError> {

@@ -100,7 +100,11 @@ impl Actor for Gateway {
         let inflight = Arc::new(Semaphore::new(args.max_inflight));
         let mut endpoint_loops = Vec::with_capacity(Method::ALL.len());
         for method in Method::ALL {
-            let endpoint = group.endpoint(method.name()).await?;
+            let endpoint = group
+                .endpoint_builder()
+                .name(method.name())
+                .add(method.name())
+                .await?;
             endpoint_loops.push(tokio::spawn(serve_endpoint(
                 method,
                 endpoint,
@@ -236,6 +240,16 @@ async fn handle_request(
             reply_headers.insert(SERVICE_ERROR_CODE, status.as_str());
             reply_headers.insert(SERVICE_ERROR, header_safe(error.message()).as_str());
             reply_headers.insert(CONTENT_TYPE, JSON_CONTENT_TYPE);
+            if matches!(
+                error.kind(),
+                crate::Kind::AuthenticationRequired
+                    | crate::Kind::InvalidToken
+                    | crate::Kind::TokenExpired
+                    | crate::Kind::AccessDenied
+            ) {
+                metrics::counter!("ringvault_auth_failures_total", "code" => error.kind().code())
+                    .increment(1);
+            }
             if error.kind() == crate::Kind::Internal {
                 tracing::error!(method = method.name(), request_id, %error, "request failed");
             }
@@ -245,6 +259,10 @@ async fn handle_request(
             )
         }
     };
+    metrics::counter!("ringvault_requests_total", "method" => method.name(), "code" => code)
+        .increment(1);
+    metrics::histogram!("ringvault_request_duration_seconds", "method" => method.name())
+        .record(started.elapsed().as_secs_f64());
     if let Err(error) = request.respond_with_headers(Ok(body), reply_headers).await {
         tracing::debug!(method = method.name(), request_id, %error, "reply not sent");
     }
@@ -285,6 +303,7 @@ async fn dispatch(
         Method::EncryptBulk => run(format, payload, |r| vault.encrypt_bulk(&principal, r)).await,
         Method::DecryptBulk => run(format, payload, |r| vault.decrypt_bulk(&principal, r)).await,
         Method::RotateKeyring => run(format, payload, |r| vault.rotate(&principal, r)).await,
+        Method::DescribeKeyring => run(format, payload, |r| vault.describe(&principal, r)).await,
     }
 }
 

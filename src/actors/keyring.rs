@@ -38,6 +38,18 @@ pub enum KeyringMsg {
         /// The rotation.
         reply: RpcReplyPort<Result<Rotation>>,
     },
+    /// Rotate if LATEST (as storage has it) is at least this old.
+    RotateIfOlder {
+        /// The age.
+        max_age: Duration,
+        /// The rotation, if one happened.
+        reply: RpcReplyPort<Result<Option<Rotation>>>,
+    },
+    /// Another replica made `key_id` LATEST.
+    ApplyLatest {
+        /// The new LATEST.
+        key_id: String,
+    },
 }
 
 /// The actor of one keyring.
@@ -94,6 +106,14 @@ impl Actor for KeyringActor {
             KeyringMsg::Rotate { reply } => {
                 let _ = reply.send(keyrings.rotate(name).await);
             }
+            KeyringMsg::RotateIfOlder { max_age, reply } => {
+                let _ = reply.send(keyrings.rotate_if_older(name, max_age).await);
+            }
+            KeyringMsg::ApplyLatest { key_id } => {
+                if let Err(error) = keyrings.apply_new_latest(name, &key_id).await {
+                    tracing::warn!(keyring = name, key_id, %error, "could not apply a new latest key");
+                }
+            }
         }
         Ok(())
     }
@@ -148,8 +168,10 @@ impl KeyringRegistry {
     /// The keyring's current DEK, for sealing.
     pub async fn latest(&self, name: &str) -> Result<Arc<Dek>> {
         if let Some(dek) = self.keyrings.cached_latest(name) {
+            metrics::counter!("ringvault_cache_hits_total", "lookup" => "latest").increment(1);
             return Ok(dek);
         }
+        metrics::counter!("ringvault_cache_misses_total", "lookup" => "latest").increment(1);
         self.call(name, |reply| KeyringMsg::Latest {
             from_storage: false,
             reply,
@@ -170,8 +192,10 @@ impl KeyringRegistry {
     /// The DEK `key_id` of the keyring, for opening.
     pub async fn dek(&self, name: &str, key_id: &str) -> Result<Arc<Dek>> {
         if let Some(dek) = self.keyrings.cached_dek_of(name, key_id) {
+            metrics::counter!("ringvault_cache_hits_total", "lookup" => "key_id").increment(1);
             return Ok(dek);
         }
+        metrics::counter!("ringvault_cache_misses_total", "lookup" => "key_id").increment(1);
         let key_id = key_id.to_owned();
         self.call(name, |reply| KeyringMsg::Dek { key_id, reply })
             .await?
@@ -181,6 +205,31 @@ impl KeyringRegistry {
     pub async fn rotate(&self, name: &str) -> Result<Rotation> {
         self.call(name, |reply| KeyringMsg::Rotate { reply })
             .await?
+    }
+
+    /// Rotates the keyring if its LATEST is at least `max_age` old.
+    pub async fn rotate_if_older(&self, name: &str, max_age: Duration) -> Result<Option<Rotation>> {
+        self.call(name, |reply| KeyringMsg::RotateIfOlder { max_age, reply })
+            .await?
+    }
+
+    /// Applies another replica's new LATEST to a keyring this process caches; keyrings it
+    /// does not cache are left alone (they read storage on first use anyway).
+    pub async fn apply_latest(&self, name: &str, key_id: &str) {
+        if !self.keyrings.is_cached(name) {
+            return;
+        }
+        if self.keyrings.peek_latest(name).is_some_and(|dek| dek.id() == key_id) {
+            return;
+        }
+        match self.actor(name).await {
+            Ok(actor) => {
+                let _ = actor.send_message(KeyringMsg::ApplyLatest {
+                    key_id: key_id.to_owned(),
+                });
+            }
+            Err(error) => tracing::warn!(keyring = name, %error, "could not apply a new latest key"),
+        }
     }
 
     async fn call<T, F>(&self, name: &str, build: F) -> Result<T>

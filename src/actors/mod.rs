@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!            Supervisor (restart policy, escalation)
-//!   ┌──────────────┬─────────────┬──────────────┬──────────────┐
-//! Gateway        AuthActor    KeyringActor…   StorageActor
+//!   ┌──────────────┬─────────────┬──────────────┬──────────────┬─────────────┐
+//! Gateway        AuthActor    KeyringActor…   StorageActor   EventsActor
 //! (NATS service)               (one per keyring, spawned on first use)
 //! ```
 //!
@@ -13,6 +13,7 @@
 //! to storage — and every call to one has a timeout; a call whose actor died is `unavailable`.
 
 mod auth;
+mod events;
 mod gateway;
 mod keyring;
 mod storage;
@@ -26,6 +27,10 @@ use ractor::rpc::CallResult;
 use ractor::{ActorRef, RpcReplyPort};
 
 pub use auth::{AuthActor, AuthHandle, AuthMsg};
+pub use events::{
+    ensure_stream, publish_kek_rolled, EventStream, EventsActor, EventsArgs, EventsHandle,
+    EventsMsg,
+};
 pub use gateway::{Gateway, GatewayArgs, GatewayMsg};
 pub use keyring::{KeyringActor, KeyringMsg, KeyringRegistry};
 pub use storage::{ActorStorage, StorageActor, StorageMsg};

@@ -12,11 +12,13 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use tokio::sync::watch;
 
 use super::auth::{AuthActor, AuthMsg};
+use super::events::{EventsActor, EventsArgs, EventsMsg};
 use super::gateway::{Gateway, GatewayArgs, GatewayMsg};
 use super::keyring::KeyringRegistry;
 use super::storage::{StorageActor, StorageActorState, StorageMsg};
 use super::{ActorSlot, Hooks};
 use crate::auth::Authenticator;
+use crate::keyring::RotationPolicy;
 use crate::storage::ObjectStorage;
 
 /// How often actors of evicted keyrings are stopped.
@@ -51,8 +53,16 @@ pub struct SupervisorArgs {
     pub gateway: GatewayArgs,
     /// Where the live Gateway is published.
     pub gateway_slot: Arc<ActorSlot<GatewayMsg>>,
+    /// Events actor arguments.
+    pub events: EventsArgs,
+    /// Where the live EventsActor is published.
+    pub events_slot: Arc<ActorSlot<EventsMsg>>,
     /// Keyring actors.
     pub registry: KeyringRegistry,
+    /// Scheduled rotation.
+    pub rotation: RotationPolicy,
+    /// How often rotation ages are checked.
+    pub rotation_check: Duration,
     /// Test hooks.
     pub hooks: Hooks,
     /// Set to the reason when supervision gives up.
@@ -63,6 +73,8 @@ pub struct SupervisorArgs {
 pub enum SupervisorMsg {
     /// Stop actors of keyrings the cache evicted.
     SweepIdle,
+    /// Rotate keyrings whose LATEST reached its rotation age.
+    CheckRotations,
     /// Drain and stop everything, storage last; replies when done.
     Shutdown(RpcReplyPort<()>),
 }
@@ -71,6 +83,7 @@ pub enum SupervisorMsg {
 enum Child {
     Storage,
     Auth,
+    Events,
     Gateway,
 }
 
@@ -79,6 +92,7 @@ impl Child {
         match self {
             Child::Storage => "storage actor",
             Child::Auth => "auth actor",
+            Child::Events => "events actor",
             Child::Gateway => "gateway",
         }
     }
@@ -90,6 +104,7 @@ pub struct SupervisorState {
     children: HashMap<ActorId, Child>,
     failures: VecDeque<Instant>,
     stopping: bool,
+    checking_rotations: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The root actor.
@@ -121,6 +136,12 @@ impl Supervisor {
                 args.auth_slot.set(actor.clone());
                 actor.get_id()
             }
+            Child::Events => {
+                let (actor, _) =
+                    Actor::spawn_linked(None, EventsActor, args.events.clone(), supervisor).await?;
+                args.events_slot.set(actor.clone());
+                actor.get_id()
+            }
             Child::Gateway => {
                 let (actor, _) =
                     Actor::spawn_linked(None, Gateway, args.gateway.clone(), supervisor).await?;
@@ -136,6 +157,7 @@ impl Supervisor {
         match child {
             Child::Storage => state.args.storage_slot.clear(),
             Child::Auth => state.args.auth_slot.clear(),
+            Child::Events => state.args.events_slot.clear(),
             Child::Gateway => state.args.gateway_slot.clear(),
         }
     }
@@ -188,6 +210,7 @@ impl Supervisor {
             .saturating_mul(1 << exponent)
             .min(Duration::from_secs(10));
         tracing::warn!(child = child.name(), failures = recent, ?backoff, %reason, "restarting");
+        metrics::counter!("ringvault_actor_restarts_total", "actor" => child.name()).increment(1);
         tokio::time::sleep(backoff).await;
         Self::start_child(myself, state, child).await
     }
@@ -203,6 +226,9 @@ impl Supervisor {
             gateway.stop(None);
         }
         state.args.registry.stop_all();
+        if let Some(events) = state.args.events_slot.get() {
+            let _ = events.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+        }
         if let Some(auth) = state.args.auth_slot.get() {
             let _ = auth.stop_and_wait(None, Some(Duration::from_secs(5))).await;
         }
@@ -211,6 +237,31 @@ impl Supervisor {
             let _ = storage
                 .stop_and_wait(None, Some(Duration::from_secs(10)))
                 .await;
+        }
+    }
+}
+
+/// Rotates every cached keyring whose LATEST reached its rotation age. The keyring actor checks
+/// the age again against storage, so a replica that sees a stale cache does not rotate twice.
+async fn rotate_due_keyrings(registry: &KeyringRegistry, policy: &RotationPolicy) {
+    let now = crate::crypto::now_ms();
+    for name in registry.keyrings().cached_names() {
+        let Some(max_age) = policy.rotate_after(&name) else {
+            continue;
+        };
+        let Some(latest) = registry.keyrings().peek_latest(&name) else {
+            continue;
+        };
+        let age_ms = u128::try_from(now.saturating_sub(latest.created_at())).unwrap_or(0);
+        if age_ms < max_age.as_millis() {
+            continue;
+        }
+        match registry.rotate_if_older(&name, max_age).await {
+            Ok(Some(rotation)) if rotation.won => {
+                tracing::info!(keyring = name, key_id = rotation.dek.id(), "scheduled rotation")
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(keyring = name, %error, "scheduled rotation failed"),
         }
     }
 }
@@ -231,11 +282,15 @@ impl Actor for Supervisor {
             children: HashMap::new(),
             failures: VecDeque::new(),
             stopping: false,
+            checking_rotations: Arc::default(),
         };
-        for child in [Child::Storage, Child::Auth, Child::Gateway] {
+        for child in [Child::Storage, Child::Auth, Child::Events, Child::Gateway] {
             Self::start_child(&myself, &mut state, child).await?;
         }
         myself.send_interval(IDLE_SWEEP_PERIOD, || SupervisorMsg::SweepIdle);
+        if state.args.rotation.is_enabled() {
+            myself.send_interval(state.args.rotation_check, || SupervisorMsg::CheckRotations);
+        }
         Ok(state)
     }
 
@@ -251,6 +306,19 @@ impl Actor for Supervisor {
                 if stopped > 0 {
                     tracing::debug!(stopped, "stopped actors of evicted keyrings");
                 }
+            }
+            SupervisorMsg::CheckRotations => {
+                use std::sync::atomic::Ordering;
+                if state.stopping || state.checking_rotations.swap(true, Ordering::AcqRel) {
+                    return Ok(());
+                }
+                let registry = state.args.registry.clone();
+                let policy = state.args.rotation.clone();
+                let running = state.checking_rotations.clone();
+                tokio::spawn(async move {
+                    rotate_due_keyrings(&registry, &policy).await;
+                    running.store(false, Ordering::Release);
+                });
             }
             SupervisorMsg::Shutdown(reply) => {
                 Self::shutdown(state).await;

@@ -98,7 +98,7 @@ impl Grant {
 }
 
 /// `*` matches any run of characters (including `/`); everything else matches itself.
-fn glob_matches(pattern: &str, text: &str) -> bool {
+pub(crate) fn glob_matches(pattern: &str, text: &str) -> bool {
     let mut parts = pattern.split('*');
     let first = parts.next().unwrap_or("");
     let Some(mut rest) = text.strip_prefix(first) else {

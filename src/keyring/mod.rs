@@ -24,10 +24,11 @@ use dashmap::DashMap;
 use tokio::time::Instant;
 
 pub use roll::{roll_deks, RollReport};
-pub use store::{KeyringStore, LatestRead, Rotated};
+pub use store::{Created, KeyringStore, LatestRead, Rotated};
 
 use crate::crypto::Dek;
 use crate::error::{Error, Result};
+use crate::protocol::DekCause;
 use crate::storage::{validate_key_id, validate_keyring};
 
 /// How long cached keys live.
@@ -48,6 +49,31 @@ impl Default for CachePolicy {
             max_stale: Duration::from_secs(24 * 3600),
             max_entries: 10_000,
         }
+    }
+}
+
+/// When keyrings are rotated on schedule: a default age and per-keyring ages by pattern (the
+/// first matching pattern wins). `None` means never.
+#[derive(Debug, Clone, Default)]
+pub struct RotationPolicy {
+    /// Age of LATEST after which a keyring is rotated, unless a pattern says otherwise.
+    pub default: Option<Duration>,
+    /// Patterns and their ages.
+    pub by_pattern: Vec<(String, Option<Duration>)>,
+}
+
+impl RotationPolicy {
+    /// The rotation age of `keyring`, if it is rotated on schedule at all.
+    pub fn rotate_after(&self, keyring: &str) -> Option<Duration> {
+        self.by_pattern
+            .iter()
+            .find(|(pattern, _)| crate::pattern::matches(pattern, keyring))
+            .map_or(self.default, |(_, age)| *age)
+    }
+
+    /// Whether any keyring is rotated on schedule.
+    pub fn is_enabled(&self) -> bool {
+        self.default.is_some() || self.by_pattern.iter().any(|(_, age)| age.is_some())
     }
 }
 
@@ -122,8 +148,15 @@ impl Keyring {
     }
 }
 
+/// Where key changes are announced (the events actor in the service).
+pub trait KeyEventSink: Send + Sync + 'static {
+    /// `key_id` became the keyring's LATEST, written by this process.
+    fn dek_created(&self, keyring: &str, key_id: &str, previous_key_id: Option<&str>, cause: DekCause);
+}
+
 struct Shared {
     store: KeyringStore,
+    events: std::sync::OnceLock<Arc<dyn KeyEventSink>>,
     policy: CachePolicy,
     rings: DashMap<String, Arc<Keyring>>,
     entries: AtomicUsize,
@@ -168,12 +201,36 @@ impl Keyrings {
         Self {
             shared: Arc::new(Shared {
                 store,
+                events: std::sync::OnceLock::new(),
                 policy,
                 rings: DashMap::new(),
                 entries: AtomicUsize::new(0),
                 clock: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Announces key changes to `sink` from now on (set once).
+    pub fn set_event_sink(&self, sink: Arc<dyn KeyEventSink>) {
+        let _ = self.shared.events.set(sink);
+    }
+
+    fn announce(&self, keyring: &str, key_id: &str, previous_key_id: Option<&str>, cause: DekCause) {
+        if let Some(sink) = self.shared.events.get() {
+            sink.dek_created(keyring, key_id, previous_key_id, cause);
+        }
+    }
+
+    /// The names of the keyrings this process caches.
+    pub fn cached_names(&self) -> Vec<String> {
+        self.shared.rings.iter().map(|ring| ring.key().clone()).collect()
+    }
+
+    /// The cached LATEST of keyring `name` with its creation time, without touching storage.
+    pub fn peek_latest(&self, name: &str) -> Option<Arc<Dek>> {
+        let ring = self.shared.rings.get(name)?;
+        let guard = ring.latest.load();
+        guard.as_ref().map(|latest| latest.dek.clone())
     }
 
     /// The storage side.
@@ -282,10 +339,41 @@ impl Keyrings {
     pub async fn rotate(&self, name: &str) -> Result<Rotation> {
         let ring = self.keyring(name)?;
         let _single_flight = ring.load_lock.lock().await;
-        let store = &self.shared.store;
-        let current = store.read_latest(name).await?;
-        let rotated = store.rotate(name, current.as_ref()).await?;
-        let dek = self.install_latest(&ring, rotated.dek);
+        let current = self.shared.store.read_latest(name).await?;
+        self.rotate_locked(&ring, current, DekCause::Manual).await
+    }
+
+    /// Rotates the keyring if the LATEST that storage holds now is at least `max_age` old
+    /// (by its creation time); otherwise refreshes the cached LATEST. Two replicas noticing
+    /// the same age rotate once: the second sees the first's fresh LATEST, or loses the
+    /// conditional write.
+    pub async fn rotate_if_older(&self, name: &str, max_age: Duration) -> Result<Option<Rotation>> {
+        let ring = self.keyring(name)?;
+        let _single_flight = ring.load_lock.lock().await;
+        let Some(current) = self.shared.store.read_latest(name).await? else {
+            return Ok(None);
+        };
+        let age_ms = crate::crypto::now_ms().saturating_sub(current.dek.created_at());
+        if u128::try_from(age_ms).unwrap_or(0) < max_age.as_millis() {
+            self.install_latest(&ring, current.dek);
+            return Ok(None);
+        }
+        self.rotate_locked(&ring, Some(current), DekCause::Scheduled)
+            .await
+            .map(Some)
+    }
+
+    async fn rotate_locked(
+        &self,
+        ring: &Arc<Keyring>,
+        current: Option<LatestRead>,
+        cause: DekCause,
+    ) -> Result<Rotation> {
+        let rotated = self.shared.store.rotate(&ring.name, current.as_ref()).await?;
+        let dek = self.install_latest(ring, rotated.dek);
+        if rotated.won {
+            self.announce(&ring.name, dek.id(), rotated.previous_key_id.as_deref(), cause);
+        }
         Ok(Rotation {
             dek,
             previous_key_id: rotated.previous_key_id,
@@ -343,11 +431,15 @@ impl Keyrings {
             }
         }
         let store = &self.shared.store;
-        let read = match store.read_latest(&ring.name).await? {
-            Some(read) => read,
-            None => store.create_first(&ring.name).await?,
-        };
-        Ok(self.install_latest(ring, read.dek))
+        if let Some(read) = store.read_latest(&ring.name).await? {
+            return Ok(self.install_latest(ring, read.dek));
+        }
+        let created = store.create_first(&ring.name).await?;
+        let dek = self.install_latest(ring, created.latest.dek);
+        if created.won {
+            self.announce(&ring.name, dek.id(), None, DekCause::FirstUse);
+        }
+        Ok(dek)
     }
 
     fn refresh_in_background(&self, ring: &Arc<Keyring>) {

@@ -20,6 +20,15 @@ pub struct LatestRead {
     pub version: Version,
 }
 
+/// The first DEK of a keyring, as [`KeyringStore::create_first`] left it.
+#[derive(Debug)]
+pub struct Created {
+    /// LATEST now.
+    pub latest: LatestRead,
+    /// False when another writer created LATEST first and its DEK is returned.
+    pub won: bool,
+}
+
 /// What a rotation did.
 #[derive(Debug)]
 pub struct Rotated {
@@ -89,7 +98,7 @@ impl KeyringStore {
     /// Creates the keyring's first DEK: the DEK object first, then LATEST if still absent.
     /// When another writer created LATEST first, its DEK is returned and ours stays stored
     /// under its own id, unused.
-    pub async fn create_first(&self, keyring: &str) -> Result<LatestRead> {
+    pub async fn create_first(&self, keyring: &str) -> Result<Created> {
         let dek = Dek::generate();
         let bytes = self.seal(&dek);
         self.storage
@@ -110,16 +119,20 @@ impl KeyringStore {
                     key_id = dek.id(),
                     "created the first key of the keyring"
                 );
-                Ok(LatestRead {
-                    dek,
-                    version: Version::default(),
+                Ok(Created {
+                    latest: LatestRead {
+                        dek,
+                        version: Version::default(),
+                    },
+                    won: true,
                 })
             }
             Err(StorageError::AlreadyExists { .. }) => {
                 tracing::info!(keyring, "another writer created the first key; using it");
-                self.read_latest(keyring).await?.ok_or_else(|| {
+                let latest = self.read_latest(keyring).await?.ok_or_else(|| {
                     Error::unavailable(format!("keyring {keyring:?} changed while being created"))
-                })
+                })?;
+                Ok(Created { latest, won: false })
             }
             Err(error) => Err(error.into()),
         }
@@ -177,6 +190,35 @@ impl KeyringStore {
             }
             Err(error) => Err(error.into()),
         }
+    }
+
+    /// Every key of the keyring, oldest first, and the id of LATEST; read from the stored
+    /// objects' plaintext fields, without opening any.
+    pub async fn describe(&self, keyring: &str) -> Result<(Vec<(String, i64)>, Option<String>)> {
+        let prefix = format!("{}{keyring}/", crate::storage::KEYRING_ROOT);
+        let mut listing = self.storage.list(&prefix);
+        let mut keys = Vec::new();
+        let mut latest_id = None;
+        while let Some(key) = futures::StreamExt::next(&mut listing).await {
+            let key = key?;
+            // Deeper keyrings (`<keyring>/x/…`) share the prefix; only direct children count.
+            let Some(leaf) = key.strip_prefix(&prefix).filter(|leaf| !leaf.contains('/')) else {
+                continue;
+            };
+            let Some(object) = self.storage.get(&key).await? else {
+                continue;
+            };
+            let stored = EncryptedDataEncryptionKey::decode(object.bytes.as_ref()).map_err(|error| {
+                Error::internal(format!("object {key} is not an EncryptedDataEncryptionKey: {error}"))
+            })?;
+            if leaf == crate::storage::LATEST {
+                latest_id = Some(stored.id);
+            } else {
+                keys.push((stored.id, stored.created_at));
+            }
+        }
+        keys.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        Ok((keys, latest_id))
     }
 
     /// The stored form of `dek`, sealed by the current master key.

@@ -288,3 +288,48 @@ pub struct RotateKeyringResponse {
     #[serde(alias = "previous_key_id", skip_serializing_if = "String::is_empty")]
     pub previous_key_id: String,
 }
+
+/// `DescribeKeyring` request (ringvault's addition).
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DescribeKeyringRequest {
+    /// The keyring.
+    #[prost(string, tag = "1")]
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub keyring: String,
+}
+
+/// One key of a [`DescribeKeyringResponse`]: metadata only, never key material.
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct KeyInfo {
+    /// The key id.
+    #[prost(string, tag = "1")]
+    #[serde(alias = "key_id", skip_serializing_if = "String::is_empty")]
+    pub key_id: String,
+    /// Creation time, unix milliseconds.
+    #[prost(int64, tag = "2")]
+    #[serde(alias = "created_at")]
+    pub created_at: i64,
+}
+
+/// `DescribeKeyring` reply.
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DescribeKeyringResponse {
+    /// The keyring.
+    #[prost(string, tag = "1")]
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub keyring: String,
+    /// The id of LATEST (empty for a keyring never used).
+    #[prost(string, tag = "2")]
+    #[serde(alias = "latest_key_id", skip_serializing_if = "String::is_empty")]
+    pub latest_key_id: String,
+    /// Every key of the keyring, oldest first.
+    #[prost(message, repeated, tag = "3")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<KeyInfo>,
+    /// How many keys.
+    #[prost(uint32, tag = "4")]
+    pub count: u32,
+}

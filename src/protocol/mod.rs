@@ -3,10 +3,15 @@
 
 mod codec;
 mod envelope;
+mod events;
 mod messages;
 
 pub use codec::{decode, encode, ErrorBody, Format};
 pub use envelope::{decode_envelope, encode_envelope};
+pub use events::{
+    event_subject, keyring_from_token, keyring_token, store_event_subject, DekCause, DekCreated,
+    KekRolled, DEK_CREATED, EVENT_VERSION, KEK_ROLLED, MSG_ID, STORE_WIDE_TOKEN,
+};
 pub use messages::*;
 
 /// The default subject prefix of the service.
@@ -44,11 +49,13 @@ pub enum Method {
     DecryptBulk,
     /// Make a new DEK the keyring's LATEST (ringvault's addition).
     RotateKeyring,
+    /// List a keyring's key ids and creation times (ringvault's addition).
+    DescribeKeyring,
 }
 
 impl Method {
     /// Every method, in the order the service registers them.
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 8] = [
         Method::Liveness,
         Method::Encrypt,
         Method::Decrypt,
@@ -56,6 +63,7 @@ impl Method {
         Method::EncryptBulk,
         Method::DecryptBulk,
         Method::RotateKeyring,
+        Method::DescribeKeyring,
     ];
 
     /// The method's name, the last token of its subject.
@@ -68,6 +76,7 @@ impl Method {
             Method::EncryptBulk => "EncryptBulk",
             Method::DecryptBulk => "DecryptBulk",
             Method::RotateKeyring => "RotateKeyring",
+            Method::DescribeKeyring => "DescribeKeyring",
         }
     }
 

@@ -342,11 +342,14 @@ impl Storage {
         Fut: std::future::Future<Output = Result<T, StorageError>>,
     {
         let budget = self.policy.timeout;
+        let started = std::time::Instant::now();
         let attempts = async {
             let mut backoff = self.policy.initial_backoff;
             loop {
                 match call().await {
                     Err(error) if error.is_transient() => {
+                        metrics::counter!("ringvault_storage_retries_total", "operation" => operation)
+                            .increment(1);
                         tracing::debug!(operation, key, %error, ?backoff, "storage call failed, retrying");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -355,13 +358,23 @@ impl Storage {
                 }
             }
         };
-        match tokio::time::timeout(budget, attempts).await {
+        let result = match tokio::time::timeout(budget, attempts).await {
             Ok(result) => result,
             Err(_) => Err(StorageError::Timeout {
                 operation,
                 key: key.to_owned(),
                 after: budget,
             }),
+        };
+        metrics::histogram!("ringvault_storage_duration_seconds", "operation" => operation)
+            .record(started.elapsed().as_secs_f64());
+        if matches!(
+            result,
+            Err(StorageError::Unavailable { .. } | StorageError::Timeout { .. })
+        ) {
+            metrics::counter!("ringvault_storage_errors_total", "operation" => operation)
+                .increment(1);
         }
+        result
     }
 }

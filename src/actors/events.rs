@@ -1,0 +1,218 @@
+//! EventsActor: publishes key events (`dek.created`, `kek.rolled`) on NATS and applies the
+//! ones other replicas publish to the local keyring cache, so a rotation on one replica is used
+//! by the next Encrypt on every other within a moment. With JetStream on, it keeps a stream over
+//! the event subjects so that subscribers that were away can replay what they missed.
+//!
+//! Events are best effort: when one is lost, the cache's fresh/stale bounds still hold.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use futures::StreamExt as _;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::task::JoinHandle;
+
+use super::{ActorSlot, KeyringRegistry};
+use crate::keyring::KeyEventSink;
+use crate::protocol::{
+    event_subject, store_event_subject, DekCause, DekCreated, KekRolled, DEK_CREATED,
+    EVENT_VERSION, KEK_ROLLED, MSG_ID,
+};
+
+/// JetStream capture of the events.
+#[derive(Debug, Clone)]
+pub struct EventStream {
+    /// Stream name.
+    pub name: String,
+    /// Retention by age.
+    pub max_age: Duration,
+    /// Retention by count.
+    pub max_messages: i64,
+}
+
+/// What the events actor needs; cloned into each restart.
+#[derive(Clone, Debug)]
+pub struct EventsArgs {
+    /// The NATS connection.
+    pub nats: async_nats::Client,
+    /// Subject prefix.
+    pub prefix: String,
+    /// This replica's id (events it published itself are not applied again).
+    pub replica: String,
+    /// Where events from other replicas are applied.
+    pub registry: KeyringRegistry,
+    /// The JetStream stream to keep, when enabled.
+    pub stream: Option<EventStream>,
+}
+
+/// Messages of the [`EventsActor`].
+pub enum EventsMsg {
+    /// Publish `dek.created`.
+    DekCreated(DekCreated),
+}
+
+/// The events actor.
+pub struct EventsActor;
+
+/// State of the [`EventsActor`].
+pub struct EventsState {
+    args: EventsArgs,
+    listener: JoinHandle<()>,
+}
+
+impl Drop for EventsState {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// Creates or updates the stream over `<prefix>.events.>`.
+pub async fn ensure_stream(
+    nats: &async_nats::Client,
+    prefix: &str,
+    stream: &EventStream,
+) -> Result<(), async_nats::Error> {
+    let jetstream = async_nats::jetstream::new(nats.clone());
+    jetstream
+        .create_or_update_stream(async_nats::jetstream::stream::Config {
+            name: stream.name.clone(),
+            subjects: vec![format!("{prefix}.events.>")],
+            max_age: stream.max_age,
+            max_messages: stream.max_messages,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
+async fn publish(
+    nats: &async_nats::Client,
+    subject: String,
+    msg_id: String,
+    payload: Vec<u8>,
+) -> Result<(), async_nats::Error> {
+    let mut headers = HeaderMap::new();
+    headers.insert(MSG_ID, msg_id.as_str());
+    nats.publish_with_headers(subject, headers, payload.into())
+        .await?;
+    Ok(())
+}
+
+/// Publishes `kek.rolled` (roll-deks calls it after a roll).
+pub async fn publish_kek_rolled(
+    nats: &async_nats::Client,
+    prefix: &str,
+    event: &KekRolled,
+) -> Result<(), async_nats::Error> {
+    let payload = serde_json::to_vec(event)?;
+    publish(nats, store_event_subject(prefix, KEK_ROLLED), event.msg_id(), payload).await?;
+    nats.flush().await?;
+    Ok(())
+}
+
+impl Actor for EventsActor {
+    type Msg = EventsMsg;
+    type State = EventsState;
+    type Arguments = EventsArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: EventsArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        if let Some(stream) = &args.stream {
+            ensure_stream(&args.nats, &args.prefix, stream).await?;
+            tracing::info!(stream = stream.name, "key events are captured by jetstream");
+        }
+        let mut subscriber = args
+            .nats
+            .subscribe(format!("{}.events.*.{DEK_CREATED}", args.prefix))
+            .await?;
+        let registry = args.registry.clone();
+        let replica = args.replica.clone();
+        let listener = tokio::spawn(async move {
+            while let Some(message) = subscriber.next().await {
+                let event: DekCreated = match serde_json::from_slice(&message.payload) {
+                    Ok(event) => event,
+                    Err(error) => {
+                        tracing::warn!(subject = %message.subject, %error, "ignoring a malformed key event");
+                        continue;
+                    }
+                };
+                if event.replica == replica {
+                    continue;
+                }
+                tracing::debug!(keyring = event.keyring, key_id = event.key_id, "applying a new latest key from another replica");
+                metrics::counter!("ringvault_events_applied_total").increment(1);
+                registry.apply_latest(&event.keyring, &event.key_id).await;
+            }
+        });
+        Ok(EventsState { args, listener })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            EventsMsg::DekCreated(event) => {
+                let subject = event_subject(&state.args.prefix, &event.keyring, DEK_CREATED);
+                let payload = serde_json::to_vec(&event)?;
+                match publish(&state.args.nats, subject, event.msg_id(), payload).await {
+                    Ok(()) => metrics::counter!("ringvault_events_published_total").increment(1),
+                    Err(error) => {
+                        tracing::warn!(keyring = event.keyring, %error, "could not publish a key event")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The [`KeyEventSink`] of the service: hands events to the live events actor.
+pub struct EventsHandle {
+    actor: Arc<ActorSlot<EventsMsg>>,
+    replica: String,
+}
+
+impl EventsHandle {
+    /// A sink over the actor in `actor`, stamping events with `replica`.
+    pub fn new(actor: Arc<ActorSlot<EventsMsg>>, replica: String) -> Self {
+        Self { actor, replica }
+    }
+}
+
+impl KeyEventSink for EventsHandle {
+    fn dek_created(&self, keyring: &str, key_id: &str, previous_key_id: Option<&str>, cause: DekCause) {
+        metrics::counter!("ringvault_rotations_total", "cause" => cause_name(cause)).increment(1);
+        let event = DekCreated {
+            version: EVENT_VERSION,
+            keyring: keyring.to_owned(),
+            key_id: key_id.to_owned(),
+            previous_key_id: previous_key_id.map(str::to_owned),
+            cause,
+            time: crate::crypto::now_ms(),
+            replica: self.replica.clone(),
+        };
+        let sent = self
+            .actor
+            .get()
+            .map(|actor| actor.send_message(EventsMsg::DekCreated(event)).is_ok());
+        if sent != Some(true) {
+            tracing::warn!(keyring, key_id, "events actor unavailable: dek.created not published");
+        }
+    }
+}
+
+fn cause_name(cause: DekCause) -> &'static str {
+    match cause {
+        DekCause::FirstUse => "first_use",
+        DekCause::Manual => "manual",
+        DekCause::Scheduled => "scheduled",
+    }
+}

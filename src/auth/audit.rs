@@ -1,0 +1,147 @@
+//! Audit records: one per Encrypt, Decrypt, ReEncrypt, bulk call, rotation and admin action,
+//! naming the principal's subject — never plaintext, ciphertext or a token. Serialized as one
+//! JSON object for the `<prefix>.audit` subject and the log.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use super::Principal;
+use crate::error::Kind;
+
+/// Whether the audited operation succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// It did.
+    Ok,
+    /// It failed with `error_code`.
+    Error,
+}
+
+/// One audited operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// When it happened (RFC 3339, UTC, milliseconds).
+    pub time: String,
+    /// The request id (the `Request-Id` header, or generated).
+    pub request_id: String,
+    /// Who asked.
+    pub subject: String,
+    /// The principal's workspace, if bound to one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub workspace: Option<String>,
+    /// The workspace an admin acted for (`X-Tenant-ID`), when not its own.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub acting_for: Option<String>,
+    /// The credential source (`static_token`, `signed_token`, `jwt`).
+    pub credential_source: String,
+    /// The operation (`encrypt`, `decrypt`, `reencrypt`, `encrypt_bulk`, `decrypt_bulk`,
+    /// `rotate`, …).
+    pub action: String,
+    /// The keyring.
+    pub keyring: String,
+    /// The key used or created, when known.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub key_id: Option<String>,
+    /// Items handled (1 for single calls, the batch size for bulk ones).
+    pub item_count: u64,
+    /// Success or failure.
+    pub outcome: Outcome,
+    /// The error code on failure (`access_denied`, …).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error_code: Option<String>,
+}
+
+impl AuditRecord {
+    /// A successful record of `action` by `principal` on `keyring` for one item, stamped now.
+    pub fn new(
+        request_id: impl Into<String>,
+        principal: &Principal,
+        action: impl Into<String>,
+        keyring: impl Into<String>,
+    ) -> Self {
+        Self {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            request_id: request_id.into(),
+            subject: principal.subject.clone(),
+            workspace: principal.workspace.clone(),
+            acting_for: None,
+            credential_source: principal.source.name().to_owned(),
+            action: action.into(),
+            keyring: keyring.into(),
+            key_id: None,
+            item_count: 1,
+            outcome: Outcome::Ok,
+            error_code: None,
+        }
+    }
+
+    /// With the key id.
+    pub fn with_key_id(mut self, key_id: impl Into<String>) -> Self {
+        self.key_id = Some(key_id.into());
+        self
+    }
+
+    /// With the number of items.
+    pub fn with_item_count(mut self, count: u64) -> Self {
+        self.item_count = count;
+        self
+    }
+
+    /// With the workspace an admin acted for.
+    pub fn acting_for(mut self, workspace: impl Into<String>) -> Self {
+        self.acting_for = Some(workspace.into());
+        self
+    }
+
+    /// Marked as failed with `kind`'s code.
+    pub fn failed(mut self, kind: Kind) -> Self {
+        self.outcome = Outcome::Error;
+        self.error_code = Some(kind.code().to_owned());
+        self
+    }
+
+    /// The record as one line of JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{parse_grants, CredentialSource};
+
+    #[test]
+    fn record_serializes_without_secrets() {
+        let principal = Principal {
+            workspace: Some("ws_1".into()),
+            subject: "svc".into(),
+            source: CredentialSource::Jwt,
+            permissions: parse_grants(&["encrypt"]).unwrap(),
+        };
+        let record = AuditRecord::new("req-1", &principal, "encrypt_bulk", "ws_1/app")
+            .with_key_id("dek_1")
+            .with_item_count(3);
+        let json: serde_json::Value = serde_json::from_str(&record.to_json()).unwrap();
+        assert_eq!(json["subject"], "svc");
+        assert_eq!(json["workspace"], "ws_1");
+        assert_eq!(json["credential_source"], "jwt");
+        assert_eq!(json["outcome"], "ok");
+        assert_eq!(json["item_count"], 3);
+        assert!(json.get("error_code").is_none());
+        assert!(json["time"].as_str().unwrap().ends_with('Z'));
+        let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
+        for forbidden in ["token", "plaintext", "ciphertext", "encrypted", "data"] {
+            assert!(
+                !keys.iter().any(|key| key.as_str() == forbidden),
+                "{forbidden}"
+            );
+        }
+        let failed = record.failed(Kind::AccessDenied);
+        assert_eq!(failed.error_code.as_deref(), Some("access_denied"));
+        let back: AuditRecord = serde_json::from_str(&failed.to_json()).unwrap();
+        assert_eq!(back, failed);
+    }
+}

@@ -1,0 +1,618 @@
+//! JWTs of an external identity provider: RS256, ES256 and EdDSA verified against a JWKS read
+//! from a file or fetched over HTTP(S), refreshed periodically. A refresh that fails keeps the
+//! last good set. Symmetric (`oct`) keys of a JWKS are never used, and HS256 tokens never reach
+//! this verifier, so a token "signed" with a public key as an HMAC secret cannot pass.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use super::claims::{decode_error, peek_header, Claims};
+use crate::config::AuthConfig;
+use crate::error::{Error, Kind, Result};
+
+/// Time one JWKS fetch may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest JWKS document accepted.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+
+/// Where the JWKS comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    /// A local file, read again at every refresh.
+    File(PathBuf),
+    /// An `http://` or `https://` URL.
+    Url(String),
+}
+
+impl std::fmt::Display for JwksSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JwksSource::File(path) => write!(f, "file {}", path.display()),
+            JwksSource::Url(url) => write!(f, "url {url}"),
+        }
+    }
+}
+
+/// The kind of public key, which fixes the one algorithm it verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    Rsa,
+    P256,
+    Ed25519,
+}
+
+impl KeyKind {
+    fn algorithm(self) -> Algorithm {
+        match self {
+            KeyKind::Rsa => Algorithm::RS256,
+            KeyKind::P256 => Algorithm::ES256,
+            KeyKind::Ed25519 => Algorithm::EdDSA,
+        }
+    }
+}
+
+struct VerifyKey {
+    kid: Option<String>,
+    kind: KeyKind,
+    key: DecodingKey,
+}
+
+/// A parsed JWKS: the signing keys ringvault can use (RSA, EC P-256, Ed25519).
+#[derive(Default)]
+pub struct KeySet {
+    keys: Vec<VerifyKey>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySet")
+            .field("kids", &self.kids())
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct RawJwks {
+    keys: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawJwk {
+    kty: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    alg: Option<String>,
+    #[serde(default, rename = "use")]
+    usage: Option<String>,
+    #[serde(default)]
+    crv: Option<String>,
+    #[serde(default)]
+    n: Option<String>,
+    #[serde(default)]
+    e: Option<String>,
+    #[serde(default)]
+    x: Option<String>,
+    #[serde(default)]
+    y: Option<String>,
+}
+
+impl KeySet {
+    /// Parses a JWKS document. Keys that are not for signatures, of another type or curve, or
+    /// whose `alg` is not the one their type verifies are skipped; a set with no usable key
+    /// is an error (so that a refresh never replaces good keys with nothing).
+    pub fn parse(bytes: &[u8]) -> Result<KeySet> {
+        let raw: RawJwks = serde_json::from_slice(bytes)
+            .map_err(|error| Error::invalid_argument(format!("jwks is not valid json: {error}")))?;
+        let mut keys = Vec::new();
+        for value in raw.keys {
+            let Ok(jwk) = serde_json::from_value::<RawJwk>(value) else {
+                tracing::debug!("skipping a jwks entry that is not a json web key");
+                continue;
+            };
+            match Self::usable(&jwk) {
+                Ok(key) => keys.push(key),
+                Err(reason) => {
+                    tracing::debug!(kid = jwk.kid.as_deref(), reason, "skipping a jwks key")
+                }
+            }
+        }
+        if keys.is_empty() {
+            return Err(Error::invalid_argument(
+                "jwks has no usable signing key (rsa, ec p-256 or ed25519)",
+            ));
+        }
+        Ok(KeySet { keys })
+    }
+
+    fn usable(jwk: &RawJwk) -> std::result::Result<VerifyKey, &'static str> {
+        if jwk.usage.as_deref().is_some_and(|usage| usage != "sig") {
+            return Err("not a signature key");
+        }
+        let component = |value: &Option<String>| value.clone().ok_or("missing a key component");
+        let (kind, key) = match (jwk.kty.as_str(), jwk.crv.as_deref()) {
+            ("RSA", _) => (
+                KeyKind::Rsa,
+                DecodingKey::from_rsa_components(&component(&jwk.n)?, &component(&jwk.e)?),
+            ),
+            ("EC", Some("P-256")) => (
+                KeyKind::P256,
+                DecodingKey::from_ec_components(&component(&jwk.x)?, &component(&jwk.y)?),
+            ),
+            ("OKP", Some("Ed25519")) => (
+                KeyKind::Ed25519,
+                DecodingKey::from_ed_components(&component(&jwk.x)?),
+            ),
+            _ => return Err("unsupported key type or curve"),
+        };
+        let key = key.map_err(|_| "malformed key components")?;
+        if let Some(alg) = &jwk.alg {
+            let expected = match kind {
+                KeyKind::Rsa => "RS256",
+                KeyKind::P256 => "ES256",
+                KeyKind::Ed25519 => "EdDSA",
+            };
+            if alg != expected {
+                return Err("key alg is not the one its type verifies");
+            }
+        }
+        Ok(VerifyKey {
+            kid: jwk.kid.clone(),
+            kind,
+            key,
+        })
+    }
+
+    /// How many usable keys the set holds.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The key ids, for logs.
+    pub fn kids(&self) -> Vec<String> {
+        self.keys
+            .iter()
+            .map(|key| key.kid.clone().unwrap_or_else(|| "-".to_owned()))
+            .collect()
+    }
+}
+
+/// Verifies identity-provider JWTs against the current JWKS. Clones share the key set, so a
+/// refresh through one is seen by all.
+#[derive(Clone)]
+pub struct JwtVerifier {
+    keys: Arc<ArcSwap<KeySet>>,
+    source: JwksSource,
+    refresh_every: Duration,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: Duration,
+    workspace_claim: String,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("source", &self.source)
+            .field("keys", &self.keys.load().len())
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JwtVerifier {
+    /// A verifier over `source`, starting with `initial` keys (possibly empty until the first
+    /// fetch), requiring `issuer` and `audience` when given.
+    pub fn new(
+        source: JwksSource,
+        initial: KeySet,
+        refresh_every: Duration,
+        issuer: Option<String>,
+        audience: Option<String>,
+        leeway: Duration,
+        workspace_claim: impl Into<String>,
+    ) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(FETCH_TIMEOUT)
+            .build()
+            .map_err(|error| {
+                Error::internal(format!("cannot build the jwks http client: {error}"))
+            })?;
+        Ok(Self {
+            keys: Arc::new(ArcSwap::from_pointee(initial)),
+            source,
+            refresh_every: refresh_every.max(Duration::from_secs(1)),
+            issuer: issuer.filter(|issuer| !issuer.is_empty()),
+            audience: audience.filter(|audience| !audience.is_empty()),
+            leeway,
+            workspace_claim: workspace_claim.into(),
+            http,
+        })
+    }
+
+    /// The verifier of `[auth.jwt]`; `None` when neither `jwks_file` nor `jwks_url` is set. A
+    /// JWKS file is read now (and must be valid); a URL is fetched by [`JwtVerifier::refresh`].
+    pub fn from_config(auth: &AuthConfig) -> Result<Option<Self>> {
+        let jwt = &auth.jwt;
+        let (source, initial) = if !jwt.jwks_file.is_empty() {
+            let source = JwksSource::File(PathBuf::from(&jwt.jwks_file));
+            let bytes = std::fs::read(&jwt.jwks_file).map_err(|error| {
+                Error::invalid_argument(format!(
+                    "cannot read auth.jwt.jwks_file {}: {error}",
+                    jwt.jwks_file
+                ))
+            })?;
+            let set = KeySet::parse(&bytes)
+                .map_err(|error| error.context(format!("auth.jwt.jwks_file {}", jwt.jwks_file)))?;
+            (source, set)
+        } else if !jwt.jwks_url.is_empty() {
+            if !(jwt.jwks_url.starts_with("https://") || jwt.jwks_url.starts_with("http://")) {
+                return Err(Error::invalid_argument(format!(
+                    "auth.jwt.jwks_url {:?} is not an http(s) url",
+                    jwt.jwks_url
+                )));
+            }
+            (JwksSource::Url(jwt.jwks_url.clone()), KeySet::default())
+        } else {
+            return Ok(None);
+        };
+        Self::new(
+            source,
+            initial,
+            Duration::from_secs(jwt.jwks_refresh_secs),
+            Some(jwt.issuer.clone()),
+            Some(jwt.audience.clone()),
+            Duration::from_secs(auth.leeway_secs),
+            auth.workspace_claim.clone(),
+        )
+        .map(Some)
+    }
+
+    /// Where the keys come from.
+    pub fn source(&self) -> &JwksSource {
+        &self.source
+    }
+
+    /// How often [`JwtVerifier::refresh`] should run.
+    pub fn refresh_every(&self) -> Duration {
+        self.refresh_every
+    }
+
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub fn leeway(&self) -> Duration {
+        self.leeway
+    }
+
+    /// The ids of the current keys.
+    pub fn kids(&self) -> Vec<String> {
+        self.keys.load().kids()
+    }
+
+    /// Replaces the key set.
+    pub fn replace_keys(&self, keys: KeySet) {
+        self.keys.store(Arc::new(keys));
+    }
+
+    /// Reads the JWKS again; on success the new set replaces the old one, on failure the old
+    /// one stays and the error is returned. Returns the number of keys loaded.
+    pub async fn refresh(&self) -> Result<usize> {
+        let bytes = match &self.source {
+            JwksSource::File(path) => tokio::fs::read(path).await.map_err(|error| {
+                Error::unavailable(format!("cannot read jwks file {}: {error}", path.display()))
+            })?,
+            JwksSource::Url(url) => self.fetch(url).await?,
+        };
+        let set = KeySet::parse(&bytes)?;
+        let count = set.len();
+        self.replace_keys(set);
+        Ok(count)
+    }
+
+    async fn fetch(&self, url: &str) -> Result<Vec<u8>> {
+        let response = self
+            .http
+            .get(url)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .map_err(|error| Error::unavailable(format!("jwks fetch failed: {error}")))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(Error::unavailable(format!(
+                "jwks fetch answered http {}",
+                status.as_u16()
+            )));
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|error| Error::unavailable(format!("jwks fetch failed: {error}")))?;
+        if bytes.len() > MAX_JWKS_BYTES {
+            return Err(Error::unavailable(format!(
+                "jwks is {} bytes; at most {MAX_JWKS_BYTES} are accepted",
+                bytes.len()
+            )));
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// Refreshes every [`JwtVerifier::refresh_every`] until the task is aborted; failures are
+    /// logged and the last good keys kept.
+    pub(crate) async fn refresh_forever(self) {
+        let mut ticker = tokio::time::interval(self.refresh_every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            match self.refresh().await {
+                Ok(count) => tracing::debug!(source = %self.source, keys = count, "jwks refreshed"),
+                Err(error) => tracing::warn!(
+                    source = %self.source,
+                    %error,
+                    kept = self.keys.load().len(),
+                    "jwks refresh failed; keeping the last good keys"
+                ),
+            }
+        }
+    }
+
+    /// The claims of `token` when a JWKS key of the header's algorithm (RS256, ES256 or
+    /// EdDSA) verifies it and its claims are current and from the right issuer for the right
+    /// audience. The key is chosen by `kid`; without a `kid` every key of the type is tried.
+    pub fn verify(&self, token: &str) -> Result<Claims> {
+        let header = peek_header(token)?;
+        let algorithm = match header.alg.as_str() {
+            "RS256" => Algorithm::RS256,
+            "ES256" => Algorithm::ES256,
+            "EdDSA" => Algorithm::EdDSA,
+            other => {
+                return Err(Error::new(
+                    Kind::InvalidToken,
+                    format!("jwt: algorithm {other:?} is not accepted"),
+                ))
+            }
+        };
+        let set = self.keys.load();
+        if set.is_empty() {
+            return Err(Error::new(
+                Kind::InvalidToken,
+                "jwt: no identity provider keys are loaded",
+            ));
+        }
+        let candidates: Vec<&VerifyKey> = set
+            .keys
+            .iter()
+            .filter(|key| key.kind.algorithm() == algorithm)
+            .filter(|key| match &header.kid {
+                Some(kid) => key.kid.as_deref() == Some(kid.as_str()),
+                None => true,
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Err(Error::new(
+                Kind::InvalidToken,
+                match &header.kid {
+                    Some(kid) => format!("jwt: no {} key with kid {kid:?}", header.alg),
+                    None => format!("jwt: no {} key", header.alg),
+                },
+            ));
+        }
+        let validation = self.validation(algorithm);
+        let mut last = None;
+        for candidate in candidates {
+            match jsonwebtoken::decode::<serde_json::Value>(token, &candidate.key, &validation) {
+                Ok(data) => return Claims::from_json(&data.claims, &self.workspace_claim),
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        jsonwebtoken::errors::ErrorKind::InvalidSignature
+                    ) =>
+                {
+                    last = Some(error)
+                }
+                Err(error) => return Err(decode_error("jwt", token, &error)),
+            }
+        }
+        Err(match last {
+            Some(error) => decode_error("jwt", token, &error),
+            None => Error::new(Kind::InvalidToken, "jwt: signature does not verify"),
+        })
+    }
+
+    fn validation(&self, algorithm: Algorithm) -> Validation {
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = self.leeway.as_secs();
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        if let Some(issuer) = &self.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        match &self.audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+        validation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+    use jsonwebtoken::{EncodingKey, Header};
+    use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair as _};
+
+    use super::*;
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    struct Keys {
+        ec: (EncodingKey, serde_json::Value),
+        ed: (EncodingKey, serde_json::Value),
+    }
+
+    fn keys(ec_kid: &str, ed_kid: &str) -> Keys {
+        let rng = ring::rand::SystemRandom::new();
+        let ec_pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                .unwrap();
+        let ec_pair = EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            ec_pkcs8.as_ref(),
+            &rng,
+        )
+        .unwrap();
+        let point = ec_pair.public_key().as_ref();
+        let ec_jwk = serde_json::json!({
+            "kty": "EC", "crv": "P-256", "kid": ec_kid, "use": "sig", "alg": "ES256",
+            "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+        });
+        let ed_pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let ed_pair = Ed25519KeyPair::from_pkcs8(ed_pkcs8.as_ref()).unwrap();
+        let ed_jwk = serde_json::json!({
+            "kty": "OKP", "crv": "Ed25519", "kid": ed_kid,
+            "x": b64(ed_pair.public_key().as_ref()),
+        });
+        Keys {
+            ec: (EncodingKey::from_ec_der(ec_pkcs8.as_ref()), ec_jwk),
+            ed: (EncodingKey::from_ed_der(ed_pkcs8.as_ref()), ed_jwk),
+        }
+    }
+
+    fn verifier(jwks: &serde_json::Value) -> JwtVerifier {
+        JwtVerifier::new(
+            JwksSource::File("unused".into()),
+            KeySet::parse(jwks.to_string().as_bytes()).unwrap(),
+            Duration::from_secs(60),
+            Some("https://idp.example".into()),
+            Some("ringvault".into()),
+            Duration::from_secs(5),
+            "tenant_id",
+        )
+        .unwrap()
+    }
+
+    fn claims(exp_offset: i64) -> serde_json::Value {
+        let now = super::super::claims::now_secs() as i64;
+        serde_json::json!({
+            "sub": "user-1", "tenant_id": "ws_1", "scope": "openid encrypt",
+            "iss": "https://idp.example", "aud": "ringvault", "exp": now + exp_offset,
+        })
+    }
+
+    fn sign(
+        alg: Algorithm,
+        kid: Option<&str>,
+        claims: &serde_json::Value,
+        key: &EncodingKey,
+    ) -> String {
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&header, claims, key).unwrap()
+    }
+
+    #[test]
+    fn es256_and_eddsa_by_kid_and_without() {
+        let keys = keys("ec-1", "ed-1");
+        let verifier = verifier(&serde_json::json!({"keys": [keys.ec.1, keys.ed.1]}));
+        let token = sign(Algorithm::ES256, Some("ec-1"), &claims(600), &keys.ec.0);
+        let verified = verifier.verify(&token).unwrap();
+        assert_eq!(verified.sub, "user-1");
+        assert_eq!(verified.workspace.as_deref(), Some("ws_1"));
+        let token = sign(Algorithm::EdDSA, None, &claims(600), &keys.ed.0);
+        assert!(verifier.verify(&token).is_ok());
+        let token = sign(Algorithm::ES256, Some("unknown"), &claims(600), &keys.ec.0);
+        assert_eq!(
+            verifier.verify(&token).unwrap_err().kind(),
+            Kind::InvalidToken
+        );
+    }
+
+    #[test]
+    fn claims_are_checked() {
+        let keys = keys("ec-1", "ed-1");
+        let verifier = verifier(&serde_json::json!({"keys": [keys.ec.1]}));
+        let expired = sign(Algorithm::ES256, Some("ec-1"), &claims(-600), &keys.ec.0);
+        assert_eq!(
+            verifier.verify(&expired).unwrap_err().kind(),
+            Kind::TokenExpired
+        );
+        let mut wrong_issuer = claims(600);
+        wrong_issuer["iss"] = "https://evil.example".into();
+        let token = sign(Algorithm::ES256, Some("ec-1"), &wrong_issuer, &keys.ec.0);
+        assert_eq!(
+            verifier.verify(&token).unwrap_err().kind(),
+            Kind::InvalidToken
+        );
+        let mut wrong_audience = claims(600);
+        wrong_audience["aud"] = "other".into();
+        let token = sign(Algorithm::ES256, Some("ec-1"), &wrong_audience, &keys.ec.0);
+        assert_eq!(
+            verifier.verify(&token).unwrap_err().kind(),
+            Kind::InvalidToken
+        );
+        let mut early = claims(600);
+        early["nbf"] = (super::super::claims::now_secs() + 300).into();
+        let token = sign(Algorithm::ES256, Some("ec-1"), &early, &keys.ec.0);
+        assert_eq!(
+            verifier.verify(&token).unwrap_err().kind(),
+            Kind::InvalidToken
+        );
+    }
+
+    #[test]
+    fn another_key_or_hmac_fails() {
+        let keys_a = keys("ec-1", "ed-1");
+        let keys_b = keys("ec-1", "ed-1");
+        let verifier = verifier(&serde_json::json!({"keys": [keys_a.ec.1, keys_a.ed.1]}));
+        let token = sign(Algorithm::ES256, Some("ec-1"), &claims(600), &keys_b.ec.0);
+        let error = verifier.verify(&token).unwrap_err();
+        assert_eq!(error.kind(), Kind::InvalidToken);
+        assert!(error.message().contains("signature"), "{error}");
+        // HS256 "signed" with the public key bytes is refused before any key is tried.
+        let public = keys_a.ed.1["x"].as_str().unwrap().as_bytes().to_vec();
+        let token = sign(
+            Algorithm::HS256,
+            Some("ed-1"),
+            &claims(600),
+            &EncodingKey::from_secret(&public),
+        );
+        assert_eq!(
+            verifier.verify(&token).unwrap_err().kind(),
+            Kind::InvalidToken
+        );
+    }
+
+    #[test]
+    fn jwks_parsing_skips_what_it_cannot_use() {
+        let keys = keys("ec-1", "ed-1");
+        let jwks = serde_json::json!({"keys": [
+            {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"},
+            {"kty": "EC", "crv": "P-384", "x": "AA", "y": "AA"},
+            {"kty": "RSA", "use": "enc", "n": "AQAB", "e": "AQAB"},
+            keys.ec.1,
+        ]});
+        let set = KeySet::parse(jwks.to_string().as_bytes()).unwrap();
+        assert_eq!(set.kids(), vec!["ec-1".to_owned()]);
+        assert!(KeySet::parse(br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).is_err());
+        assert!(KeySet::parse(b"not json").is_err());
+    }
+}

@@ -1,0 +1,445 @@
+//! Token revocation. `ringvault token revoke TOKEN|JTI` (or [`revoke`]) records the
+//! revocation in the object store under `revocations/` and publishes it on
+//! `<nats.prefix>.revocations`; every replica subscribes to that subject and loads every stored
+//! revocation at start (and again periodically, in case a message was missed), so a revoked
+//! token is refused within a second everywhere and after a restart.
+//!
+//! Neither the store nor NATS ever holds a token or a jti in clear: a revocation names the
+//! SHA-256 of the token (`revocations/<sha256-hex>`) or of the jti
+//! (`revocations/jti-<sha256-hex>`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashSet;
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::claims::{looks_like_jwt, now_secs, peek_payload};
+use super::token_digest;
+use crate::config::Config;
+use crate::error::{Error, Kind, Result};
+use crate::storage::{ObjectStorage, PutCondition};
+
+/// Where revocations live in the object store.
+pub const REVOCATIONS_PREFIX: &str = "revocations/";
+/// How often every replica reads all stored revocations again.
+const RESYNC_PERIOD: Duration = Duration::from_secs(60);
+/// Budget of one storage or NATS step of a revocation.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The NATS subject revocations are published on.
+pub fn revocation_subject(prefix: &str) -> String {
+    format!("{prefix}.revocations")
+}
+
+/// What a revocation names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationKind {
+    /// A whole token, by the SHA-256 of its text.
+    Token,
+    /// Every token with this `jti`, by the SHA-256 of the jti.
+    Jti,
+}
+
+/// One revocation, as stored and as published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// What `sha256` is the digest of.
+    pub kind: RevocationKind,
+    /// Hex SHA-256 of the token or of the jti.
+    pub sha256: String,
+    /// When it was revoked, seconds since the Unix epoch.
+    pub revoked_at: u64,
+}
+
+impl Revocation {
+    /// The revocation of `token`.
+    pub fn token(token: &str) -> Self {
+        Self {
+            kind: RevocationKind::Token,
+            sha256: hex::encode(token_digest(token)),
+            revoked_at: now_secs(),
+        }
+    }
+
+    /// The revocation of every token with `jti`.
+    pub fn jti(jti: &str) -> Self {
+        Self {
+            kind: RevocationKind::Jti,
+            sha256: hex::encode(Sha256::digest(jti.as_bytes())),
+            revoked_at: now_secs(),
+        }
+    }
+
+    /// Its object key.
+    pub fn object_key(&self) -> String {
+        match self.kind {
+            RevocationKind::Token => format!("{REVOCATIONS_PREFIX}{}", self.sha256),
+            RevocationKind::Jti => format!("{REVOCATIONS_PREFIX}jti-{}", self.sha256),
+        }
+    }
+
+    fn digest(&self) -> Option<[u8; 32]> {
+        hex::decode(&self.sha256).ok()?.try_into().ok()
+    }
+
+    /// What logs show of it: its kind and the first 8 hex characters of the digest (for a
+    /// token, its [`fingerprint`](super::fingerprint)).
+    pub fn describe(&self) -> String {
+        let kind = match self.kind {
+            RevocationKind::Token => "token",
+            RevocationKind::Jti => "jti",
+        };
+        format!("{kind} {}", self.sha256.get(..8).unwrap_or(&self.sha256))
+    }
+}
+
+/// What `token_or_jti` revokes. A JWT-shaped argument is a token: the token itself, and its
+/// `jti` when it has one (read without verification: revoking only takes power away). Anything
+/// else may be an opaque static token or a jti, so both are revoked.
+pub fn revocations_for(token_or_jti: &str) -> Vec<Revocation> {
+    let text = token_or_jti.trim();
+    let mut out = vec![Revocation::token(text)];
+    if looks_like_jwt(text) {
+        if let Some(jti) = peek_payload(text)
+            .as_ref()
+            .and_then(|claims| claims.get("jti"))
+            .and_then(|jti| jti.as_str())
+        {
+            out.push(Revocation::jti(jti));
+        }
+    } else {
+        out.push(Revocation::jti(text));
+    }
+    out
+}
+
+/// The revocations this replica knows. Every new one bumps [`Revocations::generation`], which
+/// the gateway's verified-token cache watches.
+#[derive(Debug, Default)]
+pub struct Revocations {
+    tokens: DashSet<[u8; 32]>,
+    jtis: DashSet<[u8; 32]>,
+    generation: AtomicU64,
+}
+
+impl Revocations {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `revocation`; true when it was new.
+    pub fn insert(&self, revocation: &Revocation) -> bool {
+        let Some(digest) = revocation.digest() else {
+            tracing::warn!(
+                revocation = revocation.describe(),
+                "ignoring a revocation whose digest is not 64 hex characters"
+            );
+            return false;
+        };
+        let added = match revocation.kind {
+            RevocationKind::Token => self.tokens.insert(digest),
+            RevocationKind::Jti => self.jtis.insert(digest),
+        };
+        if added {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        added
+    }
+
+    /// Whether the token with SHA-256 `digest` (and `jti`, if any) is revoked.
+    pub fn is_revoked(&self, digest: &[u8; 32], jti: Option<&str>) -> bool {
+        self.tokens.contains(digest)
+            || jti.is_some_and(|jti| {
+                let jti_digest: [u8; 32] = Sha256::digest(jti.as_bytes()).into();
+                self.jtis.contains(&jti_digest)
+            })
+    }
+
+    /// Increases whenever a revocation is added.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// How many revocations are known.
+    pub fn len(&self) -> usize {
+        self.tokens.len() + self.jtis.len()
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+async fn bounded<T, E: std::fmt::Display>(
+    what: &str,
+    future: impl std::future::Future<Output = std::result::Result<T, E>>,
+) -> Result<T> {
+    match tokio::time::timeout(STEP_TIMEOUT, future).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(Error::unavailable(format!("{what} failed: {error}"))),
+        Err(_) => Err(Error::unavailable(format!(
+            "{what} did not finish within {STEP_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// Revokes `token_or_jti`: records it under `revocations/` in `storage`, then publishes it on
+/// `<prefix>.revocations` so that running replicas refuse it at once. Returns what was
+/// revoked. This is what `ringvault token revoke` does.
+pub async fn revoke(
+    storage: &dyn ObjectStorage,
+    nats: &async_nats::Client,
+    prefix: &str,
+    token_or_jti: &str,
+) -> Result<Vec<Revocation>> {
+    if token_or_jti.trim().is_empty() {
+        return Err(Error::invalid_argument(
+            "nothing to revoke: the token or jti is empty",
+        ));
+    }
+    let revocations = revocations_for(token_or_jti);
+    for revocation in &revocations {
+        let body = serde_json::to_vec(revocation)
+            .map_err(|error| Error::internal(format!("cannot encode a revocation: {error}")))?;
+        let key = revocation.object_key();
+        match tokio::time::timeout(
+            STEP_TIMEOUT,
+            storage.put(&key, Bytes::from(body), PutCondition::Overwrite),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(Error::from(error)),
+            Err(_) => {
+                return Err(Error::unavailable(format!(
+                    "storage put of {key} did not finish within {STEP_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
+    let subject = revocation_subject(prefix);
+    for revocation in &revocations {
+        let body = serde_json::to_vec(revocation)
+            .map_err(|error| Error::internal(format!("cannot encode a revocation: {error}")))?;
+        bounded(
+            "publishing the revocation",
+            nats.publish(subject.clone(), Bytes::from(body)),
+        )
+        .await?;
+    }
+    bounded("flushing the revocation to nats", nats.flush()).await?;
+    Ok(revocations)
+}
+
+/// Reads every revocation under `revocations/` into `into`; returns how many were new.
+pub async fn load_revocations(storage: &dyn ObjectStorage, into: &Revocations) -> Result<usize> {
+    let keys: Vec<String> = bounded(
+        "listing revocations",
+        storage
+            .list(REVOCATIONS_PREFIX)
+            .collect::<Vec<_>>()
+            .map(|results| {
+                results
+                    .into_iter()
+                    .collect::<std::result::Result<Vec<_>, _>>()
+            }),
+    )
+    .await?;
+    let mut added = 0;
+    for key in keys {
+        let Some(stored) = bounded("reading a revocation", storage.get(&key)).await? else {
+            continue;
+        };
+        match serde_json::from_slice::<Revocation>(&stored.bytes) {
+            Ok(revocation) if revocation.object_key() == key => {
+                if into.insert(&revocation) {
+                    added += 1;
+                }
+            }
+            _ => tracing::warn!(key, "ignoring a malformed revocation object"),
+        }
+    }
+    Ok(added)
+}
+
+use futures::FutureExt as _;
+
+/// Connects to NATS as `[nats]` says (url, credentials file, token).
+pub(crate) async fn connect_nats(config: &Config) -> Result<async_nats::Client> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name("ringvault-revocations")
+        .connection_timeout(Duration::from_secs(5));
+    if !config.nats.credentials_file.is_empty() {
+        options = options
+            .credentials_file(&config.nats.credentials_file)
+            .await
+            .map_err(|error| Error::invalid_argument(format!("nats.credentials_file: {error}")))?;
+    }
+    if !config.nats.token.is_empty() {
+        options = options.token(config.nats.token.clone());
+    }
+    options
+        .connect(config.nats.url.as_str())
+        .await
+        .map_err(|error| {
+            Error::unavailable(format!(
+                "cannot connect to nats at {}: {error}",
+                config.nats.url
+            ))
+        })
+}
+
+fn apply_message(revocations: &Revocations, payload: &[u8]) {
+    match serde_json::from_slice::<Revocation>(payload) {
+        Ok(revocation) => {
+            if revocations.insert(&revocation) {
+                tracing::info!(revocation = revocation.describe(), "credential revoked");
+            }
+        }
+        Err(_) => tracing::warn!("ignoring a malformed revocation message"),
+    }
+}
+
+/// Keeps `revocations` current until aborted: loads the store, subscribes to the revocation
+/// subject, loads again (nothing published in between is lost), signals `ready`, then applies
+/// every message and re-reads the store every minute.
+pub(crate) async fn sync_forever(
+    config: Arc<Config>,
+    revocations: Arc<Revocations>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
+    let backend = loop {
+        match crate::server::open_backend(&config).await {
+            Ok(backend) => break backend,
+            Err(error) => {
+                tracing::warn!(%error, "revocations: cannot open the store; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    let load = |why: &'static str| {
+        let backend = backend.clone();
+        let revocations = revocations.clone();
+        async move {
+            match load_revocations(&*backend, &revocations).await {
+                Ok(added) if added > 0 => tracing::info!(added, why, "revocations loaded"),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, why, "revocations: cannot read the store"),
+            }
+        }
+    };
+    load("start").await;
+    let subject = revocation_subject(&config.nats.prefix);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let subscriber = match connect_nats(&config).await {
+            Ok(client) => client
+                .subscribe(subject.clone())
+                .await
+                .map(|sub| (client, sub)),
+            Err(error) => {
+                tracing::warn!(%error, "revocations: cannot connect to nats; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        let (_client, mut subscriber) = match subscriber {
+            Ok(pair) => pair,
+            Err(error) => {
+                tracing::warn!(%error, subject, "revocations: cannot subscribe; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        load("subscribed").await;
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(());
+        }
+        let mut resync = tokio::time::interval(RESYNC_PERIOD);
+        resync.tick().await;
+        loop {
+            tokio::select! {
+                message = subscriber.next() => match message {
+                    Some(message) => apply_message(&revocations, &message.payload),
+                    None => break,
+                },
+                _ = resync.tick() => load("periodic").await,
+            }
+        }
+        tracing::warn!(
+            subject,
+            "revocations: subscription ended; subscribing again"
+        );
+    }
+}
+
+/// An error for a revoked credential.
+pub(crate) fn revoked() -> Error {
+    Error::new(Kind::InvalidToken, "token has been revoked")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::ObjectStoreBackend;
+
+    #[test]
+    fn opaque_arguments_revoke_token_and_jti_without_keeping_them() {
+        let revocations = revocations_for("rv_static_secret");
+        assert_eq!(revocations.len(), 2);
+        for revocation in &revocations {
+            assert!(!revocation.object_key().contains("rv_static_secret"));
+            assert!(!serde_json::to_string(revocation)
+                .unwrap()
+                .contains("rv_static_secret"));
+        }
+        let set = Revocations::new();
+        for revocation in &revocations {
+            assert!(set.insert(revocation));
+        }
+        assert!(!set.insert(&revocations[0]));
+        assert_eq!(set.generation(), 2);
+        assert!(set.is_revoked(&token_digest("rv_static_secret"), None));
+        assert!(set.is_revoked(&token_digest("other"), Some("rv_static_secret")));
+        assert!(!set.is_revoked(&token_digest("other"), Some("jti-2")));
+    }
+
+    #[tokio::test]
+    async fn stored_revocations_load() {
+        let store = ObjectStoreBackend::in_memory();
+        for revocation in revocations_for("a.b.c") {
+            store
+                .put(
+                    &revocation.object_key(),
+                    Bytes::from(serde_json::to_vec(&revocation).unwrap()),
+                    PutCondition::Overwrite,
+                )
+                .await
+                .unwrap();
+        }
+        store
+            .put(
+                "revocations/garbage",
+                Bytes::from_static(b"{}"),
+                PutCondition::Overwrite,
+            )
+            .await
+            .unwrap();
+        let set = Revocations::new();
+        assert_eq!(load_revocations(&store, &set).await.unwrap(), 1);
+        assert!(set.is_revoked(&token_digest("a.b.c"), None));
+        assert_eq!(load_revocations(&store, &set).await.unwrap(), 0);
+    }
+}

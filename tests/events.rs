@@ -1,0 +1,277 @@
+//! Key events on NATS (and JetStream), rotation seen by every replica, scheduled rotation,
+//! DescribeKeyring, and service discovery.
+
+mod common;
+
+use std::time::Duration;
+
+use common::service::{eventually, TestEnv};
+use futures::StreamExt as _;
+use ringvault::protocol::{
+    keyring_token, DekCause, DekCreated, DescribeKeyringRequest, DescribeKeyringResponse,
+    Format, Method,
+};
+
+async fn next_event(subscriber: &mut async_nats::Subscriber) -> (String, DekCreated, String) {
+    let message = tokio::time::timeout(Duration::from_secs(5), subscriber.next())
+        .await
+        .expect("an event within 5 s")
+        .expect("subscription open");
+    let msg_id = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get("Nats-Msg-Id"))
+        .map(|value| value.as_str().to_owned())
+        .expect("Nats-Msg-Id header");
+    let event: DekCreated = serde_json::from_slice(&message.payload).expect("documented payload");
+    (message.subject.to_string(), event, msg_id)
+}
+
+#[tokio::test]
+async fn a_subscriber_receives_dek_created_for_first_use_and_rotation() {
+    let env = TestEnv::start().await;
+    let _server = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    let watcher = async_nats::connect(env.nats.url()).await.unwrap();
+    let mut all = watcher.subscribe("vault.v1.events.>").await.unwrap();
+    watcher.flush().await.unwrap();
+
+    let keyring = "org/team.a";
+    let first = client.encrypt(keyring, "x").await.unwrap();
+    let (subject, event, msg_id) = next_event(&mut all).await;
+    assert_eq!(subject, format!("vault.v1.events.{}.dek.created", keyring_token(keyring)));
+    assert_eq!(subject, "vault.v1.events.org/team%2Ea.dek.created");
+    assert_eq!(event.version, 1);
+    assert_eq!(event.keyring, keyring);
+    assert_eq!(event.key_id, first.key_id);
+    assert_eq!(event.previous_key_id, None);
+    assert_eq!(event.cause, DekCause::FirstUse);
+    assert_eq!(msg_id, format!("dek.created:{keyring}:{}", first.key_id));
+
+    let rotated = client.rotate(keyring).await.unwrap();
+    let (_, event, _) = next_event(&mut all).await;
+    assert_eq!(event.key_id, rotated.key_id);
+    assert_eq!(event.previous_key_id.as_deref(), Some(first.key_id.as_str()));
+    assert_eq!(event.cause, DekCause::Manual);
+
+    // Cache hits publish nothing.
+    client.encrypt(keyring, "y").await.unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(300), all.next()).await;
+    assert!(quiet.is_err(), "no event for a cached encrypt");
+}
+
+#[tokio::test]
+async fn with_jetstream_a_subscriber_that_was_away_replays_what_it_missed() {
+    let env = TestEnv {
+        nats: common::NatsServer::start_jetstream().await,
+        ..TestEnv::start().await
+    };
+    let _server = env
+        .service(&[("RINGVAULT_EVENTS_JETSTREAM", "true"), ("RINGVAULT_EVENTS_STREAM", "RV_EVENTS")])
+        .await;
+    let client = env.client(Format::Protobuf).await;
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(nats);
+    let stream = jetstream.get_stream("RV_EVENTS").await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("auditor".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // The subscriber reads one event, goes away, and misses two.
+    client.encrypt("ws_js", "a").await.unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let first = messages.next().await.unwrap().unwrap();
+    first.ack().await.unwrap();
+    drop(messages);
+    let rotated = client.rotate("ws_js").await.unwrap();
+    client.encrypt("ws_js_2", "b").await.unwrap();
+
+    // Back: the durable consumer replays exactly the missed ones.
+    let mut messages = consumer.messages().await.unwrap();
+    let mut missed = Vec::new();
+    for _ in 0..2 {
+        let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let event: DekCreated = serde_json::from_slice(&message.payload).unwrap();
+        message.ack().await.unwrap();
+        missed.push(event);
+    }
+    assert_eq!(missed[0].key_id, rotated.key_id);
+    assert_eq!(missed[1].keyring, "ws_js_2");
+}
+
+#[tokio::test]
+async fn a_rotation_on_one_replica_reaches_the_others_within_a_second() {
+    let env = TestEnv::start().await;
+    let first = env.service(&[]).await;
+    let second = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    let keyring = "ws_spread";
+    let original = client.encrypt(keyring, "warm").await.unwrap();
+    // Warm both replicas' caches through the queue group.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            client.encrypt(keyring, "warm").await.unwrap();
+            first.keyrings().peek_latest(keyring).is_some()
+                && second.keyrings().peek_latest(keyring).is_some()
+        })
+        .await,
+        "both replicas cache the keyring"
+    );
+    let rotated = client.rotate(keyring).await.unwrap();
+    assert_ne!(rotated.key_id, original.key_id);
+    let started = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            [&first, &second].iter().all(|server| {
+                server
+                    .keyrings()
+                    .peek_latest(keyring)
+                    .is_some_and(|dek| dek.id() == rotated.key_id)
+            })
+        })
+        .await,
+        "every replica uses the new key within 1 s"
+    );
+    eprintln!("rotation applied on both replicas after {:?}", started.elapsed());
+    for _ in 0..20 {
+        assert_eq!(client.encrypt(keyring, "after").await.unwrap().key_id, rotated.key_id);
+    }
+}
+
+#[tokio::test]
+async fn scheduled_rotation_happens_once_across_two_replicas() {
+    let env = TestEnv::start().await;
+    let schedule = [
+        ("RINGVAULT_ROTATION_ROTATE_AFTER_SECS", "3"),
+        ("RINGVAULT_ROTATION_CHECK_INTERVAL_SECS", "1"),
+    ];
+    let first = env.service(&schedule).await;
+    let second = env.service(&schedule).await;
+    let client = env.client(Format::Protobuf).await;
+    let watcher = async_nats::connect(env.nats.url()).await.unwrap();
+    let mut events = watcher.subscribe("vault.v1.events.ws_sched.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    let original = client.encrypt("ws_sched", "x").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            client.encrypt("ws_sched", "warm").await.unwrap();
+            first.keyrings().peek_latest("ws_sched").is_some()
+                && second.keyrings().peek_latest("ws_sched").is_some()
+        })
+        .await
+    );
+    let (_, created, _) = next_event(&mut events).await;
+    assert_eq!(created.cause, DekCause::FirstUse);
+    // Within the next ~5 s exactly one scheduled rotation happens (the next is due 3 s later).
+    let (_, scheduled, _) = tokio::time::timeout(Duration::from_secs(6), next_event(&mut events))
+        .await
+        .unwrap();
+    assert_eq!(scheduled.cause, DekCause::Scheduled);
+    assert_eq!(scheduled.previous_key_id.as_deref(), Some(original.key_id.as_str()));
+    let another = tokio::time::timeout(Duration::from_millis(1500), events.next()).await;
+    assert!(another.is_err(), "a second replica did not rotate again");
+    let dek_files = common::service::files_under(&env.store_path().join("keyring/ws_sched"))
+        .into_iter()
+        .filter(|path| path.file_name().unwrap() != "LATEST")
+        .count();
+    assert_eq!(dek_files, 2, "the first key and one scheduled rotation");
+}
+
+#[tokio::test]
+async fn describe_keyring_lists_keys_without_material() {
+    let env = TestEnv::start().await;
+    let _server = env.service(&[]).await;
+    let client = env.client(Format::Json).await;
+    let first = client.encrypt("ws_desc", "x").await.unwrap();
+    // A deeper keyring shares the prefix but is not listed.
+    client.encrypt("ws_desc/inner", "x").await.unwrap();
+    let second = client.rotate("ws_desc").await.unwrap();
+    let described: DescribeKeyringResponse = client
+        .call(
+            Method::DescribeKeyring,
+            &DescribeKeyringRequest {
+                keyring: "ws_desc".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(described.count, 2);
+    assert_eq!(described.latest_key_id, second.key_id);
+    let ids: Vec<&str> = described.keys.iter().map(|key| key.key_id.as_str()).collect();
+    assert_eq!(ids, [first.key_id.as_str(), second.key_id.as_str()]);
+    assert!(described.keys.iter().all(|key| key.created_at > 0));
+}
+
+#[tokio::test]
+async fn discovery_lists_every_endpoint_and_counts_requests() {
+    let env = TestEnv::start().await;
+    let _server = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    client.liveness().await.unwrap();
+    client.encrypt("ws_srv", "x").await.unwrap();
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    let info = nats.request("$SRV.INFO.ringvault", "".into()).await.unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    let subjects: Vec<&str> = info["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|endpoint| endpoint["subject"].as_str().unwrap())
+        .collect();
+    for method in Method::ALL {
+        assert!(subjects.contains(&method.subject("vault.v1").as_str()), "{subjects:?}");
+    }
+    let stats = nats.request("$SRV.STATS.ringvault", "".into()).await.unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    let encrypt = stats["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|endpoint| endpoint["name"] == "Encrypt")
+        .unwrap();
+    assert!(encrypt["num_requests"].as_u64().unwrap() >= 1, "{encrypt}");
+}
+
+#[tokio::test]
+async fn roll_deks_publishes_kek_rolled_with_its_counts() {
+    let env = TestEnv::start().await;
+    let server = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    client.encrypt("ws_roll_a", "x").await.unwrap();
+    client.encrypt("ws_roll_b", "y").await.unwrap();
+    server.shutdown().await.unwrap();
+
+    let watcher = async_nats::connect(env.nats.url()).await.unwrap();
+    let mut rolled = watcher.subscribe("vault.v1.events.%.kek.rolled").await.unwrap();
+    watcher.flush().await.unwrap();
+    let new_key = ringvault::crypto::Kek::generate();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
+        .arg("roll-deks")
+        .env("RINGVAULT_NATS_URL", env.nats.url())
+        .env("RINGVAULT_STORAGE_PATH", env.store_path())
+        .env("RINGVAULT_MASTER_KEY_CURRENT", new_key.to_base64().as_str())
+        .env("RINGVAULT_MASTER_KEY_PREVIOUS", &env.master_key)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("re-sealed"), "summary table: {stdout}");
+    let message = tokio::time::timeout(Duration::from_secs(5), rolled.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let event: ringvault::protocol::KekRolled = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(event.version, 1);
+    assert_eq!(event.kek_id, new_key.id());
+    assert_eq!((event.scanned, event.resealed, event.failed), (4, 4, 0));
+    assert!(message.headers.unwrap().get("Nats-Msg-Id").is_some());
+}

@@ -1,0 +1,166 @@
+//! Health and metrics over HTTP with role tokens: every 401 and 403 case, counters moving,
+//! and the refusal to start without a token secret.
+
+mod common;
+
+use std::time::Duration;
+
+use common::service::TestEnv;
+use ringvault::auth::{Claims, SignedTokens};
+use ringvault::protocol::Format;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const SECRET: &str = "http-role-token-secret-of-at-least-32-bytes";
+
+fn role_token(secret: &str, roles: &[&str], audience: Option<&str>, ttl: Duration) -> String {
+    let tokens = SignedTokens::new(
+        &[secret.as_bytes()],
+        "ringvault",
+        audience.map(str::to_owned),
+        Duration::from_secs(0),
+        "tenant_id",
+    )
+    .unwrap();
+    let mut claims = Claims::new("prometheus", ttl);
+    claims.roles = roles.iter().map(|role| role.to_string()).collect();
+    if let Some(audience) = audience {
+        claims.aud = vec![audience.to_owned()];
+    }
+    tokens.issue(&claims).unwrap()
+}
+
+/// A minimal HTTP/1.1 GET: status and body.
+async fn get(address: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let authorization = token
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{authorization}Connection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn counter_sum(metrics: &str, name: &str, must_contain: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(name) && line.contains(must_contain))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn health_and_metrics_need_their_roles() {
+    let env = TestEnv::start().await;
+    let server = env
+        .service(&[
+            ("RINGVAULT_HTTP_LISTEN", "127.0.0.1:0"),
+            ("RINGVAULT_HTTP_TOKEN_SECRET", SECRET),
+            ("RINGVAULT_HTTP_AUDIENCE", "ringvault-ops"),
+        ])
+        .await;
+    let address = server.http_address().unwrap();
+    let hour = Duration::from_secs(3600);
+    let health_only = role_token(SECRET, &["runtime.health:read"], Some("ringvault-ops"), hour);
+    let both = role_token(
+        SECRET,
+        &["runtime.health:read", "runtime.metrics:read"],
+        Some("ringvault-ops"),
+        hour,
+    );
+
+    assert_eq!(get(address, "/health/live", None).await, (200, "ok".into()));
+
+    // 401: missing, malformed, wrong secret, wrong audience, expired.
+    let wrong_secret = role_token(
+        "another-secret-that-is-also-32-bytes-long",
+        &["runtime.health:read"],
+        Some("ringvault-ops"),
+        hour,
+    );
+    let wrong_audience = role_token(SECRET, &["runtime.health:read"], Some("elsewhere"), hour);
+    for token in [None, Some("garbage"), Some(wrong_secret.as_str()), Some(wrong_audience.as_str())] {
+        let (status, body) = get(address, "/health", token).await;
+        assert_eq!(status, 401, "{token:?}: {body}");
+    }
+    let expired = {
+        let tokens = SignedTokens::new(
+            &[SECRET.as_bytes()],
+            "ringvault",
+            Some("ringvault-ops".into()),
+            Duration::from_secs(0),
+            "tenant_id",
+        )
+        .unwrap();
+        let mut claims = Claims::new("prometheus", hour);
+        claims.roles = vec!["runtime.health:read".into()];
+        claims.aud = vec!["ringvault-ops".into()];
+        claims.exp = claims.iat.unwrap_or(0).saturating_sub(3600);
+        claims.nbf = None;
+        tokens.issue(&claims).unwrap()
+    };
+    let (status, body) = get(address, "/health", Some(&expired)).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("token_expired"), "{body}");
+
+    // 403: valid token without the role.
+    let no_roles = role_token(SECRET, &[], Some("ringvault-ops"), hour);
+    assert_eq!(get(address, "/health", Some(&no_roles)).await.0, 403);
+    assert_eq!(get(address, "/metrics", Some(&health_only)).await.0, 403);
+
+    let (status, body) = get(address, "/health", Some(&health_only)).await;
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["status"], "ok", "{report}");
+    assert_eq!(report["actors"]["gateway"], "up");
+
+    // Counters move.
+    let (status, before) = get(address, "/metrics", Some(&both)).await;
+    assert_eq!(status, 200);
+    let client = env.client(Format::Protobuf).await;
+    for _ in 0..5 {
+        client.encrypt("ws_metrics", "x").await.unwrap();
+    }
+    let _ = client
+        .with_token(Some("wrong".into()))
+        .encrypt("ws_metrics", "x")
+        .await;
+    let (_, after) = get(address, "/metrics", Some(&both)).await;
+    let encrypts = |text: &str| counter_sum(text, "ringvault_requests_total", "method=\"Encrypt\",code=\"ok\"");
+    assert_eq!(encrypts(&after) - encrypts(&before), 5.0, "{after}");
+    assert!(counter_sum(&after, "ringvault_auth_failures_total", "invalid_token") >= 1.0);
+    assert!(counter_sum(&after, "ringvault_cache_hits_total", "") >= 4.0);
+    assert!(after.contains("ringvault_request_duration_seconds_bucket"), "histograms");
+    assert!(counter_sum(&after, "ringvault_rotations_total", "first_use") >= 1.0);
+    assert!(after.contains("ringvault_cache_keys"));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_http_server_refuses_to_start_without_its_secret() {
+    let env = TestEnv::start().await;
+    for secret in ["", "too-short"] {
+        let error = ringvault::config::Config::from_sources(
+            None,
+            [
+                ("RINGVAULT_HTTP_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+                ("RINGVAULT_HTTP_TOKEN_SECRET".to_owned(), secret.to_owned()),
+                ("RINGVAULT_NATS_URL".to_owned(), env.nats.url()),
+            ],
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("http.token_secret"), "{error}");
+    }
+}

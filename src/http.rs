@@ -37,7 +37,9 @@ pub fn metrics_handle() -> PrometheusHandle {
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
-                tracing::warn!("a metrics recorder was installed already; /metrics shows none of ringvault's");
+                tracing::warn!(
+                    "a metrics recorder was installed already; /metrics shows none of ringvault's"
+                );
             }
             handle
         })
@@ -88,12 +90,30 @@ async fn live() -> &'static str {
     "ok"
 }
 
-fn refusal(status: StatusCode, code: &str, message: String) -> Response {
-    (status, Json(json!({ "code": code, "message": message }))).into_response()
+/// Why a request was refused: the status and the error body.
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let body = json!({ "code": self.code, "message": self.message });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+fn refusal(status: StatusCode, code: &'static str, message: String) -> Refusal {
+    Refusal {
+        status,
+        code,
+        message,
+    }
 }
 
 /// Checks the bearer token for every one of `roles`.
-fn authorize(state: &HttpState, headers: &HeaderMap, roles: &[&str]) -> Result<(), Response> {
+fn authorize(state: &HttpState, headers: &HeaderMap, roles: &[&str]) -> Result<(), Refusal> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok());
@@ -102,9 +122,16 @@ fn authorize(state: &HttpState, headers: &HeaderMap, roles: &[&str]) -> Result<(
         .map_err(|error| {
             metrics::counter!("ringvault_auth_failures_total", "code" => error.kind().code())
                 .increment(1);
-            refusal(StatusCode::UNAUTHORIZED, error.kind().code(), error.message().to_owned())
+            refusal(
+                StatusCode::UNAUTHORIZED,
+                error.kind().code(),
+                error.message().to_owned(),
+            )
         })?;
-    if let Some(missing) = roles.iter().find(|role| !claims.roles.iter().any(|held| held == *role)) {
+    if let Some(missing) = roles
+        .iter()
+        .find(|role| !claims.roles.iter().any(|held| held == *role))
+    {
         metrics::counter!("ringvault_auth_failures_total", "code" => Kind::AccessDenied.code())
             .increment(1);
         return Err(refusal(
@@ -118,7 +145,7 @@ fn authorize(state: &HttpState, headers: &HeaderMap, roles: &[&str]) -> Result<(
 
 async fn health_report(State(state): State<HttpState>, headers: HeaderMap) -> Response {
     if let Err(refused) = authorize(&state, &headers, &[HEALTH_ROLE]) {
-        return refused;
+        return refused.into_response();
     }
     let (report, healthy) = state.health.report();
     let status = if healthy {
@@ -131,7 +158,7 @@ async fn health_report(State(state): State<HttpState>, headers: HeaderMap) -> Re
 
 async fn metrics_text(State(state): State<HttpState>, headers: HeaderMap) -> Response {
     if let Err(refused) = authorize(&state, &headers, &[HEALTH_ROLE, METRICS_ROLE]) {
-        return refused;
+        return refused.into_response();
     }
     state.health.update_gauges();
     (

@@ -449,7 +449,10 @@ async fn announce_roll(config: &Config, kek_id: &str, report: &ringvault::keyrin
     .await;
     match published {
         Ok(()) => eprintln!("published kek.rolled on {}", config.nats.url),
-        Err(error) => eprintln!("note: kek.rolled not published ({error}); nats at {} is not reachable", config.nats.url),
+        Err(error) => eprintln!(
+            "note: kek.rolled not published ({error}); nats at {} is not reachable",
+            config.nats.url
+        ),
     }
 }
 

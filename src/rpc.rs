@@ -9,9 +9,9 @@ use crate::crypto::validate_envelope;
 use crate::error::{Error, Kind, Result};
 use crate::protocol::{
     decode_envelope, encode_envelope, DecryptBulkRequest, DecryptBulkResponse, DecryptRequest,
-    DecryptResponse, EncryptBulkRequest, EncryptBulkResponse, EncryptBulkResponseItem,
-    EncryptRequest, EncryptResponse, ReEncryptRequest, ReEncryptResponse, RotateKeyringRequest,
-    RotateKeyringResponse, DescribeKeyringRequest, DescribeKeyringResponse, KeyInfo,
+    DecryptResponse, DescribeKeyringRequest, DescribeKeyringResponse, EncryptBulkRequest,
+    EncryptBulkResponse, EncryptBulkResponseItem, EncryptRequest, EncryptResponse, KeyInfo,
+    ReEncryptRequest, ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse,
 };
 use crate::storage::validate_keyring;
 

@@ -11,13 +11,13 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::watch;
 
 use crate::actors::{
-    ActorSlot, ActorStorage, AuthHandle, EventStream, EventsArgs, EventsHandle, GatewayArgs,
-    Hooks, KeyringRegistry, SupervisionPolicy, Supervisor, SupervisorArgs, SupervisorMsg,
+    ActorSlot, ActorStorage, AuthHandle, EventStream, EventsArgs, EventsHandle, GatewayArgs, Hooks,
+    KeyringRegistry, SupervisionPolicy, Supervisor, SupervisorArgs, SupervisorMsg,
 };
 use crate::auth::{Authenticator, CredentialSource, Principal, StaticToken, StaticTokens};
 use crate::config::Config;
-use crate::http::HealthSource;
 use crate::crypto::{Kek, MasterKeys};
+use crate::http::HealthSource;
 use crate::keyring::{CachePolicy, KeyringStore, Keyrings, RotationPolicy};
 use crate::rpc::Vault;
 use crate::storage::{ObjectStorage, ObjectStoreBackend, S3Settings, Storage, StoragePolicy};
@@ -70,10 +70,13 @@ struct HttpServer {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// Whether one actor is up.
+type AliveCheck = Box<dyn Fn() -> bool + Send + Sync>;
+
 /// What `/health` reports: the NATS connection, the permanent actors, the cache.
 struct ServiceHealth {
     nats: async_nats::Client,
-    actors: Vec<(&'static str, Box<dyn Fn() -> bool + Send + Sync>)>,
+    actors: Vec<(&'static str, AliveCheck)>,
     keyrings: Keyrings,
 }
 
@@ -86,7 +89,10 @@ impl HealthSource for ServiceHealth {
         for (name, alive) in &self.actors {
             let up = alive();
             healthy &= up;
-            actors.insert((*name).to_owned(), serde_json::Value::from(if up { "up" } else { "down" }));
+            actors.insert(
+                (*name).to_owned(),
+                serde_json::Value::from(if up { "up" } else { "down" }),
+            );
         }
         let report = serde_json::json!({
             "status": if healthy { "ok" } else { "degraded" },
@@ -232,7 +238,9 @@ impl Server {
         let http = start_http(config, health).await?;
         let (supervisor, _) = Actor::spawn(None, Supervisor, args)
             .await
-            .map_err(|error| ServerError::Unavailable(format!("cannot start the actors: {error}")))?;
+            .map_err(|error| {
+                ServerError::Unavailable(format!("cannot start the actors: {error}"))
+            })?;
         Ok(Server {
             supervisor,
             fatal,
@@ -323,25 +331,25 @@ pub async fn run(
     Server::start(config, nats).await?.run_until(shutdown).await
 }
 
-fn alive<M: ractor::Message>(slot: &Arc<ActorSlot<M>>) -> Box<dyn Fn() -> bool + Send + Sync> {
+fn alive<M: ractor::Message>(slot: &Arc<ActorSlot<M>>) -> AliveCheck {
     let slot = slot.clone();
     Box::new(move || slot.get().is_some())
 }
 
 /// Starts the health and metrics endpoint when `http.listen` is set.
-async fn start_http(config: &Config, health: ServiceHealth) -> Result<Option<HttpServer>, ServerError> {
+async fn start_http(
+    config: &Config,
+    health: ServiceHealth,
+) -> Result<Option<HttpServer>, ServerError> {
     crate::http::metrics_handle();
     if config.http.listen.is_empty() {
         return Ok(None);
     }
-    let tokens = crate::auth::SignedTokens::new(
-        &[config.http.token_secret.as_bytes()],
-        config.auth.issuer.clone(),
-        Some(config.http.audience.clone()),
-        Duration::from_secs(config.auth.leeway_secs),
-        config.auth.workspace_claim.clone(),
-    )
-    .map_err(|error| ServerError::Config(format!("http.token_secret: {}", error.message())))?;
+    let tokens = crate::auth::SignedTokens::http_from_config(config)
+        .map_err(|error| ServerError::Config(format!("http.token_secret: {}", error.message())))?
+        .ok_or_else(|| {
+            ServerError::Config("http.token_secret is required with http.listen".into())
+        })?;
     let listener = tokio::net::TcpListener::bind(&config.http.listen)
         .await
         .map_err(|error| {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::service::{eventually, TestEnv};
 use futures::StreamExt as _;
 use ringvault::protocol::{
-    keyring_token, DekCause, DekCreated, DescribeKeyringRequest, DescribeKeyringResponse,
-    Format, Method,
+    keyring_token, DekCause, DekCreated, DescribeKeyringRequest, DescribeKeyringResponse, Format,
+    Method,
 };
 
 async fn next_event(subscriber: &mut async_nats::Subscriber) -> (String, DekCreated, String) {
@@ -39,7 +39,10 @@ async fn a_subscriber_receives_dek_created_for_first_use_and_rotation() {
     let keyring = "org/team.a";
     let first = client.encrypt(keyring, "x").await.unwrap();
     let (subject, event, msg_id) = next_event(&mut all).await;
-    assert_eq!(subject, format!("vault.v1.events.{}.dek.created", keyring_token(keyring)));
+    assert_eq!(
+        subject,
+        format!("vault.v1.events.{}.dek.created", keyring_token(keyring))
+    );
     assert_eq!(subject, "vault.v1.events.org/team%2Ea.dek.created");
     assert_eq!(event.version, 1);
     assert_eq!(event.keyring, keyring);
@@ -51,7 +54,10 @@ async fn a_subscriber_receives_dek_created_for_first_use_and_rotation() {
     let rotated = client.rotate(keyring).await.unwrap();
     let (_, event, _) = next_event(&mut all).await;
     assert_eq!(event.key_id, rotated.key_id);
-    assert_eq!(event.previous_key_id.as_deref(), Some(first.key_id.as_str()));
+    assert_eq!(
+        event.previous_key_id.as_deref(),
+        Some(first.key_id.as_str())
+    );
     assert_eq!(event.cause, DekCause::Manual);
 
     // Cache hits publish nothing.
@@ -67,7 +73,10 @@ async fn with_jetstream_a_subscriber_that_was_away_replays_what_it_missed() {
         ..TestEnv::start().await
     };
     let _server = env
-        .service(&[("RINGVAULT_EVENTS_JETSTREAM", "true"), ("RINGVAULT_EVENTS_STREAM", "RV_EVENTS")])
+        .service(&[
+            ("RINGVAULT_EVENTS_JETSTREAM", "true"),
+            ("RINGVAULT_EVENTS_STREAM", "RV_EVENTS"),
+        ])
         .await;
     let client = env.client(Format::Protobuf).await;
     let nats = async_nats::connect(env.nats.url()).await.unwrap();
@@ -140,9 +149,15 @@ async fn a_rotation_on_one_replica_reaches_the_others_within_a_second() {
         .await,
         "every replica uses the new key within 1 s"
     );
-    eprintln!("rotation applied on both replicas after {:?}", started.elapsed());
+    eprintln!(
+        "rotation applied on both replicas after {:?}",
+        started.elapsed()
+    );
     for _ in 0..20 {
-        assert_eq!(client.encrypt(keyring, "after").await.unwrap().key_id, rotated.key_id);
+        assert_eq!(
+            client.encrypt(keyring, "after").await.unwrap().key_id,
+            rotated.key_id
+        );
     }
 }
 
@@ -157,7 +172,10 @@ async fn scheduled_rotation_happens_once_across_two_replicas() {
     let second = env.service(&schedule).await;
     let client = env.client(Format::Protobuf).await;
     let watcher = async_nats::connect(env.nats.url()).await.unwrap();
-    let mut events = watcher.subscribe("vault.v1.events.ws_sched.>").await.unwrap();
+    let mut events = watcher
+        .subscribe("vault.v1.events.ws_sched.>")
+        .await
+        .unwrap();
     watcher.flush().await.unwrap();
     let original = client.encrypt("ws_sched", "x").await.unwrap();
     assert!(
@@ -175,7 +193,10 @@ async fn scheduled_rotation_happens_once_across_two_replicas() {
         .await
         .unwrap();
     assert_eq!(scheduled.cause, DekCause::Scheduled);
-    assert_eq!(scheduled.previous_key_id.as_deref(), Some(original.key_id.as_str()));
+    assert_eq!(
+        scheduled.previous_key_id.as_deref(),
+        Some(original.key_id.as_str())
+    );
     let another = tokio::time::timeout(Duration::from_millis(1500), events.next()).await;
     assert!(another.is_err(), "a second replica did not rotate again");
     let dek_files = common::service::files_under(&env.store_path().join("keyring/ws_sched"))
@@ -205,7 +226,11 @@ async fn describe_keyring_lists_keys_without_material() {
         .unwrap();
     assert_eq!(described.count, 2);
     assert_eq!(described.latest_key_id, second.key_id);
-    let ids: Vec<&str> = described.keys.iter().map(|key| key.key_id.as_str()).collect();
+    let ids: Vec<&str> = described
+        .keys
+        .iter()
+        .map(|key| key.key_id.as_str())
+        .collect();
     assert_eq!(ids, [first.key_id.as_str(), second.key_id.as_str()]);
     assert!(described.keys.iter().all(|key| key.created_at > 0));
 }
@@ -218,7 +243,10 @@ async fn discovery_lists_every_endpoint_and_counts_requests() {
     client.liveness().await.unwrap();
     client.encrypt("ws_srv", "x").await.unwrap();
     let nats = async_nats::connect(env.nats.url()).await.unwrap();
-    let info = nats.request("$SRV.INFO.ringvault", "".into()).await.unwrap();
+    let info = nats
+        .request("$SRV.INFO.ringvault", "".into())
+        .await
+        .unwrap();
     let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
     let subjects: Vec<&str> = info["endpoints"]
         .as_array()
@@ -227,9 +255,15 @@ async fn discovery_lists_every_endpoint_and_counts_requests() {
         .map(|endpoint| endpoint["subject"].as_str().unwrap())
         .collect();
     for method in Method::ALL {
-        assert!(subjects.contains(&method.subject("vault.v1").as_str()), "{subjects:?}");
+        assert!(
+            subjects.contains(&method.subject("vault.v1").as_str()),
+            "{subjects:?}"
+        );
     }
-    let stats = nats.request("$SRV.STATS.ringvault", "".into()).await.unwrap();
+    let stats = nats
+        .request("$SRV.STATS.ringvault", "".into())
+        .await
+        .unwrap();
     let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
     let encrypt = stats["endpoints"]
         .as_array()
@@ -250,7 +284,10 @@ async fn roll_deks_publishes_kek_rolled_with_its_counts() {
     server.shutdown().await.unwrap();
 
     let watcher = async_nats::connect(env.nats.url()).await.unwrap();
-    let mut rolled = watcher.subscribe("vault.v1.events.%.kek.rolled").await.unwrap();
+    let mut rolled = watcher
+        .subscribe("vault.v1.events.%.kek.rolled")
+        .await
+        .unwrap();
     watcher.flush().await.unwrap();
     let new_key = ringvault::crypto::Kek::generate();
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
@@ -263,7 +300,11 @@ async fn roll_deks_publishes_kek_rolled_with_its_counts() {
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("re-sealed"), "summary table: {stdout}");
     let message = tokio::time::timeout(Duration::from_secs(5), rolled.next())
         .await

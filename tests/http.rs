@@ -73,7 +73,12 @@ async fn health_and_metrics_need_their_roles() {
         .await;
     let address = server.http_address().unwrap();
     let hour = Duration::from_secs(3600);
-    let health_only = role_token(SECRET, &["runtime.health:read"], Some("ringvault-ops"), hour);
+    let health_only = role_token(
+        SECRET,
+        &["runtime.health:read"],
+        Some("ringvault-ops"),
+        hour,
+    );
     let both = role_token(
         SECRET,
         &["runtime.health:read", "runtime.metrics:read"],
@@ -91,7 +96,12 @@ async fn health_and_metrics_need_their_roles() {
         hour,
     );
     let wrong_audience = role_token(SECRET, &["runtime.health:read"], Some("elsewhere"), hour);
-    for token in [None, Some("garbage"), Some(wrong_secret.as_str()), Some(wrong_audience.as_str())] {
+    for token in [
+        None,
+        Some("garbage"),
+        Some(wrong_secret.as_str()),
+        Some(wrong_audience.as_str()),
+    ] {
         let (status, body) = get(address, "/health", token).await;
         assert_eq!(status, 401, "{token:?}: {body}");
     }
@@ -138,11 +148,20 @@ async fn health_and_metrics_need_their_roles() {
         .encrypt("ws_metrics", "x")
         .await;
     let (_, after) = get(address, "/metrics", Some(&both)).await;
-    let encrypts = |text: &str| counter_sum(text, "ringvault_requests_total", "method=\"Encrypt\",code=\"ok\"");
+    let encrypts = |text: &str| {
+        counter_sum(
+            text,
+            "ringvault_requests_total",
+            "method=\"Encrypt\",code=\"ok\"",
+        )
+    };
     assert_eq!(encrypts(&after) - encrypts(&before), 5.0, "{after}");
     assert!(counter_sum(&after, "ringvault_auth_failures_total", "invalid_token") >= 1.0);
     assert!(counter_sum(&after, "ringvault_cache_hits_total", "") >= 4.0);
-    assert!(after.contains("ringvault_request_duration_seconds_bucket"), "histograms");
+    assert!(
+        after.contains("ringvault_request_duration_seconds_bucket"),
+        "histograms"
+    );
     assert!(counter_sum(&after, "ringvault_rotations_total", "first_use") >= 1.0);
     assert!(after.contains("ringvault_cache_keys"));
     server.shutdown().await.unwrap();

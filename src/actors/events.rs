@@ -107,7 +107,13 @@ pub async fn publish_kek_rolled(
     event: &KekRolled,
 ) -> Result<(), async_nats::Error> {
     let payload = serde_json::to_vec(event)?;
-    publish(nats, store_event_subject(prefix, KEK_ROLLED), event.msg_id(), payload).await?;
+    publish(
+        nats,
+        store_event_subject(prefix, KEK_ROLLED),
+        event.msg_id(),
+        payload,
+    )
+    .await?;
     nats.flush().await?;
     Ok(())
 }
@@ -144,7 +150,11 @@ impl Actor for EventsActor {
                 if event.replica == replica {
                     continue;
                 }
-                tracing::debug!(keyring = event.keyring, key_id = event.key_id, "applying a new latest key from another replica");
+                tracing::debug!(
+                    keyring = event.keyring,
+                    key_id = event.key_id,
+                    "applying a new latest key from another replica"
+                );
                 metrics::counter!("ringvault_events_applied_total").increment(1);
                 registry.apply_latest(&event.keyring, &event.key_id).await;
             }
@@ -188,7 +198,13 @@ impl EventsHandle {
 }
 
 impl KeyEventSink for EventsHandle {
-    fn dek_created(&self, keyring: &str, key_id: &str, previous_key_id: Option<&str>, cause: DekCause) {
+    fn dek_created(
+        &self,
+        keyring: &str,
+        key_id: &str,
+        previous_key_id: Option<&str>,
+        cause: DekCause,
+    ) {
         metrics::counter!("ringvault_rotations_total", "cause" => cause_name(cause)).increment(1);
         let event = DekCreated {
             version: EVENT_VERSION,
@@ -204,7 +220,11 @@ impl KeyEventSink for EventsHandle {
             .get()
             .map(|actor| actor.send_message(EventsMsg::DekCreated(event)).is_ok());
         if sent != Some(true) {
-            tracing::warn!(keyring, key_id, "events actor unavailable: dek.created not published");
+            tracing::warn!(
+                keyring,
+                key_id,
+                "events actor unavailable: dek.created not published"
+            );
         }
     }
 }

@@ -219,7 +219,11 @@ impl KeyringRegistry {
         if !self.keyrings.is_cached(name) {
             return;
         }
-        if self.keyrings.peek_latest(name).is_some_and(|dek| dek.id() == key_id) {
+        if self
+            .keyrings
+            .peek_latest(name)
+            .is_some_and(|dek| dek.id() == key_id)
+        {
             return;
         }
         match self.actor(name).await {
@@ -228,7 +232,9 @@ impl KeyringRegistry {
                     key_id: key_id.to_owned(),
                 });
             }
-            Err(error) => tracing::warn!(keyring = name, %error, "could not apply a new latest key"),
+            Err(error) => {
+                tracing::warn!(keyring = name, %error, "could not apply a new latest key")
+            }
         }
     }
 

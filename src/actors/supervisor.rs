@@ -227,7 +227,9 @@ impl Supervisor {
         }
         state.args.registry.stop_all();
         if let Some(events) = state.args.events_slot.get() {
-            let _ = events.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+            let _ = events
+                .stop_and_wait(None, Some(Duration::from_secs(5)))
+                .await;
         }
         if let Some(auth) = state.args.auth_slot.get() {
             let _ = auth.stop_and_wait(None, Some(Duration::from_secs(5))).await;
@@ -258,7 +260,11 @@ async fn rotate_due_keyrings(registry: &KeyringRegistry, policy: &RotationPolicy
         }
         match registry.rotate_if_older(&name, max_age).await {
             Ok(Some(rotation)) if rotation.won => {
-                tracing::info!(keyring = name, key_id = rotation.dek.id(), "scheduled rotation")
+                tracing::info!(
+                    keyring = name,
+                    key_id = rotation.dek.id(),
+                    "scheduled rotation"
+                )
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(keyring = name, %error, "scheduled rotation failed"),

@@ -151,7 +151,13 @@ impl Keyring {
 /// Where key changes are announced (the events actor in the service).
 pub trait KeyEventSink: Send + Sync + 'static {
     /// `key_id` became the keyring's LATEST, written by this process.
-    fn dek_created(&self, keyring: &str, key_id: &str, previous_key_id: Option<&str>, cause: DekCause);
+    fn dek_created(
+        &self,
+        keyring: &str,
+        key_id: &str,
+        previous_key_id: Option<&str>,
+        cause: DekCause,
+    );
 }
 
 struct Shared {
@@ -215,7 +221,13 @@ impl Keyrings {
         let _ = self.shared.events.set(sink);
     }
 
-    fn announce(&self, keyring: &str, key_id: &str, previous_key_id: Option<&str>, cause: DekCause) {
+    fn announce(
+        &self,
+        keyring: &str,
+        key_id: &str,
+        previous_key_id: Option<&str>,
+        cause: DekCause,
+    ) {
         if let Some(sink) = self.shared.events.get() {
             sink.dek_created(keyring, key_id, previous_key_id, cause);
         }
@@ -223,7 +235,11 @@ impl Keyrings {
 
     /// The names of the keyrings this process caches.
     pub fn cached_names(&self) -> Vec<String> {
-        self.shared.rings.iter().map(|ring| ring.key().clone()).collect()
+        self.shared
+            .rings
+            .iter()
+            .map(|ring| ring.key().clone())
+            .collect()
     }
 
     /// The cached LATEST of keyring `name` with its creation time, without touching storage.
@@ -369,10 +385,19 @@ impl Keyrings {
         current: Option<LatestRead>,
         cause: DekCause,
     ) -> Result<Rotation> {
-        let rotated = self.shared.store.rotate(&ring.name, current.as_ref()).await?;
+        let rotated = self
+            .shared
+            .store
+            .rotate(&ring.name, current.as_ref())
+            .await?;
         let dek = self.install_latest(ring, rotated.dek);
         if rotated.won {
-            self.announce(&ring.name, dek.id(), rotated.previous_key_id.as_deref(), cause);
+            self.announce(
+                &ring.name,
+                dek.id(),
+                rotated.previous_key_id.as_deref(),
+                cause,
+            );
         }
         Ok(Rotation {
             dek,

@@ -208,9 +208,12 @@ impl KeyringStore {
             let Some(object) = self.storage.get(&key).await? else {
                 continue;
             };
-            let stored = EncryptedDataEncryptionKey::decode(object.bytes.as_ref()).map_err(|error| {
-                Error::internal(format!("object {key} is not an EncryptedDataEncryptionKey: {error}"))
-            })?;
+            let stored =
+                EncryptedDataEncryptionKey::decode(object.bytes.as_ref()).map_err(|error| {
+                    Error::internal(format!(
+                        "object {key} is not an EncryptedDataEncryptionKey: {error}"
+                    ))
+                })?;
             if leaf == crate::storage::LATEST {
                 latest_id = Some(stored.id);
             } else {

@@ -152,7 +152,10 @@ mod tests {
         }
         assert_ne!(keyring_token("a%2Eb"), keyring_token("a.b"));
         assert_ne!(keyring_token("a"), STORE_WIDE_TOKEN);
-        assert_eq!(event_subject("vault.v1", "ws.1", DEK_CREATED), "vault.v1.events.ws%2E1.dek.created");
+        assert_eq!(
+            event_subject("vault.v1", "ws.1", DEK_CREATED),
+            "vault.v1.events.ws%2E1.dek.created"
+        );
     }
 
     #[test]

@@ -1,0 +1,432 @@
+//! Signed tokens (HS256) and static tokens over the real NATS path: each failure mode, secret
+//! rotation, policies, and revocation through the same library call as `ringvault token
+//! revoke`, refused within a second and after a restart.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::service::{client, eventually, start_server, TestEnv};
+use ringvault::auth::{Claims, SignedTokens};
+use ringvault::client::Client;
+use ringvault::config::Config;
+use ringvault::protocol::Format;
+use ringvault::Kind;
+
+const OLD: &str = "old-signing-secret-0123456789abcdef";
+const NEW: &str = "new-signing-secret-0123456789abcdef";
+const OTHER: &str = "someone-elses-secret-0123456789abcdef";
+
+fn signer(secret: &str, issuer: &str) -> SignedTokens {
+    SignedTokens::new(&[secret], issuer, None, Duration::ZERO, "tenant_id").unwrap()
+}
+
+fn claims(workspace: &str, permissions: &[&str]) -> Claims {
+    let mut claims = Claims::new("svc-a", Duration::from_secs(600));
+    claims.workspace = Some(workspace.to_owned());
+    claims.permissions = permissions.iter().map(|p| p.to_string()).collect();
+    claims.aud = vec!["vault".to_owned()];
+    claims
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn b64(json: &serde_json::Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string())
+}
+
+async fn kind_of(client: &Client, token: &str, keyring: &str) -> Result<(), Kind> {
+    client
+        .with_token(Some(token.to_owned()))
+        .encrypt(keyring, "hello")
+        .await
+        .map(|_| ())
+        .map_err(|error| error.kind())
+}
+
+fn signed_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("RINGVAULT_AUTH_SIGNING_SECRETS", format!("{NEW},{OLD}")),
+        ("RINGVAULT_AUTH_AUDIENCE", "vault".to_owned()),
+        ("RINGVAULT_AUTH_LEEWAY_SECS", "2".to_owned()),
+    ]
+}
+
+fn pairs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_tokens_each_failure_mode_on_the_wire() {
+    let env = TestEnv::start().await;
+    let settings = signed_env();
+    let service = env.service(&pairs(&settings)).await;
+    let client = env.client(Format::Json).await;
+    let new = signer(NEW, "ringvault");
+
+    let valid = new.issue(&claims("ws_1", &["encrypt"])).unwrap();
+    assert_eq!(kind_of(&client, &valid, "ws_1/app").await, Ok(()));
+    assert_eq!(
+        kind_of(&client, &valid, "ws_2/app").await,
+        Err(Kind::AccessDenied),
+        "another workspace"
+    );
+    let decrypt_only = new.issue(&claims("ws_1", &["decrypt"])).unwrap();
+    assert_eq!(
+        kind_of(&client, &decrypt_only, "ws_1/app").await,
+        Err(Kind::AccessDenied)
+    );
+
+    let mut expired = claims("ws_1", &["encrypt"]);
+    expired.exp = now() - 60;
+    let expired = new.issue(&expired).unwrap();
+    assert_eq!(
+        kind_of(&client, &expired, "ws_1/app").await,
+        Err(Kind::TokenExpired)
+    );
+    let error = client
+        .with_token(Some(expired.clone()))
+        .encrypt("ws_1/app", "x")
+        .await
+        .unwrap_err();
+    assert!(error.message().contains("token expired at"), "{error}");
+    assert!(!error.message().contains(&expired));
+
+    let mut early = claims("ws_1", &["encrypt"]);
+    early.nbf = Some(now() + 300);
+    let early = new.issue(&early).unwrap();
+    assert_eq!(
+        kind_of(&client, &early, "ws_1/app").await,
+        Err(Kind::InvalidToken)
+    );
+
+    let mut wrong_audience = claims("ws_1", &["encrypt"]);
+    wrong_audience.aud = vec!["another-service".into()];
+    let wrong_audience = new.issue(&wrong_audience).unwrap();
+    assert_eq!(
+        kind_of(&client, &wrong_audience, "ws_1/app").await,
+        Err(Kind::InvalidToken)
+    );
+
+    let wrong_issuer = signer(NEW, "not-ringvault")
+        .issue(&claims("ws_1", &["encrypt"]))
+        .unwrap();
+    assert_eq!(
+        kind_of(&client, &wrong_issuer, "ws_1/app").await,
+        Err(Kind::InvalidToken)
+    );
+
+    let bad_signature = signer(OTHER, "ringvault")
+        .issue(&claims("ws_1", &["encrypt"]))
+        .unwrap();
+    assert_eq!(
+        kind_of(&client, &bad_signature, "ws_1/app").await,
+        Err(Kind::InvalidToken)
+    );
+
+    let payload = b64(&claims("ws_1", &["admin"]).to_json("tenant_id"));
+    let alg_none = format!("{}.{payload}.", b64(&serde_json::json!({"alg": "none"})));
+    assert_eq!(
+        kind_of(&client, &alg_none, "ws_1/app").await,
+        Err(Kind::InvalidToken)
+    );
+
+    // HS256 "signed" with a public key as the secret: HS256 only ever checks signing_secrets.
+    let public_pem = std::fs::read("tests/data/jwt_rsa_public.pem").unwrap();
+    let confused = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims("ws_1", &["admin"]).to_json("tenant_id"),
+        &jsonwebtoken::EncodingKey::from_secret(&public_pem),
+    )
+    .unwrap();
+    assert_eq!(
+        kind_of(&client, &confused, "ws_1/app").await,
+        Err(Kind::InvalidToken)
+    );
+
+    // No credential at all, and an unknown opaque one.
+    let error = client
+        .with_token(None)
+        .encrypt("ws_1/app", "x")
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), Kind::AuthenticationRequired);
+    assert_eq!(
+        kind_of(&client, "not-a-token", "ws_1/app").await,
+        Err(Kind::InvalidToken)
+    );
+    service.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secret_rotation_overlap_then_drop() {
+    let env = TestEnv::start().await;
+    let old_token = signer(OLD, "ringvault")
+        .issue(&claims("ws_1", &["encrypt"]))
+        .unwrap();
+    let new_token = signer(NEW, "ringvault")
+        .issue(&claims("ws_1", &["encrypt"]))
+        .unwrap();
+    let client = env.client(Format::Json).await;
+
+    // Before: only the old secret.
+    let service = env
+        .service(&[
+            ("RINGVAULT_AUTH_SIGNING_SECRETS", OLD),
+            ("RINGVAULT_AUTH_AUDIENCE", "vault"),
+        ])
+        .await;
+    assert_eq!(kind_of(&client, &old_token, "ws_1/a").await, Ok(()));
+    assert_eq!(
+        kind_of(&client, &new_token, "ws_1/a").await,
+        Err(Kind::InvalidToken)
+    );
+    service.shutdown().await.unwrap();
+
+    // Overlap: the new one signs, both verify.
+    let settings = signed_env();
+    let service = env.service(&pairs(&settings)).await;
+    assert_eq!(kind_of(&client, &old_token, "ws_1/a").await, Ok(()));
+    assert_eq!(kind_of(&client, &new_token, "ws_1/a").await, Ok(()));
+    service.shutdown().await.unwrap();
+
+    // After: the old one is dropped.
+    let service = env
+        .service(&[
+            ("RINGVAULT_AUTH_SIGNING_SECRETS", NEW),
+            ("RINGVAULT_AUTH_AUDIENCE", "vault"),
+        ])
+        .await;
+    assert_eq!(kind_of(&client, &new_token, "ws_1/a").await, Ok(()));
+    assert_eq!(
+        kind_of(&client, &old_token, "ws_1/a").await,
+        Err(Kind::InvalidToken)
+    );
+    service.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revocation_reaches_every_replica_within_a_second_and_survives_restarts() {
+    let env = TestEnv::start().await;
+    let settings = signed_env();
+    let replica_a = env.service(&pairs(&settings)).await;
+    let replica_b = env.service(&pairs(&settings)).await;
+    let client = env.client(Format::Json).await;
+    let new = signer(NEW, "ringvault");
+    let by_token = new.issue(&claims("ws_1", &["encrypt"])).unwrap();
+    let by_jti_claims = claims("ws_1", &["encrypt"]);
+    let by_jti = new.issue(&by_jti_claims).unwrap();
+    let untouched = new.issue(&claims("ws_1", &["encrypt"])).unwrap();
+    // Warm both replicas' caches (the queue group spreads requests).
+    for _ in 0..6 {
+        assert_eq!(kind_of(&client, &by_token, "ws_1/a").await, Ok(()));
+        assert_eq!(kind_of(&client, &by_jti, "ws_1/a").await, Ok(()));
+    }
+
+    let config = env.config(&pairs(&settings));
+    let storage = ringvault::server::open_backend(&config).await.unwrap();
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    let revoked = ringvault::auth::revoke(&*storage, &nats, &config.nats.prefix, &by_token)
+        .await
+        .unwrap();
+    assert!(!revoked.is_empty());
+    let jti = by_jti_claims.jti.clone().unwrap();
+    ringvault::auth::revoke(&*storage, &nats, &config.nats.prefix, &jti)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    // Within a second, every request with either token is refused (whichever replica answers).
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            let mut all = true;
+            for _ in 0..4 {
+                all &= kind_of(&client, &by_token, "ws_1/a").await == Err(Kind::InvalidToken);
+                all &= kind_of(&client, &by_jti, "ws_1/a").await == Err(Kind::InvalidToken);
+            }
+            all
+        })
+        .await,
+        "revocation not effective within 1 s"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    for _ in 0..6 {
+        assert_eq!(
+            kind_of(&client, &by_token, "ws_1/a").await,
+            Err(Kind::InvalidToken)
+        );
+    }
+    let error = client
+        .with_token(Some(by_token.clone()))
+        .encrypt("ws_1/a", "x")
+        .await
+        .unwrap_err();
+    assert!(error.message().contains("revoked"), "{error}");
+    assert_eq!(kind_of(&client, &untouched, "ws_1/a").await, Ok(()));
+    // Nothing in the store holds the token or the jti.
+    for path in common::service::files_under(&env.store_path()) {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            !text.contains(&by_token) && !text.contains(&jti),
+            "{path:?}"
+        );
+    }
+    replica_a.shutdown().await.unwrap();
+    replica_b.shutdown().await.unwrap();
+
+    // After a restart the store says so.
+    let restarted = env.service(&pairs(&settings)).await;
+    assert_eq!(
+        kind_of(&client, &by_token, "ws_1/a").await,
+        Err(Kind::InvalidToken)
+    );
+    assert_eq!(
+        kind_of(&client, &by_jti, "ws_1/a").await,
+        Err(Kind::InvalidToken)
+    );
+    assert_eq!(kind_of(&client, &untouched, "ws_1/a").await, Ok(()));
+    restarted.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cached_tokens_expire() {
+    let env = TestEnv::start().await;
+    let service = env
+        .service(&[
+            ("RINGVAULT_AUTH_SIGNING_SECRETS", NEW),
+            ("RINGVAULT_AUTH_LEEWAY_SECS", "0"),
+        ])
+        .await;
+    let client = env.client(Format::Json).await;
+    let mut short = Claims::new("svc", Duration::from_secs(2));
+    short.permissions = vec!["encrypt".into()];
+    let token = signer(NEW, "ringvault").issue(&short).unwrap();
+    assert_eq!(kind_of(&client, &token, "ws_1/a").await, Ok(()));
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    assert_eq!(
+        kind_of(&client, &token, "ws_1/a").await,
+        Err(Kind::TokenExpired)
+    );
+    service.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn static_tokens_and_policies_from_a_config_file() {
+    let env = TestEnv::start().await;
+    let hashed = "static-token-known-by-its-digest";
+    let digest = hex::encode(ringvault::auth::token_digest(hashed));
+    let toml = format!(
+        r#"
+[auth]
+signing_secrets = ["{NEW}"]
+
+[[auth.tokens]]
+sha256 = "{digest}"
+subject = "billing"
+workspace = "ws_b"
+permissions = ["encrypt", "decrypt"]
+
+[[auth.tokens]]
+token = "static-wide-token"
+subject = "ops"
+permissions = ["admin"]
+
+[[auth.policies]]
+subject = "ops"
+permissions = ["encrypt:ws_ops/*"]
+
+[[auth.policies]]
+workspace = "ws_p"
+permissions = ["decrypt", "encrypt:ws_p/public/*"]
+"#
+    );
+    let env_pairs: Vec<(String, String)> = vec![
+        ("RINGVAULT_NATS_URL".into(), env.nats.url()),
+        (
+            "RINGVAULT_MASTER_KEY_CURRENT".into(),
+            env.master_key.clone(),
+        ),
+        (
+            "RINGVAULT_MASTER_KEY_GENERATE_IF_MISSING".into(),
+            "false".into(),
+        ),
+        ("RINGVAULT_AUTH_TOKEN_FILE".into(), String::new()),
+        (
+            "RINGVAULT_STORAGE_PATH".into(),
+            env.store_path().display().to_string(),
+        ),
+    ];
+    let config = Config::from_sources(Some(&toml), env_pairs).unwrap();
+    let service = start_server(&config).await;
+    let client = client(&env.nats.url(), None, Format::Json).await;
+
+    assert_eq!(kind_of(&client, hashed, "ws_b/x").await, Ok(()));
+    assert_eq!(
+        kind_of(&client, hashed, "ws_c/x").await,
+        Err(Kind::AccessDenied)
+    );
+    // admin ∩ encrypt:ws_ops/* = encrypt:ws_ops/*
+    assert_eq!(
+        kind_of(&client, "static-wide-token", "ws_ops/x").await,
+        Ok(())
+    );
+    assert_eq!(
+        kind_of(&client, "static-wide-token", "ws_other/x").await,
+        Err(Kind::AccessDenied)
+    );
+    let rotate = client
+        .with_token(Some("static-wide-token".into()))
+        .rotate("ws_ops/x")
+        .await
+        .unwrap_err();
+    assert_eq!(rotate.kind(), Kind::AccessDenied);
+
+    // A signed token of ws_p holding admin is narrowed by the workspace policy.
+    let token = signer(NEW, "ringvault")
+        .issue(&{
+            let mut claims = Claims::new("app", Duration::from_secs(600));
+            claims.workspace = Some("ws_p".into());
+            claims.scope = Some("admin".into());
+            claims
+        })
+        .unwrap();
+    assert_eq!(kind_of(&client, &token, "ws_p/public/a").await, Ok(()));
+    assert_eq!(
+        kind_of(&client, &token, "ws_p/private").await,
+        Err(Kind::AccessDenied)
+    );
+
+    // A static token revoked by value.
+    let storage = ringvault::server::open_backend(&config).await.unwrap();
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    ringvault::auth::revoke(&*storage, &nats, &config.nats.prefix, hashed)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            kind_of(&client, hashed, "ws_b/x").await == Err(Kind::InvalidToken)
+        })
+        .await
+    );
+    service.shutdown().await.unwrap();
+}
+
+#[test]
+fn short_signing_secrets_refuse_to_start() {
+    let error = Config::from_sources(
+        None,
+        [(
+            "RINGVAULT_AUTH_SIGNING_SECRETS".to_owned(),
+            "too-short".to_owned(),
+        )],
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("at least 32"), "{error}");
+}

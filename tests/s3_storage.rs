@@ -321,24 +321,31 @@ async fn two_instances_racing_first_use_lose_no_key() {
     );
 }
 
-/// Fails today: `KeyringStore::create_first` writes its DEK object before trying LATEST and
-/// leaves it behind when another writer created LATEST first, so every keyring the instances
-/// really raced on holds an unused second DEK object.
+/// The writer that loses the conditional write of LATEST deletes the DEK object it wrote first
+/// (its random id was never handed out), so a keyring the instances really raced on ends with
+/// one DEK object and LATEST.
+///
+/// s3s-fs does not make create-if-absent atomic: when both instances' conditional writes of
+/// LATEST go through, both "win", each hands out its own DEK, and both DEKs are in use and must
+/// stay. So the strict check applies where the instances returned the same key id, and every
+/// keyring may hold at most two DEK objects (one per instance).
 #[tokio::test]
-#[ignore = "src/keyring/store.rs create_first leaves the losing writer's DEK object behind"]
 async fn two_instances_racing_first_use_leave_one_dek_object_per_keyring() {
     let race = race_first_use().await;
     let bucket = race.env.store_path();
     let mut extra = Vec::new();
     let mut agreed = 0;
     for (ring, a, b) in &race.rings {
-        // Where both instances' conditional writes of LATEST went through (s3s-fs, see above),
-        // both DEKs are in use and both must stay.
+        let files = ring_files(&bucket, ring);
+        let deks = files.iter().filter(|name| *name != "LATEST").count();
+        assert!(
+            deks <= 2,
+            "{ring}: more DEK objects than instances: {files:?}"
+        );
         if a != b {
             continue;
         }
         agreed += 1;
-        let files = ring_files(&bucket, ring);
         if files.len() != 2 {
             extra.push(format!("{ring} (in use: {a}): {files:?}"));
         }

@@ -96,8 +96,8 @@ impl Drop for Service {
     }
 }
 
-const WORKERS: usize = 32;
-const PAYLOAD_BYTES: usize = 64 * 1024;
+const WORKERS: usize = 16;
+const PAYLOAD_BYTES: usize = 4 * 1024;
 
 /// What happened to one worker's requests.
 #[derive(Debug, Default)]

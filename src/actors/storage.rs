@@ -1,7 +1,7 @@
 //! StorageActor: the one writer of this process. Writes are serialized through its mailbox (a
 //! DEK object, then LATEST; never the reverse, never two writers of one key racing in-process);
 //! reads go straight to the store. [`ActorStorage`] is the [`ObjectStorage`] the rest of
-//! ringvault uses, routing `put` through the actor.
+//! ringvault uses, routing `put` and `delete` through the actor.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +23,13 @@ pub enum StorageMsg {
         bytes: Bytes,
         /// Condition.
         condition: PutCondition,
+        /// Where the outcome goes.
+        reply: RpcReplyPort<Result<(), StorageError>>,
+    },
+    /// Remove one object (absent is fine).
+    Delete {
+        /// Object key.
+        key: String,
         /// Where the outcome goes.
         reply: RpcReplyPort<Result<(), StorageError>>,
     },
@@ -73,12 +80,17 @@ impl Actor for StorageActor {
                 // The caller may have timed out and gone; nothing to do then.
                 let _ = reply.send(outcome);
             }
+            StorageMsg::Delete { key, reply } => {
+                let outcome = state.backend.delete(&key).await;
+                // The caller may have timed out and gone; nothing to do then.
+                let _ = reply.send(outcome);
+            }
         }
         Ok(())
     }
 }
 
-/// [`ObjectStorage`] whose writes go through the [`StorageActor`].
+/// [`ObjectStorage`] whose writes and deletes go through the [`StorageActor`].
 pub struct ActorStorage {
     backend: Arc<dyn ObjectStorage>,
     writer: Arc<ActorSlot<StorageMsg>>,
@@ -142,7 +154,27 @@ impl ObjectStorage for ActorStorage {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
-        self.backend.delete(key).await
+        let owned_key = key.to_owned();
+        let outcome = self
+            .writer
+            .call(
+                |reply| StorageMsg::Delete {
+                    key: owned_key,
+                    reply,
+                },
+                self.call_timeout,
+            )
+            .await;
+        match outcome {
+            Ok(result) => result,
+            Err(error) => {
+                tracing::warn!(key, %error, "storage writer did not complete the delete");
+                Err(StorageError::Interrupted {
+                    operation: "delete",
+                    key: key.to_owned(),
+                })
+            }
+        }
     }
 
     fn supports_conditional_writes(&self) -> bool {

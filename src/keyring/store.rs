@@ -96,8 +96,8 @@ impl KeyringStore {
     }
 
     /// Creates the keyring's first DEK: the DEK object first, then LATEST if still absent.
-    /// When another writer created LATEST first, its DEK is returned and ours stays stored
-    /// under its own id, unused.
+    /// When another writer created LATEST first, its DEK is returned and ours is deleted (best
+    /// effort: its random id was never handed out nor written as LATEST).
     pub async fn create_first(&self, keyring: &str) -> Result<Created> {
         let dek = Dek::generate();
         let bytes = self.seal(&dek);
@@ -129,7 +129,9 @@ impl KeyringStore {
             }
             Err(StorageError::AlreadyExists { .. }) => {
                 tracing::info!(keyring, "another writer created the first key; using it");
-                let latest = self.read_latest(keyring).await?.ok_or_else(|| {
+                let latest = self.read_latest(keyring).await;
+                self.discard_unused(keyring, dek.id(), &latest).await;
+                let latest = latest?.ok_or_else(|| {
                     Error::unavailable(format!("keyring {keyring:?} changed while being created"))
                 })?;
                 Ok(Created { latest, won: false })
@@ -174,7 +176,9 @@ impl KeyringStore {
                 })
             }
             Err(StorageError::AlreadyExists { .. } | StorageError::Changed { .. }) => {
-                let latest = self.read_latest(keyring).await?.ok_or_else(|| {
+                let latest = self.read_latest(keyring).await;
+                self.discard_unused(keyring, dek.id(), &latest).await;
+                let latest = latest?.ok_or_else(|| {
                     Error::unavailable(format!("keyring {keyring:?} changed while rotating"))
                 })?;
                 tracing::info!(
@@ -189,6 +193,37 @@ impl KeyringStore {
                 })
             }
             Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Deletes the DEK object `key_id` that lost the race to become LATEST, as a best effort:
+    /// its random id was never handed out nor written as LATEST, so nothing can refer to it.
+    /// Kept (defensively) when the LATEST just read holds that very id. A failed delete is
+    /// logged and ignored: an unused DEK object is harmless.
+    async fn discard_unused(
+        &self,
+        keyring: &str,
+        key_id: &str,
+        latest: &Result<Option<LatestRead>>,
+    ) {
+        if let Ok(Some(latest)) = latest {
+            if latest.dek.id() == key_id {
+                return;
+            }
+        }
+        let key = dek_key(keyring, key_id);
+        match self.storage.delete(&key).await {
+            Ok(()) => {
+                tracing::debug!(keyring, key_id, "deleted the unused key that lost the race");
+            }
+            Err(error) => {
+                tracing::warn!(
+                    keyring,
+                    key_id,
+                    %error,
+                    "could not delete the unused key that lost the race; leaving it"
+                );
+            }
         }
     }
 

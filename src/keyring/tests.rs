@@ -207,3 +207,100 @@ async fn rotation_makes_a_new_latest_and_keeps_old_keys() {
         .unwrap();
     assert_eq!(opened, b"old");
 }
+
+/// A backend whose calls yield to the scheduler before running, so concurrent callers interleave.
+struct Yielding(Arc<dyn crate::storage::ObjectStorage>);
+
+#[async_trait::async_trait]
+impl crate::storage::ObjectStorage for Yielding {
+    async fn get(
+        &self,
+        key: &str,
+    ) -> std::result::Result<Option<crate::storage::Stored>, crate::storage::StorageError> {
+        tokio::task::yield_now().await;
+        self.0.get(key).await
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        bytes: bytes::Bytes,
+        condition: crate::storage::PutCondition,
+    ) -> std::result::Result<(), crate::storage::StorageError> {
+        tokio::task::yield_now().await;
+        self.0.put(key, bytes, condition).await
+    }
+
+    fn list(
+        &self,
+        prefix: &str,
+    ) -> futures::stream::BoxStream<
+        'static,
+        std::result::Result<String, crate::storage::StorageError>,
+    > {
+        self.0.list(prefix)
+    }
+
+    async fn delete(&self, key: &str) -> std::result::Result<(), crate::storage::StorageError> {
+        tokio::task::yield_now().await;
+        self.0.delete(key).await
+    }
+
+    fn supports_conditional_writes(&self) -> bool {
+        self.0.supports_conditional_writes()
+    }
+
+    fn describe(&self) -> String {
+        format!("yielding {}", self.0.describe())
+    }
+}
+
+#[tokio::test]
+async fn two_instances_racing_first_use_leave_one_dek_object_per_keyring() {
+    // The in-memory store enforces create-if-absent atomically: one writer wins LATEST, the
+    // loser deletes the DEK object it wrote first. Every call yields first, so that the two
+    // instances really interleave (both miss LATEST, both write a DEK, one wins LATEST).
+    let storage = Storage::new(
+        Arc::new(Yielding(Arc::new(ObjectStoreBackend::in_memory()))),
+        StoragePolicy::default(),
+    );
+    let store = KeyringStore::new(
+        storage,
+        Arc::new(MasterKeys::new(Kek::generate(), []).unwrap()),
+    );
+    let one = Keyrings::new(store.clone(), CachePolicy::default());
+    let two = Keyrings::new(store.clone(), CachePolicy::default());
+    let rings: Vec<String> = (0..20).map(|index| format!("ws_race_{index:02}")).collect();
+    let raced = futures::future::join_all(rings.iter().map(|ring| {
+        let (one, two) = (&one, &two);
+        async move {
+            let (a, b) = tokio::join!(one.latest(ring), two.latest(ring));
+            (ring.clone(), a.unwrap(), b.unwrap())
+        }
+    }))
+    .await;
+    for (ring, a, b) in &raced {
+        assert_eq!(
+            a.id(),
+            b.id(),
+            "{ring}: both instances use the winner's key"
+        );
+        let prefix = format!("{}{ring}/", crate::storage::KEYRING_ROOT);
+        let keys: Vec<String> =
+            futures::StreamExt::collect::<Vec<_>>(store.storage().list(&prefix))
+                .await
+                .into_iter()
+                .map(|key| key.unwrap())
+                .collect();
+        let deks: Vec<&String> = keys
+            .iter()
+            .filter(|key| key.as_str() != crate::storage::latest_key(ring))
+            .collect();
+        assert_eq!(deks.len(), 1, "{ring}: {keys:?}");
+        assert_eq!(
+            *deks[0],
+            crate::storage::dek_key(ring, a.id()),
+            "{ring}: {keys:?}"
+        );
+    }
+}

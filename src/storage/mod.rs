@@ -56,7 +56,7 @@ pub enum StorageError {
     /// The detail is for logs; it may name hosts and must not reach callers.
     #[error("storage {operation} of {key} failed: {detail}")]
     Unavailable {
-        /// `get`, `put` or `list`.
+        /// `get`, `put`, `list` or `delete`.
         operation: &'static str,
         /// The object key or prefix.
         key: String,
@@ -67,7 +67,7 @@ pub enum StorageError {
     /// the caller gets `unavailable` and may try again.
     #[error("storage {operation} of {key} was interrupted: the storage writer restarted")]
     Interrupted {
-        /// `put`.
+        /// `put` or `delete`.
         operation: &'static str,
         /// The object key.
         key: String,
@@ -75,7 +75,7 @@ pub enum StorageError {
     /// The call ran out of its time budget.
     #[error("storage {operation} of {key} timed out after {after:?}")]
     Timeout {
-        /// `get`, `put` or `list`.
+        /// `get`, `put`, `list` or `delete`.
         operation: &'static str,
         /// The object key or prefix.
         key: String,
@@ -156,7 +156,8 @@ pub trait ObjectStorage: Send + Sync + 'static {
     /// Every object key under `prefix`, fetched page by page as the stream is read.
     fn list(&self, prefix: &str) -> BoxStream<'static, Result<String, StorageError>>;
 
-    /// Removes the object at `key` (absent is fine). Only the startup probe deletes.
+    /// Removes the object at `key` (absent is fine). Only the startup probe and the cleanup of
+    /// a DEK that lost a race to become LATEST (never handed out) delete.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 
     /// Whether [`PutCondition::IfAbsent`] and [`PutCondition::IfUnchanged`] are enforced.
@@ -323,6 +324,12 @@ impl Storage {
             }
             other => other,
         }
+    }
+
+    /// Removes `key` (absent is fine), within the same time budget as `get` and `put`.
+    pub async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        self.bounded("delete", key, || self.backend.delete(key))
+            .await
     }
 
     /// Every key under `prefix`, page by page.

@@ -263,30 +263,7 @@ fn load_config(path: Option<&std::path::Path>) -> Result<Config, u8> {
 }
 
 async fn connect_nats(config: &Config) -> Result<async_nats::Client, ServerError> {
-    let mut options = async_nats::ConnectOptions::new()
-        .name("ringvault")
-        .connection_timeout(Duration::from_secs(5))
-        .event_callback(|event| async move {
-            tracing::info!(%event, "nats connection event");
-        });
-    if !config.nats.credentials_file.is_empty() {
-        options = options
-            .credentials_file(&config.nats.credentials_file)
-            .await
-            .map_err(|error| ServerError::Config(format!("nats.credentials_file: {error}")))?;
-    }
-    if !config.nats.token.is_empty() {
-        options = options.token(config.nats.token.clone());
-    }
-    options
-        .connect(config.nats.url.as_str())
-        .await
-        .map_err(|error| {
-            ServerError::Unavailable(format!(
-                "cannot connect to nats at {}: {error}",
-                config.nats.url
-            ))
-        })
+    server::connect_nats(config, "ringvault").await
 }
 
 async fn shutdown_signal() {

@@ -14,7 +14,9 @@ use crate::actors::{
     ActorSlot, ActorStorage, AuthHandle, EventStream, EventsArgs, EventsHandle, GatewayArgs, Hooks,
     KeyringRegistry, SupervisionPolicy, Supervisor, SupervisorArgs, SupervisorMsg,
 };
-use crate::auth::{Authenticator, CredentialSource, Principal, StaticToken, StaticTokens};
+use crate::auth::{
+    Authenticator, CredentialSource, Principal, RateLimiter, StaticToken, StaticTokens,
+};
 use crate::config::Config;
 use crate::crypto::{Kek, MasterKeys};
 use crate::http::HealthSource;
@@ -203,6 +205,7 @@ impl Server {
             max_inflight: config.nats.max_inflight,
             auth: AuthHandle::new(auth_slot.clone(), call_timeout),
             vault,
+            rate_limiter: RateLimiter::from_config(&config.auth.rate_limit).map(Arc::new),
         };
         let (fatal_sender, fatal) = watch::channel(None);
         let args = SupervisorArgs {
@@ -605,4 +608,33 @@ pub async fn open_backend(config: &Config) -> Result<Arc<dyn ObjectStorage>, Ser
         }
     };
     Ok(backend)
+}
+
+/// Connects to NATS as `[nats]` says (url, credentials file, token), naming the connection
+/// `name`; connection events go to the log.
+pub async fn connect_nats(config: &Config, name: &str) -> Result<async_nats::Client, ServerError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            tracing::info!(%event, "nats connection event");
+        });
+    if !config.nats.credentials_file.is_empty() {
+        options = options
+            .credentials_file(&config.nats.credentials_file)
+            .await
+            .map_err(|error| ServerError::Config(format!("nats.credentials_file: {error}")))?;
+    }
+    if !config.nats.token.is_empty() {
+        options = options.token(config.nats.token.clone());
+    }
+    options
+        .connect(config.nats.url.as_str())
+        .await
+        .map_err(|error| {
+            ServerError::Unavailable(format!(
+                "cannot connect to nats at {}: {error}",
+                config.nats.url
+            ))
+        })
 }

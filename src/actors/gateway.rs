@@ -23,17 +23,30 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::AuthHandle;
-use crate::error::{Error, Result};
+use crate::auth::{AuditRecord, Principal, RateLimiter};
+use crate::error::{Error, Kind, Result};
 use crate::protocol::{
-    decode, encode, ErrorBody, Format, LivenessResponse, Method, AUTHORIZATION, CONTENT_TYPE,
-    JSON_CONTENT_TYPE, REQUEST_ID, SERVICE_ERROR, SERVICE_ERROR_CODE,
+    decode, decode_envelope, encode, DecryptBulkRequest, DecryptBulkResponse, DecryptRequest,
+    DecryptResponse, DescribeKeyringRequest, DescribeKeyringResponse, EncryptBulkRequest,
+    EncryptBulkResponse, EncryptRequest, EncryptResponse, ErrorBody, Format, LivenessResponse,
+    Method, ReEncryptRequest, ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse,
+    AUTHORIZATION, CONTENT_TYPE, JSON_CONTENT_TYPE, REQUEST_ID, SERVICE_ERROR, SERVICE_ERROR_CODE,
 };
 use crate::rpc::Vault;
+use crate::storage::validate_keyring;
 
 /// How long a drain waits for the subscriptions to hand over what they had buffered.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The service name of the micro discovery protocol.
 const SERVICE_NAME: &str = "ringvault";
+/// The header an admin names the workspace it acts for with.
+const TENANT_ID: &str = "X-Tenant-ID";
+/// The header of a `rate_limited` reply: whole seconds until a retry can pass.
+const RETRY_AFTER: &str = "Retry-After";
+/// How often idle rate-limit buckets are forgotten, and after how long idle.
+const RATE_LIMIT_SWEEP: Duration = Duration::from_secs(60);
+/// The longest keyring name an audit record repeats (longer ones are invalid anyway).
+const AUDIT_KEYRING_MAX: usize = 256;
 
 /// What the gateway needs; cloned into each restart.
 #[derive(Clone, Debug)]
@@ -50,6 +63,8 @@ pub struct GatewayArgs {
     pub auth: AuthHandle,
     /// The operations.
     pub vault: Vault,
+    /// Per-workspace rate limits, when `[auth.rate_limit]` is enabled.
+    pub rate_limiter: Option<Arc<RateLimiter>>,
 }
 
 /// Messages of the [`Gateway`].
@@ -108,6 +123,9 @@ struct RequestContext {
     vault: Vault,
     nats: async_nats::Client,
     stats: Vec<EndpointStats>,
+    rate_limiter: Option<Arc<RateLimiter>>,
+    /// `<prefix>.audit`.
+    audit_subject: String,
 }
 
 /// The identity and endpoints reported by discovery.
@@ -182,6 +200,8 @@ impl Actor for Gateway {
                 .iter()
                 .map(|_| EndpointStats::default())
                 .collect(),
+            rate_limiter: args.rate_limiter.clone(),
+            audit_subject: format!("{}.audit", args.prefix),
         });
         let inflight = Arc::new(Semaphore::new(args.max_inflight));
         let (draining, drain_signal) = watch::channel(false);
@@ -221,6 +241,16 @@ impl Actor for Gateway {
                     context.clone(),
                 )));
             }
+        }
+        if let Some(limiter) = args.rate_limiter.clone() {
+            // Buckets idle for a while are full again anyway; forgetting them bounds memory.
+            discovery_loops.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(RATE_LIMIT_SWEEP);
+                loop {
+                    tick.tick().await;
+                    limiter.sweep(RATE_LIMIT_SWEEP);
+                }
+            }));
         }
         args.nats.flush().await?;
         tracing::info!(
@@ -400,15 +430,22 @@ async fn handle_request(
         .map(str::to_owned)
         .unwrap_or_else(new_request_id);
     let format = Format::from_content_type(header(headers, CONTENT_TYPE));
-    let outcome = AssertUnwindSafe(dispatch(context, method, format, headers, &request.payload))
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|_| Err(Error::internal("the request handler failed unexpectedly")));
+    let outcome = AssertUnwindSafe(dispatch(
+        context,
+        method,
+        format,
+        headers,
+        &request.payload,
+        &request_id,
+    ))
+    .catch_unwind()
+    .await
+    .unwrap_or_else(|_| Err(Error::internal("the request handler failed unexpectedly").into()));
 
     let mut reply_headers = HeaderMap::new();
     reply_headers.insert(REQUEST_ID, request_id.as_str());
     let elapsed = started.elapsed();
-    context.stats[index].record(elapsed, outcome.as_ref().err());
+    context.stats[index].record(elapsed, outcome.as_ref().err().map(|f| &f.error));
     let (body, code) = match outcome {
         Ok(body) => {
             if format == Format::Json {
@@ -416,7 +453,10 @@ async fn handle_request(
             }
             (body, "ok")
         }
-        Err(error) => {
+        Err(Failure { error, retry_after }) => {
+            if let Some(wait) = retry_after {
+                reply_headers.insert(RETRY_AFTER, retry_after_secs(wait).to_string().as_str());
+            }
             let status = error.kind().status().to_string();
             reply_headers.insert(SERVICE_ERROR_CODE, status.as_str());
             reply_headers.insert(SERVICE_ERROR, header_safe(error.message()).as_str());
@@ -460,50 +500,357 @@ async fn handle_request(
     );
 }
 
+/// A failed request: the error, and for `rate_limited` how long until a retry can pass (the
+/// reply's `Retry-After`).
+struct Failure {
+    error: Error,
+    retry_after: Option<Duration>,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Failure {
+            error,
+            retry_after: None,
+        }
+    }
+}
+
+/// Whole seconds, rounded up, at least 1.
+fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
 async fn dispatch(
     context: &RequestContext,
     method: Method,
     format: Format,
     headers: Option<&HeaderMap>,
     payload: &[u8],
-) -> Result<Bytes> {
+    request_id: &str,
+) -> std::result::Result<Bytes, Failure> {
     if method == Method::Liveness {
         let response = LivenessResponse {
             status: "ok".to_owned(),
         };
         return Ok(encode(format, &response));
     }
+    // Verifying a credential is not an audit event: a request that fails here leaves none.
     let principal = context
         .auth
         .authenticate(header(headers, AUTHORIZATION))
         .await?;
+    let mut facts = AuditFacts::default();
+    let outcome = serve(
+        context, method, format, headers, payload, &principal, &mut facts,
+    )
+    .await;
+    audit(
+        context,
+        request_id,
+        &principal,
+        method,
+        facts,
+        outcome.as_ref().err(),
+    )
+    .await;
+    outcome
+}
+
+/// An authenticated request: the workspace it acts in, the rate limit, then the operation.
+async fn serve(
+    context: &RequestContext,
+    method: Method,
+    format: Format,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+    principal: &Principal,
+    facts: &mut AuditFacts,
+) -> std::result::Result<Bytes, Failure> {
+    let principal = acting_principal(principal, header(headers, TENANT_ID), facts)?;
+    if let Some(limiter) = &context.rate_limiter {
+        // One bucket per (effective) workspace; a principal bound to none has its own bucket
+        // keyed by its subject (`*` cannot occur in a keyring, so no workspace collides).
+        let (key, named) = match &principal.workspace {
+            Some(workspace) => (workspace.clone(), format!("workspace {workspace:?}")),
+            None => (
+                format!("*{}", principal.subject),
+                format!("{:?} (bound to no workspace)", principal.subject),
+            ),
+        };
+        if let Err(wait) = limiter.check(&key) {
+            return Err(Failure {
+                error: Error::new(
+                    Kind::RateLimited,
+                    format!(
+                        "{named} is over its rate limit; retry in {} s",
+                        retry_after_secs(wait)
+                    ),
+                ),
+                retry_after: Some(wait),
+            });
+        }
+    }
     let vault = &context.vault;
-    match method {
+    let principal = &*principal;
+    let body = match method {
         Method::Liveness => Err(Error::internal(
             "liveness is answered before authentication",
         )),
-        Method::Encrypt => run(format, payload, |r| vault.encrypt(&principal, r)).await,
-        Method::Decrypt => run(format, payload, |r| vault.decrypt(&principal, r)).await,
-        Method::ReEncrypt => run(format, payload, |r| vault.reencrypt(&principal, r)).await,
-        Method::EncryptBulk => run(format, payload, |r| vault.encrypt_bulk(&principal, r)).await,
-        Method::DecryptBulk => run(format, payload, |r| vault.decrypt_bulk(&principal, r)).await,
-        Method::RotateKeyring => run(format, payload, |r| vault.rotate(&principal, r)).await,
-        Method::DescribeKeyring => run(format, payload, |r| vault.describe(&principal, r)).await,
+        Method::Encrypt => run(format, payload, facts, |r| vault.encrypt(principal, r)).await,
+        Method::Decrypt => run(format, payload, facts, |r| vault.decrypt(principal, r)).await,
+        Method::ReEncrypt => run(format, payload, facts, |r| vault.reencrypt(principal, r)).await,
+        Method::EncryptBulk => {
+            run(format, payload, facts, |r| vault.encrypt_bulk(principal, r)).await
+        }
+        Method::DecryptBulk => {
+            run(format, payload, facts, |r| vault.decrypt_bulk(principal, r)).await
+        }
+        Method::RotateKeyring => run(format, payload, facts, |r| vault.rotate(principal, r)).await,
+        Method::DescribeKeyring => {
+            run(format, payload, facts, |r| vault.describe(principal, r)).await
+        }
+    };
+    Ok(body?)
+}
+
+/// The principal a request acts as: the authenticated one, or — with `X-Tenant-ID` naming
+/// another workspace — a copy bound to that workspace, which only a principal holding `admin`
+/// gets (recorded as `acting_for`). Naming its own workspace changes nothing.
+fn acting_principal<'a>(
+    principal: &'a Principal,
+    tenant: Option<&str>,
+    facts: &mut AuditFacts,
+) -> Result<std::borrow::Cow<'a, Principal>> {
+    let Some(tenant) = tenant.map(str::trim).filter(|tenant| !tenant.is_empty()) else {
+        return Ok(std::borrow::Cow::Borrowed(principal));
+    };
+    if principal.workspace.as_deref() == Some(tenant) {
+        return Ok(std::borrow::Cow::Borrowed(principal));
+    }
+    validate_keyring(tenant).map_err(|error| error.context(TENANT_ID))?;
+    facts.acting_for = Some(tenant.to_owned());
+    if !principal.may_act_for(tenant) {
+        return Err(Error::new(
+            Kind::AccessDenied,
+            format!(
+                "{} may not act for workspace {tenant:?}: {TENANT_ID} needs the admin permission",
+                principal.subject
+            ),
+        ));
+    }
+    let mut acting = principal.clone();
+    acting.workspace = Some(tenant.to_owned());
+    Ok(std::borrow::Cow::Owned(acting))
+}
+
+/// What an audit record says about the request beyond the principal, gathered as it runs.
+#[derive(Default)]
+struct AuditFacts {
+    acting_for: Option<String>,
+    keyring: String,
+    key_id: Option<String>,
+    item_count: u64,
+}
+
+/// The audit action of a method.
+fn audit_action(method: Method) -> &'static str {
+    match method {
+        Method::Liveness => "liveness",
+        Method::Encrypt => "encrypt",
+        Method::Decrypt => "decrypt",
+        Method::ReEncrypt => "reencrypt",
+        Method::EncryptBulk => "encrypt_bulk",
+        Method::DecryptBulk => "decrypt_bulk",
+        Method::RotateKeyring => "rotate",
+        Method::DescribeKeyring => "describe",
     }
 }
 
-/// Decodes the request, runs the operation, encodes the reply in the request's format.
+/// Publishes the request's audit record on `<prefix>.audit` and logs it (target
+/// `ringvault::audit`). It names keyrings and key ids, never data, envelopes or tokens.
+async fn audit(
+    context: &RequestContext,
+    request_id: &str,
+    principal: &Principal,
+    method: Method,
+    facts: AuditFacts,
+    failure: Option<&Failure>,
+) {
+    let keyring: String = facts.keyring.chars().take(AUDIT_KEYRING_MAX).collect();
+    let mut record = AuditRecord::new(request_id, principal, audit_action(method), keyring)
+        .with_item_count(facts.item_count);
+    if let Some(key_id) = facts.key_id {
+        record = record.with_key_id(key_id);
+    }
+    if let Some(workspace) = facts.acting_for {
+        record = record.acting_for(workspace);
+    }
+    if let Some(failure) = failure {
+        record = record.failed(failure.error.kind());
+    }
+    tracing::info!(
+        target: "ringvault::audit",
+        request_id = record.request_id,
+        subject = record.subject,
+        workspace = record.workspace.as_deref(),
+        acting_for = record.acting_for.as_deref(),
+        credential_source = record.credential_source,
+        action = record.action,
+        keyring = record.keyring,
+        key_id = record.key_id.as_deref(),
+        item_count = record.item_count,
+        outcome = if failure.is_some() { "error" } else { "ok" },
+        error_code = record.error_code.as_deref(),
+        "audit"
+    );
+    let sent = context
+        .nats
+        .publish(context.audit_subject.clone(), record.to_json().into())
+        .await;
+    if let Err(error) = sent {
+        tracing::warn!(request_id, %error, "audit record not published");
+    }
+}
+
+/// What a request tells the audit record: its keyring, how many items, and the key it names
+/// (an envelope's key id for Decrypt; not a secret).
+trait AuditedRequest {
+    fn keyring(&self) -> &str;
+    fn item_count(&self) -> u64 {
+        1
+    }
+    fn key_id(&self) -> Option<String> {
+        None
+    }
+}
+
+/// The key a response used or created, when it names one.
+trait AuditedResponse {
+    fn key_id(&self) -> Option<&str>;
+}
+
+fn count(len: usize) -> u64 {
+    u64::try_from(len).unwrap_or(u64::MAX)
+}
+
+impl AuditedRequest for EncryptRequest {
+    fn keyring(&self) -> &str {
+        &self.keyring
+    }
+}
+
+impl AuditedRequest for DecryptRequest {
+    fn keyring(&self) -> &str {
+        &self.keyring
+    }
+    fn key_id(&self) -> Option<String> {
+        decode_envelope(&self.encrypted)
+            .ok()
+            .map(|envelope| envelope.encryption_key_id)
+    }
+}
+
+impl AuditedRequest for ReEncryptRequest {
+    fn keyring(&self) -> &str {
+        &self.keyring
+    }
+}
+
+impl AuditedRequest for EncryptBulkRequest {
+    fn keyring(&self) -> &str {
+        &self.keyring
+    }
+    fn item_count(&self) -> u64 {
+        count(self.items.len())
+    }
+}
+
+impl AuditedRequest for DecryptBulkRequest {
+    fn keyring(&self) -> &str {
+        &self.keyring
+    }
+    fn item_count(&self) -> u64 {
+        count(self.items.len())
+    }
+}
+
+impl AuditedRequest for RotateKeyringRequest {
+    fn keyring(&self) -> &str {
+        &self.keyring
+    }
+}
+
+impl AuditedRequest for DescribeKeyringRequest {
+    fn keyring(&self) -> &str {
+        &self.keyring
+    }
+}
+
+impl AuditedResponse for EncryptResponse {
+    fn key_id(&self) -> Option<&str> {
+        Some(&self.key_id)
+    }
+}
+
+impl AuditedResponse for DecryptResponse {
+    fn key_id(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl AuditedResponse for ReEncryptResponse {
+    fn key_id(&self) -> Option<&str> {
+        Some(&self.key_id)
+    }
+}
+
+impl AuditedResponse for EncryptBulkResponse {
+    fn key_id(&self) -> Option<&str> {
+        // Every item is sealed with the same key.
+        self.items.values().next().map(|item| item.key_id.as_str())
+    }
+}
+
+impl AuditedResponse for DecryptBulkResponse {
+    fn key_id(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl AuditedResponse for RotateKeyringResponse {
+    fn key_id(&self) -> Option<&str> {
+        Some(&self.key_id)
+    }
+}
+
+impl AuditedResponse for DescribeKeyringResponse {
+    fn key_id(&self) -> Option<&str> {
+        Some(&self.latest_key_id)
+    }
+}
+
+/// Decodes the request, runs the operation, encodes the reply in the request's format; notes
+/// what the audit record needs on the way.
 async fn run<Req, Resp, Fut>(
     format: Format,
     payload: &[u8],
+    facts: &mut AuditFacts,
     operation: impl FnOnce(Req) -> Fut,
 ) -> Result<Bytes>
 where
-    Req: prost::Message + Default + DeserializeOwned,
-    Resp: prost::Message + Serialize,
+    Req: prost::Message + Default + DeserializeOwned + AuditedRequest,
+    Resp: prost::Message + Serialize + AuditedResponse,
     Fut: std::future::Future<Output = Result<Resp>>,
 {
-    let request = decode(format, payload)?;
+    let request: Req = decode(format, payload)?;
+    facts.keyring = request.keyring().to_owned();
+    facts.item_count = request.item_count();
+    facts.key_id = request.key_id();
     let response = operation(request).await?;
+    if let Some(key_id) = response.key_id().filter(|id| !id.is_empty()) {
+        facts.key_id = Some(key_id.to_owned());
+    }
     Ok(encode(format, &response))
 }

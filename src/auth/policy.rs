@@ -9,9 +9,10 @@
 //! `decrypt` policy becomes `decrypt`, and two patterns neither of which provably contains the
 //! other give nothing.
 
-use super::principal::{glob_matches, Action, Grant, Principal};
+use super::principal::{Action, Grant, Principal};
 use crate::config::PolicyConfig;
 use crate::error::Result;
+use crate::pattern::matches as glob_matches;
 
 /// One policy: who it applies to and what it allows.
 #[derive(Debug, Clone, PartialEq, Eq)]

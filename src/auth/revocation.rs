@@ -274,27 +274,9 @@ use futures::FutureExt as _;
 
 /// Connects to NATS as `[nats]` says (url, credentials file, token).
 pub(crate) async fn connect_nats(config: &Config) -> Result<async_nats::Client> {
-    let mut options = async_nats::ConnectOptions::new()
-        .name("ringvault-revocations")
-        .connection_timeout(Duration::from_secs(5));
-    if !config.nats.credentials_file.is_empty() {
-        options = options
-            .credentials_file(&config.nats.credentials_file)
-            .await
-            .map_err(|error| Error::invalid_argument(format!("nats.credentials_file: {error}")))?;
-    }
-    if !config.nats.token.is_empty() {
-        options = options.token(config.nats.token.clone());
-    }
-    options
-        .connect(config.nats.url.as_str())
+    crate::server::connect_nats(config, "ringvault-revocations")
         .await
-        .map_err(|error| {
-            Error::unavailable(format!(
-                "cannot connect to nats at {}: {error}",
-                config.nats.url
-            ))
-        })
+        .map_err(|error| Error::unavailable(error.to_string()))
 }
 
 fn apply_message(revocations: &Revocations, payload: &[u8]) {

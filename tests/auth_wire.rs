@@ -1,0 +1,242 @@
+//! Authorization wired into the request path, over the real NATS path: per-workspace rate
+//! limits with `Retry-After`, workspace isolation and `X-Tenant-ID`, and audit records on
+//! `vault.v1.audit`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::service::TestEnv;
+use futures::StreamExt as _;
+use ringvault::auth::{Claims, SignedTokens};
+use ringvault::client::{request_headers, Client, RawReply};
+use ringvault::protocol::{encode, EncryptRequest, Format, Method};
+use ringvault::Kind;
+
+const SECRET: &str = "auth-wire-signing-secret-0123456789abcdef";
+
+fn token(subject: &str, workspace: &str, permissions: &[&str]) -> String {
+    let signer = SignedTokens::new(&[SECRET], "ringvault", None, Duration::ZERO, "tenant_id")
+        .expect("signer");
+    let mut claims = Claims::new(subject, Duration::from_secs(600));
+    claims.workspace = Some(workspace.to_owned());
+    claims.permissions = permissions.iter().map(|p| p.to_string()).collect();
+    signer.issue(&claims).expect("token")
+}
+
+const ALL_BUT_ADMIN: &[&str] = &["encrypt", "decrypt", "reencrypt", "rotate"];
+
+/// Encrypt with exactly these headers: the token, and `X-Tenant-ID` when given.
+async fn raw_encrypt(
+    client: &Client,
+    token: &str,
+    tenant: Option<&str>,
+    keyring: &str,
+    data: &str,
+) -> RawReply {
+    let mut headers = request_headers(Some(token), Format::Json);
+    if let Some(tenant) = tenant {
+        headers.insert("X-Tenant-ID", tenant);
+    }
+    let body = encode(
+        Format::Json,
+        &EncryptRequest {
+            keyring: keyring.to_owned(),
+            data: data.to_owned(),
+        },
+    );
+    client
+        .request_raw(Method::Encrypt, headers, body)
+        .await
+        .expect("a reply")
+}
+
+fn kind<T>(result: ringvault::Result<T>) -> Result<(), Kind> {
+    result.map(|_| ()).map_err(|error| error.kind())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limit_is_per_workspace_with_retry_after() {
+    let env = TestEnv::start().await;
+    let _service = env
+        .service(&[
+            ("RINGVAULT_AUTH_SIGNING_SECRETS", SECRET),
+            ("RINGVAULT_AUTH_RATE_LIMIT_ENABLED", "true"),
+            ("RINGVAULT_AUTH_RATE_LIMIT_REQUESTS_PER_SECOND", "1"),
+            ("RINGVAULT_AUTH_RATE_LIMIT_BURST", "3"),
+        ])
+        .await;
+    let client = env.client(Format::Json).await;
+    let ws_a = token("svc-a", "ws_a", &["encrypt"]);
+    let ws_b = token("svc-b", "ws_b", &["encrypt"]);
+
+    let mut limited = 0;
+    for _ in 0..6 {
+        let reply = raw_encrypt(&client, &ws_a, None, "ws_a/app", "hello").await;
+        let Some(error) = reply.error() else {
+            continue;
+        };
+        assert_eq!(error.kind(), Kind::RateLimited, "{error}");
+        assert!(error.message().contains("ws_a"), "{error}");
+        let retry: u64 = reply
+            .headers
+            .get("Retry-After")
+            .expect("Retry-After header")
+            .as_str()
+            .parse()
+            .expect("whole seconds");
+        assert!((1..=2).contains(&retry), "{retry}");
+        limited += 1;
+    }
+    assert!(
+        limited >= 2,
+        "6 quick requests against a burst of 3: {limited} limited"
+    );
+
+    for _ in 0..3 {
+        let reply = raw_encrypt(&client, &ws_b, None, "ws_b/app", "hello").await;
+        assert!(
+            reply.error().is_none(),
+            "ws_b is unaffected: {:?}",
+            reply.error()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workspace_isolation_and_tenant_header() {
+    let env = TestEnv::start().await;
+    let _service = env
+        .service(&[("RINGVAULT_AUTH_SIGNING_SECRETS", SECRET)])
+        .await;
+    let client = env.client(Format::Json).await;
+    let ws_a = client.with_token(Some(token("svc-a", "ws_a", ALL_BUT_ADMIN)));
+    let ws_b = client.with_token(Some(token("svc-b", "ws_b", ALL_BUT_ADMIN)));
+
+    // A valid ciphertext of ws_b, which ws_a holds but may not use.
+    let sealed = ws_b.encrypt("ws_b/app", "secret of b").await.unwrap();
+    assert_eq!(
+        ws_b.decrypt("ws_b/app", &sealed.encrypted)
+            .await
+            .unwrap()
+            .plaintext,
+        "secret of b"
+    );
+    let denied = Err(Kind::AccessDenied);
+    assert_eq!(kind(ws_a.encrypt("ws_b/app", "x").await), denied);
+    assert_eq!(
+        kind(ws_a.decrypt("ws_b/app", &sealed.encrypted).await),
+        denied
+    );
+    assert_eq!(
+        kind(ws_a.reencrypt("ws_b/app", &sealed.encrypted).await),
+        denied
+    );
+    assert_eq!(kind(ws_a.rotate("ws_b/app").await), denied);
+    // Naming its own keyring does not help: the envelope's key is not in ws_a.
+    assert!(ws_a.decrypt("ws_a/app", &sealed.encrypted).await.is_err());
+    assert_eq!(kind(ws_a.encrypt("ws_a/app", "x").await), Ok(()));
+
+    // An admin bound to another workspace acts for ws_b with X-Tenant-ID, not without.
+    let admin = token("operator", "ops", &["admin"]);
+    let reply = raw_encrypt(&client, &admin, None, "ws_b/app", "x").await;
+    assert_eq!(reply.error().map(|e| e.kind()), Some(Kind::AccessDenied));
+    let reply = raw_encrypt(&client, &admin, Some("ws_b"), "ws_b/app", "x").await;
+    assert!(reply.error().is_none(), "{:?}", reply.error());
+    // Acting for ws_b, it is bound to ws_b.
+    let reply = raw_encrypt(&client, &admin, Some("ws_b"), "ops/app", "x").await;
+    assert_eq!(reply.error().map(|e| e.kind()), Some(Kind::AccessDenied));
+
+    // Without admin, X-Tenant-ID for another workspace is refused, even on its own keyring;
+    // naming its own workspace is harmless.
+    let non_admin = token("svc-a", "ws_a", ALL_BUT_ADMIN);
+    let reply = raw_encrypt(&client, &non_admin, Some("ws_b"), "ws_b/app", "x").await;
+    assert_eq!(reply.error().map(|e| e.kind()), Some(Kind::AccessDenied));
+    let reply = raw_encrypt(&client, &non_admin, Some("ws_b"), "ws_a/app", "x").await;
+    assert_eq!(reply.error().map(|e| e.kind()), Some(Kind::AccessDenied));
+    let reply = raw_encrypt(&client, &non_admin, Some("ws_a"), "ws_a/app", "x").await;
+    assert!(reply.error().is_none(), "{:?}", reply.error());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_records_on_nats() {
+    let env = TestEnv::start().await;
+    let _service = env
+        .service(&[("RINGVAULT_AUTH_SIGNING_SECRETS", SECRET)])
+        .await;
+    let watcher = async_nats::connect(env.nats.url()).await.unwrap();
+    let mut audit = watcher.subscribe("vault.v1.audit").await.unwrap();
+    watcher.flush().await.unwrap();
+
+    let client = env.client(Format::Json).await;
+    let ws_a_token = token("svc-a", "ws_a", ALL_BUT_ADMIN);
+    let ws_a = client.with_token(Some(ws_a_token.clone()));
+    let admin_token = token("operator", "ops", &["admin"]);
+    const PLAINTEXT: &str = "the-plaintext-that-must-not-leak";
+
+    // Not audited: liveness, and a failed authentication.
+    client.liveness().await.unwrap();
+    let forged = client.with_token(Some("not-a-valid-token".to_owned()));
+    assert_eq!(
+        kind(forged.encrypt("ws_a/app", PLAINTEXT).await),
+        Err(Kind::InvalidToken)
+    );
+    // Audited: encrypt, decrypt, a denied encrypt, and an admin acting for ws_b.
+    let sealed = ws_a.encrypt("ws_a/app", PLAINTEXT).await.unwrap();
+    ws_a.decrypt("ws_a/app", &sealed.encrypted).await.unwrap();
+    assert_eq!(
+        kind(ws_a.encrypt("ws_b/app", PLAINTEXT).await),
+        Err(Kind::AccessDenied)
+    );
+    let reply = raw_encrypt(&client, &admin_token, Some("ws_b"), "ws_b/app", PLAINTEXT).await;
+    assert!(reply.error().is_none(), "{:?}", reply.error());
+
+    let mut records = Vec::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(700), audit.next()).await
+    {
+        records.push(String::from_utf8(message.payload.to_vec()).unwrap());
+    }
+    assert_eq!(records.len(), 4, "{records:#?}");
+    for raw in &records {
+        for secret in [PLAINTEXT, &sealed.encrypted, &ws_a_token, &admin_token] {
+            assert!(!raw.contains(secret), "audit leaks a secret: {raw}");
+        }
+        assert!(!raw.contains("not-a-valid-token"), "{raw}");
+    }
+    let json: Vec<serde_json::Value> = records
+        .iter()
+        .map(|raw| serde_json::from_str(raw).unwrap())
+        .collect();
+
+    let encrypt = &json[0];
+    assert_eq!(encrypt["subject"], "svc-a");
+    assert_eq!(encrypt["workspace"], "ws_a");
+    assert_eq!(encrypt["credential_source"], "signed_token");
+    assert_eq!(encrypt["action"], "encrypt");
+    assert_eq!(encrypt["keyring"], "ws_a/app");
+    assert_eq!(encrypt["key_id"], sealed.key_id.as_str());
+    assert_eq!(encrypt["item_count"], 1);
+    assert_eq!(encrypt["outcome"], "ok");
+    assert!(encrypt.get("error_code").is_none());
+    assert!(!encrypt["request_id"].as_str().unwrap().is_empty());
+
+    let decrypt = &json[1];
+    assert_eq!(decrypt["action"], "decrypt");
+    assert_eq!(decrypt["key_id"], sealed.key_id.as_str());
+    assert_eq!(decrypt["outcome"], "ok");
+
+    let denied = &json[2];
+    assert_eq!(denied["action"], "encrypt");
+    assert_eq!(denied["keyring"], "ws_b/app");
+    assert_eq!(denied["outcome"], "error");
+    assert_eq!(denied["error_code"], "access_denied");
+    assert!(denied.get("key_id").is_none());
+
+    let acting = &json[3];
+    assert_eq!(acting["subject"], "operator");
+    assert_eq!(acting["workspace"], "ops");
+    assert_eq!(acting["acting_for"], "ws_b");
+    assert_eq!(acting["keyring"], "ws_b/app");
+    assert_eq!(acting["outcome"], "ok");
+}

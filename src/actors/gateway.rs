@@ -306,14 +306,24 @@ async fn drain(state: &mut GatewayState) {
     tracing::info!("gateway drained: no request in flight");
 }
 
-/// Requests this replica still takes after a drain starts. A drain is an auto-unsubscribe
-/// after this many more messages, so that the server and the client agree on exactly which
-/// messages are ours: none that the server routed before it saw the unsubscribe is dropped
-/// (a plain unsubscribe discards those the client had not read yet). Other replicas in the
-/// queue group take the rest.
+/// Requests this replica still takes once a drain starts. The drain is first an
+/// auto-unsubscribe after this many more messages, so that the server and the client agree on
+/// which messages are ours (a plain unsubscribe makes the client discard those the server had
+/// routed but the client had not read yet); other replicas in the queue group take the rest.
 const DRAIN_ALLOWANCE: u64 = 256;
-/// A draining subscription with nothing more to read for this long is closed.
+/// Once nothing more arrives for this long, the subscription is closed for good.
 const DRAIN_QUIET: Duration = Duration::from_millis(200);
+
+/// Where a subscription is in its drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// Serving.
+    No,
+    /// Auto-unsubscribe sent; serving what the server still routes to us.
+    Counted,
+    /// Unsubscribed; reading what was already sent.
+    Closing,
+}
 
 /// Serves one method until drained.
 async fn serve_method(
@@ -325,25 +335,28 @@ async fn serve_method(
     mut drain_signal: watch::Receiver<bool>,
 ) {
     let mut received: u64 = 0;
-    let mut draining = false;
+    let mut draining = Drain::No;
     loop {
-        let message = if draining {
+        let message = if draining == Drain::Counted {
             match tokio::time::timeout(DRAIN_QUIET, subscriber.next()).await {
                 Ok(message) => message,
                 Err(_) => {
-                    // Quiet: the server has seen the auto-unsubscribe (we flushed after it)
-                    // and routes nothing more; close for good.
-                    let _ = subscriber.unsubscribe().await;
-                    return;
+                    // Quiet: close for good, still reading what the server sent before.
+                    draining = Drain::Closing;
+                    if subscriber.drain().await.is_err() {
+                        return;
+                    }
+                    continue;
                 }
             }
+        } else if draining == Drain::Closing {
+            subscriber.next().await
         } else {
             tokio::select! {
                 message = subscriber.next() => message,
                 _ = async { drain_signal.wait_for(|drain| *drain).await.map(|_| ()) } => {
-                    draining = true;
-                    let limit = received + DRAIN_ALLOWANCE;
-                    if let Err(error) = subscriber.unsubscribe_after(limit).await {
+                    draining = Drain::Counted;
+                    if let Err(error) = subscriber.unsubscribe_after(received + DRAIN_ALLOWANCE).await {
                         tracing::warn!(method = method.name(), %error, "could not drain the subscription");
                         return;
                     }

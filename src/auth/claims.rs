@@ -295,6 +295,37 @@ pub(crate) fn decode_error(what: &str, token: &str, error: &jsonwebtoken::errors
     Error::new(Kind::InvalidToken, format!("{what}: {reason}"))
 }
 
+/// Verifies `token` with each of `keys` in turn: the first whose signature checks decides.
+/// A bad signature moves on to the next key (another key may have signed it); any other
+/// failure means the signature verified and the claims are wrong, which ends the search.
+pub(crate) fn decode_with_any<'k>(
+    what: &str,
+    token: &str,
+    keys: impl IntoIterator<Item = &'k jsonwebtoken::DecodingKey>,
+    validation: &jsonwebtoken::Validation,
+    workspace_claim: &str,
+) -> Result<Claims> {
+    let mut last = None;
+    for key in keys {
+        match jsonwebtoken::decode::<Value>(token, key, validation) {
+            Ok(data) => return Claims::from_json(&data.claims, workspace_claim),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    jsonwebtoken::errors::ErrorKind::InvalidSignature
+                ) =>
+            {
+                last = Some(error)
+            }
+            Err(error) => return Err(decode_error(what, token, &error)),
+        }
+    }
+    Err(match last {
+        Some(error) => decode_error(what, token, &error),
+        None => Error::new(Kind::InvalidToken, format!("{what}: no key to verify with")),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

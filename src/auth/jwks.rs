@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use super::claims::{decode_error, peek_header, Claims};
+use super::claims::{decode_with_any, peek_header, Claims};
 use crate::config::AuthConfig;
 use crate::error::{Error, Kind, Result};
 
@@ -410,25 +410,13 @@ impl JwtVerifier {
             ));
         }
         let validation = self.validation(algorithm);
-        let mut last = None;
-        for candidate in candidates {
-            match jsonwebtoken::decode::<serde_json::Value>(token, &candidate.key, &validation) {
-                Ok(data) => return Claims::from_json(&data.claims, &self.workspace_claim),
-                Err(error)
-                    if matches!(
-                        error.kind(),
-                        jsonwebtoken::errors::ErrorKind::InvalidSignature
-                    ) =>
-                {
-                    last = Some(error)
-                }
-                Err(error) => return Err(decode_error("jwt", token, &error)),
-            }
-        }
-        Err(match last {
-            Some(error) => decode_error("jwt", token, &error),
-            None => Error::new(Kind::InvalidToken, "jwt: signature does not verify"),
-        })
+        decode_with_any(
+            "jwt",
+            token,
+            candidates.iter().map(|candidate| &candidate.key),
+            &validation,
+            &self.workspace_claim,
+        )
     }
 
     fn validation(&self, algorithm: Algorithm) -> Validation {

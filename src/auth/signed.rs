@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use zeroize::Zeroizing;
 
-use super::claims::{decode_error, peek_header, Claims};
+use super::claims::{decode_with_any, peek_header, Claims};
 use crate::config::AuthConfig;
 use crate::error::{Error, Kind, Result};
 
@@ -151,28 +151,18 @@ impl SignedTokens {
             ));
         }
         let validation = self.validation();
-        let mut last = None;
-        for secret in &self.secrets {
-            let key = DecodingKey::from_secret(secret);
-            match jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation) {
-                Ok(data) => return Claims::from_json(&data.claims, &self.workspace_claim),
-                // Another secret may have signed it.
-                Err(error)
-                    if matches!(
-                        error.kind(),
-                        jsonwebtoken::errors::ErrorKind::InvalidSignature
-                    ) =>
-                {
-                    last = Some(error)
-                }
-                // The signature verified (claims are checked after it): the claims are wrong.
-                Err(error) => return Err(decode_error("signed token", token, &error)),
-            }
-        }
-        Err(match last {
-            Some(error) => decode_error("signed token", token, &error),
-            None => Error::new(Kind::InvalidToken, "signed token: no secret to verify with"),
-        })
+        let keys: Vec<DecodingKey> = self
+            .secrets
+            .iter()
+            .map(|secret| DecodingKey::from_secret(secret))
+            .collect();
+        decode_with_any(
+            "signed token",
+            token,
+            &keys,
+            &validation,
+            &self.workspace_claim,
+        )
     }
 
     fn validation(&self) -> Validation {

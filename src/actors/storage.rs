@@ -112,6 +112,28 @@ impl ActorStorage {
     }
 }
 
+impl ActorStorage {
+    /// Hands one write to the storage actor; a writer that died or did not answer in time is
+    /// `Interrupted` (not retried: the caller gets `unavailable`).
+    async fn through_writer(
+        &self,
+        operation: &'static str,
+        key: &str,
+        build: impl FnOnce(RpcReplyPort<Result<(), StorageError>>) -> StorageMsg,
+    ) -> Result<(), StorageError> {
+        match self.writer.call(build, self.call_timeout).await {
+            Ok(result) => result,
+            Err(error) => {
+                tracing::warn!(operation, key, %error, "storage writer did not complete the call");
+                Err(StorageError::Interrupted {
+                    operation,
+                    key: key.to_owned(),
+                })
+            }
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl ObjectStorage for ActorStorage {
     async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError> {
@@ -124,29 +146,14 @@ impl ObjectStorage for ActorStorage {
         bytes: Bytes,
         condition: PutCondition,
     ) -> Result<(), StorageError> {
-        let owned_key = key.to_owned();
-        let outcome = self
-            .writer
-            .call(
-                |reply| StorageMsg::Put {
-                    key: owned_key,
-                    bytes,
-                    condition,
-                    reply,
-                },
-                self.call_timeout,
-            )
-            .await;
-        match outcome {
-            Ok(result) => result,
-            Err(error) => {
-                tracing::warn!(key, %error, "storage writer did not complete the write");
-                Err(StorageError::Interrupted {
-                    operation: "put",
-                    key: key.to_owned(),
-                })
-            }
-        }
+        let key_owned = key.to_owned();
+        self.through_writer("put", key, |reply| StorageMsg::Put {
+            key: key_owned,
+            bytes,
+            condition,
+            reply,
+        })
+        .await
     }
 
     fn list(&self, prefix: &str) -> BoxStream<'static, Result<String, StorageError>> {
@@ -154,27 +161,12 @@ impl ObjectStorage for ActorStorage {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
-        let owned_key = key.to_owned();
-        let outcome = self
-            .writer
-            .call(
-                |reply| StorageMsg::Delete {
-                    key: owned_key,
-                    reply,
-                },
-                self.call_timeout,
-            )
-            .await;
-        match outcome {
-            Ok(result) => result,
-            Err(error) => {
-                tracing::warn!(key, %error, "storage writer did not complete the delete");
-                Err(StorageError::Interrupted {
-                    operation: "delete",
-                    key: key.to_owned(),
-                })
-            }
-        }
+        let key_owned = key.to_owned();
+        self.through_writer("delete", key, |reply| StorageMsg::Delete {
+            key: key_owned,
+            reply,
+        })
+        .await
     }
 
     fn supports_conditional_writes(&self) -> bool {

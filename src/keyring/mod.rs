@@ -24,7 +24,7 @@ use dashmap::DashMap;
 use tokio::time::Instant;
 
 pub use roll::{roll_deks, RollReport};
-pub use store::{Created, KeyringStore, LatestRead, Rotated};
+pub use store::{KeyringStore, LatestRead, Rotated};
 
 use crate::crypto::Dek;
 use crate::error::{Error, Result};
@@ -415,13 +415,10 @@ impl Keyrings {
         if ring.cached_latest_id().as_deref() == Some(key_id) {
             return Ok(());
         }
+        // `dek` is the cached instance (or, if evicted meanwhile, the one just read).
         let dek = self.dek(name, key_id).await?;
         let _single_flight = ring.load_lock.lock().await;
-        let cached = self.cached_dek(&ring, dek.id()).unwrap_or(dek);
-        ring.latest.store(Some(Arc::new(CachedLatest {
-            dek: cached,
-            read_at: Instant::now(),
-        })));
+        set_latest(&ring, dek);
         Ok(())
     }
 
@@ -460,7 +457,7 @@ impl Keyrings {
             return Ok(self.install_latest(ring, read.dek));
         }
         let created = store.create_first(&ring.name).await?;
-        let dek = self.install_latest(ring, created.latest.dek);
+        let dek = self.install_latest(ring, created.dek);
         if created.won {
             self.announce(&ring.name, dek.id(), None, DekCause::FirstUse);
         }
@@ -498,10 +495,7 @@ impl Keyrings {
     /// Caches `dek` as the keyring's LATEST, read from storage now.
     fn install_latest(&self, ring: &Arc<Keyring>, dek: Dek) -> Arc<Dek> {
         let dek = self.insert_dek(ring, dek);
-        ring.latest.store(Some(Arc::new(CachedLatest {
-            dek: dek.clone(),
-            read_at: Instant::now(),
-        })));
+        set_latest(ring, dek.clone());
         dek
     }
 
@@ -578,6 +572,14 @@ impl Keyrings {
         }
         tracing::debug!(evicted = to_evict, "evicted least recently used keys");
     }
+}
+
+/// Makes `dek` the keyring's cached LATEST, read from storage now.
+fn set_latest(ring: &Keyring, dek: Arc<Dek>) {
+    ring.latest.store(Some(Arc::new(CachedLatest {
+        dek,
+        read_at: Instant::now(),
+    })));
 }
 
 #[cfg(test)]

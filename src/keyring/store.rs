@@ -20,16 +20,7 @@ pub struct LatestRead {
     pub version: Version,
 }
 
-/// The first DEK of a keyring, as [`KeyringStore::create_first`] left it.
-#[derive(Debug)]
-pub struct Created {
-    /// LATEST now.
-    pub latest: LatestRead,
-    /// False when another writer created LATEST first and its DEK is returned.
-    pub won: bool,
-}
-
-/// What a rotation did.
+/// What writing a new LATEST did (a rotation, or a keyring's first DEK).
 #[derive(Debug)]
 pub struct Rotated {
     /// The DEK that is LATEST now.
@@ -96,53 +87,27 @@ impl KeyringStore {
     }
 
     /// Creates the keyring's first DEK: the DEK object first, then LATEST if still absent.
-    /// When another writer created LATEST first, its DEK is returned and ours is deleted (best
-    /// effort: its random id was never handed out nor written as LATEST).
-    pub async fn create_first(&self, keyring: &str) -> Result<Created> {
-        let dek = Dek::generate();
-        let bytes = self.seal(&dek);
-        self.storage
-            .put(
-                &dek_key(keyring, dek.id()),
-                bytes.clone(),
-                PutCondition::Overwrite,
-            )
-            .await?;
-        match self
-            .storage
-            .put(&latest_key(keyring), bytes, PutCondition::IfAbsent)
-            .await
-        {
-            Ok(()) => {
-                tracing::info!(
-                    keyring,
-                    key_id = dek.id(),
-                    "created the first key of the keyring"
-                );
-                Ok(Created {
-                    latest: LatestRead {
-                        dek,
-                        version: Version::default(),
-                    },
-                    won: true,
-                })
-            }
-            Err(StorageError::AlreadyExists { .. }) => {
-                tracing::info!(keyring, "another writer created the first key; using it");
-                let latest = self.read_latest(keyring).await;
-                self.discard_unused(keyring, dek.id(), &latest).await;
-                let latest = latest?.ok_or_else(|| {
-                    Error::unavailable(format!("keyring {keyring:?} changed while being created"))
-                })?;
-                Ok(Created { latest, won: false })
-            }
-            Err(error) => Err(error.into()),
-        }
+    /// When another writer created LATEST first, its DEK is returned (`won: false`) and ours is
+    /// deleted (best effort: its random id was never handed out nor written as LATEST).
+    pub async fn create_first(&self, keyring: &str) -> Result<Rotated> {
+        self.write_new_latest(keyring, None).await
     }
 
     /// Makes a new DEK the keyring's LATEST, replacing `current` only if it is still LATEST
-    /// (where the store supports conditional writes).
+    /// (where the store supports conditional writes; with no `current`, only if LATEST is
+    /// absent). A rotation that loses to a concurrent writer returns that writer's DEK
+    /// (`won: false`) and deletes its own.
     pub async fn rotate(&self, keyring: &str, current: Option<&LatestRead>) -> Result<Rotated> {
+        self.write_new_latest(keyring, current).await
+    }
+
+    /// Writes a new DEK under its id, then as LATEST: if absent when `current` is `None`,
+    /// else only if LATEST is still `current`.
+    async fn write_new_latest(
+        &self,
+        keyring: &str,
+        current: Option<&LatestRead>,
+    ) -> Result<Rotated> {
         let dek = Dek::generate();
         let bytes = self.seal(&dek);
         self.storage
@@ -167,7 +132,7 @@ impl KeyringStore {
                     keyring,
                     key_id = dek.id(),
                     previous_key_id,
-                    "rotated the keyring"
+                    "wrote a new latest key"
                 );
                 Ok(Rotated {
                     dek,
@@ -179,12 +144,12 @@ impl KeyringStore {
                 let latest = self.read_latest(keyring).await;
                 self.discard_unused(keyring, dek.id(), &latest).await;
                 let latest = latest?.ok_or_else(|| {
-                    Error::unavailable(format!("keyring {keyring:?} changed while rotating"))
+                    Error::unavailable(format!("keyring {keyring:?} changed while being written"))
                 })?;
                 tracing::info!(
                     keyring,
                     key_id = latest.dek.id(),
-                    "another writer rotated the keyring first; using its key"
+                    "another writer replaced latest first; using its key"
                 );
                 Ok(Rotated {
                     dek: latest.dek,

@@ -15,6 +15,15 @@ use crate::protocol::{
 };
 use crate::storage::validate_keyring;
 
+/// A Decrypt's response and the key that opened it (for the audit record).
+#[derive(Debug)]
+pub struct Decrypted {
+    /// The reply.
+    pub response: DecryptResponse,
+    /// The envelope's key id.
+    pub key_id: String,
+}
+
 /// The operations of the API.
 #[derive(Debug, Clone)]
 pub struct Vault {
@@ -58,10 +67,13 @@ impl Vault {
         &self,
         principal: &Principal,
         request: DecryptRequest,
-    ) -> Result<DecryptResponse> {
+    ) -> Result<Decrypted> {
         authorize(principal, Action::Decrypt, &request.keyring)?;
-        let plaintext = self.open(&request.keyring, &request.encrypted).await?;
-        Ok(DecryptResponse { plaintext })
+        let (plaintext, key_id) = self.open(&request.keyring, &request.encrypted).await?;
+        Ok(Decrypted {
+            response: DecryptResponse { plaintext },
+            key_id,
+        })
     }
 
     /// ReEncrypt: open, then seal with the keyring's current DEK as storage has it now.
@@ -71,7 +83,7 @@ impl Vault {
         request: ReEncryptRequest,
     ) -> Result<ReEncryptResponse> {
         authorize(principal, Action::ReEncrypt, &request.keyring)?;
-        let plaintext = self.open(&request.keyring, &request.encrypted).await?;
+        let (plaintext, _) = self.open(&request.keyring, &request.encrypted).await?;
         let dek = self.registry.latest_from_storage(&request.keyring).await?;
         let encrypted = encode_envelope(&dek.seal(plaintext.as_bytes()));
         Ok(ReEncryptResponse {
@@ -116,7 +128,7 @@ impl Vault {
         ids.sort_unstable();
         let mut items = HashMap::with_capacity(ids.len());
         for id in ids {
-            let plaintext = self
+            let (plaintext, _) = self
                 .open(&request.keyring, &request.items[id])
                 .await
                 .map_err(|error| error.context(format!("item {id:?}")))?;
@@ -183,16 +195,19 @@ impl Vault {
         Ok((encrypted, dek.id().to_owned()))
     }
 
-    async fn open(&self, keyring: &str, encrypted: &str) -> Result<String> {
+    /// The plaintext of an envelope of `keyring`, and the id of the key that opened it.
+    async fn open(&self, keyring: &str, encrypted: &str) -> Result<(String, String)> {
         let envelope = decode_envelope(encrypted)?;
         validate_envelope(&envelope)?;
         let dek = self
             .registry
             .dek(keyring, &envelope.encryption_key_id)
             .await?;
-        let plaintext = dek.open(&envelope)?;
-        String::from_utf8(plaintext)
-            .map_err(|_| Error::internal("decrypted plaintext is not valid utf-8"))
+        let key_id = envelope.encryption_key_id.clone();
+        let plaintext = dek.open(envelope)?;
+        let plaintext = String::from_utf8(plaintext)
+            .map_err(|_| Error::internal("decrypted plaintext is not valid utf-8"))?;
+        Ok((plaintext, key_id))
     }
 }
 

@@ -195,7 +195,9 @@ async fn audit_records_on_nats() {
     while let Ok(Some(message)) =
         tokio::time::timeout(Duration::from_millis(700), audit.next()).await
     {
-        records.push(String::from_utf8(message.payload.to_vec()).unwrap());
+        // A message carries one or more records, one per line.
+        let lines = String::from_utf8(message.payload.to_vec()).unwrap();
+        records.extend(lines.lines().map(str::to_owned));
     }
     assert_eq!(records.len(), 4, "{records:#?}");
     for raw in &records {

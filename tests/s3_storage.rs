@@ -222,7 +222,7 @@ async fn open_on(server: &Server, ring: &str, envelope: &Encrypted) -> Vec<u8> {
         .dek(ring, &envelope.encryption_key_id)
         .await
         .unwrap_or_else(|error| panic!("{ring}: {error}"))
-        .open(envelope)
+        .open(envelope.clone())
         .unwrap_or_else(|error| panic!("{ring}: {error}"))
 }
 
@@ -486,9 +486,9 @@ async fn a_bucket_of_2550_objects_lists_fully_and_rolls_to_a_new_master_key() {
     );
     for item in &kept {
         let dek = keyrings.dek(&item.ring, &item.key_id).await.unwrap();
-        assert_eq!(dek.open(&item.envelope).unwrap(), item.plaintext);
+        assert_eq!(dek.open(item.envelope.clone()).unwrap(), item.plaintext);
         let round_trip = decode_envelope(&encode_envelope(&item.envelope)).unwrap();
-        assert_eq!(dek.open(&round_trip).unwrap(), item.plaintext);
+        assert_eq!(dek.open(round_trip).unwrap(), item.plaintext);
     }
     for (ring, latest_id) in &latest_ids {
         let dek = keyrings.latest(ring).await.unwrap();

@@ -3,7 +3,7 @@
 //! plaintext. It must never return other plaintext.
 //!
 //! Every test goes through the same decrypt path a request takes:
-//! `decode_envelope(text)` → `keyrings.dek(keyring, &env.encryption_key_id)` → `dek.open(&env)`.
+//! `decode_envelope(text)` → `keyrings.dek(keyring, &env.encryption_key_id)` → `dek.open(env)`.
 
 use std::sync::{Arc, OnceLock};
 
@@ -30,7 +30,7 @@ fn new_keyrings() -> Keyrings {
 async fn decrypt(keyrings: &Keyrings, keyring: &str, text: &str) -> ringvault::Result<Vec<u8>> {
     let envelope = decode_envelope(text)?;
     let dek = keyrings.dek(keyring, &envelope.encryption_key_id).await?;
-    dek.open(&envelope)
+    dek.open(envelope)
 }
 
 /// Seals `plaintext` with the keyring's LATEST and returns the base64 envelope.

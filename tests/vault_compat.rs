@@ -32,7 +32,7 @@ async fn decrypt(keyrings: &Keyrings, keyring: &str, text: &str) -> ringvault::R
     keyrings
         .dek(keyring, &envelope.encryption_key_id)
         .await?
-        .open(&envelope)
+        .open(envelope)
 }
 
 #[tokio::test]

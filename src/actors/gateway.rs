@@ -1,7 +1,7 @@
 //! Gateway: the NATS-facing actor. It queue-subscribes to one subject per method (replicas
 //! in the queue group share the load), answers the NATS micro discovery subjects
-//! (`$SRV.PING|INFO|STATS`, as async-nats' service API would), and runs each request in its
-//! own task, at most `max_inflight` at once.
+//! (`$SRV.PING|INFO|STATS`, as async-nats' service API would), and runs requests inside the
+//! subscription tasks (one per core and method), at most `max_inflight` at once.
 //!
 //! It manages its subscriptions itself rather than through async-nats' service endpoints so
 //! that shutdown can *drain* them: stop-and-discard would drop requests the server had already
@@ -23,16 +23,16 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::AuthHandle;
-use crate::auth::{AuditRecord, Principal, RateLimiter};
+use crate::auth::{AuditLog, AuditRecord, Principal, RateLimiter};
 use crate::error::{Error, Kind, Result};
 use crate::protocol::{
-    decode, decode_envelope, encode, DecryptBulkRequest, DecryptBulkResponse, DecryptRequest,
-    DecryptResponse, DescribeKeyringRequest, DescribeKeyringResponse, EncryptBulkRequest,
-    EncryptBulkResponse, EncryptRequest, EncryptResponse, ErrorBody, Format, LivenessResponse,
-    Method, ReEncryptRequest, ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse,
-    AUTHORIZATION, CONTENT_TYPE, JSON_CONTENT_TYPE, REQUEST_ID, SERVICE_ERROR, SERVICE_ERROR_CODE,
+    decode, encode, DecryptBulkRequest, DecryptBulkResponse, DecryptRequest, DecryptResponse,
+    DescribeKeyringRequest, DescribeKeyringResponse, EncryptBulkRequest, EncryptBulkResponse,
+    EncryptRequest, EncryptResponse, ErrorBody, Format, LivenessResponse, Method, ReEncryptRequest,
+    ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse, AUTHORIZATION, CONTENT_TYPE,
+    JSON_CONTENT_TYPE, REQUEST_ID, SERVICE_ERROR, SERVICE_ERROR_CODE,
 };
-use crate::rpc::Vault;
+use crate::rpc::{Decrypted, Vault};
 use crate::storage::validate_keyring;
 
 /// How long a drain waits for the subscriptions to hand over what they had buffered.
@@ -84,6 +84,7 @@ pub struct GatewayState {
     discovery_loops: Vec<JoinHandle<()>>,
     inflight: Arc<Semaphore>,
     max_inflight: usize,
+    audit: AuditLog,
 }
 
 impl Drop for GatewayState {
@@ -124,8 +125,8 @@ struct RequestContext {
     nats: async_nats::Client,
     stats: Vec<EndpointStats>,
     rate_limiter: Option<Arc<RateLimiter>>,
-    /// `<prefix>.audit`.
-    audit_subject: String,
+    /// Publishes on `<prefix>.audit`.
+    audit: AuditLog,
 }
 
 /// The identity and endpoints reported by discovery.
@@ -201,24 +202,27 @@ impl Actor for Gateway {
                 .map(|_| EndpointStats::default())
                 .collect(),
             rate_limiter: args.rate_limiter.clone(),
-            audit_subject: format!("{}.audit", args.prefix),
+            audit: AuditLog::start(args.nats.clone(), format!("{}.audit", args.prefix)),
         });
         let inflight = Arc::new(Semaphore::new(args.max_inflight));
         let (draining, drain_signal) = watch::channel(false);
-        let mut request_loops = Vec::with_capacity(Method::ALL.len());
+        let subscriptions = subscriptions_per_method();
+        let mut request_loops = Vec::with_capacity(Method::ALL.len() * subscriptions);
         for (index, method) in Method::ALL.into_iter().enumerate() {
-            let subscriber = args
-                .nats
-                .queue_subscribe(method.subject(&args.prefix), args.queue_group.clone())
-                .await?;
-            request_loops.push(tokio::spawn(serve_method(
-                method,
-                index,
-                subscriber,
-                context.clone(),
-                inflight.clone(),
-                drain_signal.clone(),
-            )));
+            for _ in 0..subscriptions {
+                let subscriber = args
+                    .nats
+                    .queue_subscribe(method.subject(&args.prefix), args.queue_group.clone())
+                    .await?;
+                request_loops.push(tokio::spawn(serve_method(
+                    method,
+                    index,
+                    subscriber,
+                    context.clone(),
+                    inflight.clone(),
+                    drain_signal.clone(),
+                )));
+            }
         }
         let discovery = Arc::new(Discovery {
             id: hex::encode(rand::random::<[u8; 11]>()),
@@ -257,9 +261,11 @@ impl Actor for Gateway {
             prefix = args.prefix,
             queue_group = args.queue_group,
             max_inflight = args.max_inflight,
+            subscriptions_per_method = subscriptions,
             "serving the vault api on nats"
         );
         Ok(GatewayState {
+            audit: context.audit.clone(),
             nats: args.nats,
             draining,
             request_loops,
@@ -300,6 +306,7 @@ async fn drain(state: &mut GatewayState) {
     for task in state.discovery_loops.drain(..) {
         task.abort();
     }
+    state.audit.flush().await;
     if let Err(error) = state.nats.flush().await {
         tracing::warn!(%error, "flushing the last replies failed");
     }
@@ -325,7 +332,15 @@ enum Drain {
     Closing,
 }
 
-/// Serves one method until drained.
+/// Serves one subscription of a method until drained.
+///
+/// Requests run *inside* this task, as futures polled together with the subscription, rather
+/// than each in a spawned task: most requests complete in their first poll (cached principal,
+/// cached key, AES-GCM), so running them here spares a spawn and a cross-thread wake-up per
+/// request, and the replies of a burst reach the connection together and leave in one write.
+/// A request that has to wait (storage, an actor) simply stays pending while the loop goes on.
+/// Parallelism across cores comes from several such subscriptions per method in the queue
+/// group ([`subscriptions_per_method`]).
 async fn serve_method(
     method: Method,
     index: usize,
@@ -334,53 +349,79 @@ async fn serve_method(
     inflight: Arc<Semaphore>,
     mut drain_signal: watch::Receiver<bool>,
 ) {
+    let mut requests = futures::stream::FuturesUnordered::new();
     let mut received: u64 = 0;
     let mut draining = Drain::No;
+    let quiet = tokio::time::sleep(DRAIN_QUIET);
+    tokio::pin!(quiet);
     loop {
-        let message = if draining == Drain::Counted {
-            match tokio::time::timeout(DRAIN_QUIET, subscriber.next()).await {
-                Ok(message) => message,
-                Err(_) => {
-                    // Quiet: close for good, still reading what the server sent before.
-                    draining = Drain::Closing;
-                    if subscriber.drain().await.is_err() {
-                        return;
-                    }
-                    continue;
+        let message = tokio::select! {
+            Some(()) = requests.next() => continue,
+            message = subscriber.next() => message,
+            _ = async { drain_signal.wait_for(|drain| *drain).await.map(|_| ()) }, if draining == Drain::No => {
+                draining = Drain::Counted;
+                quiet.as_mut().reset(tokio::time::Instant::now() + DRAIN_QUIET);
+                if let Err(error) = subscriber.unsubscribe_after(received + DRAIN_ALLOWANCE).await {
+                    tracing::warn!(method = method.name(), %error, "could not drain the subscription");
+                    break;
                 }
+                if let Err(error) = context.nats.flush().await {
+                    tracing::warn!(method = method.name(), %error, "flush during drain failed");
+                }
+                continue;
             }
-        } else if draining == Drain::Closing {
-            subscriber.next().await
-        } else {
-            tokio::select! {
-                message = subscriber.next() => message,
-                _ = async { drain_signal.wait_for(|drain| *drain).await.map(|_| ()) } => {
-                    draining = Drain::Counted;
-                    if let Err(error) = subscriber.unsubscribe_after(received + DRAIN_ALLOWANCE).await {
-                        tracing::warn!(method = method.name(), %error, "could not drain the subscription");
-                        return;
-                    }
-                    if let Err(error) = context.nats.flush().await {
-                        tracing::warn!(method = method.name(), %error, "flush during drain failed");
-                    }
-                    continue;
+            () = &mut quiet, if draining == Drain::Counted => {
+                // Quiet: close for good, still reading what the server sent before.
+                draining = Drain::Closing;
+                if subscriber.drain().await.is_err() {
+                    break;
                 }
+                continue;
             }
         };
         let Some(message) = message else {
-            return;
+            break;
         };
         received += 1;
-        let Ok(permit) = inflight.clone().acquire_owned().await else {
-            return;
+        if draining == Drain::Counted {
+            quiet
+                .as_mut()
+                .reset(tokio::time::Instant::now() + DRAIN_QUIET);
+        }
+        let permit = loop {
+            match inflight.clone().try_acquire_owned() {
+                Ok(permit) => break Some(permit),
+                Err(tokio::sync::TryAcquireError::Closed) => break None,
+                // At the limit: let this subscription's own requests finish meanwhile.
+                Err(tokio::sync::TryAcquireError::NoPermits) => tokio::select! {
+                    Some(()) = requests.next() => {}
+                    permit = inflight.clone().acquire_owned() => break permit.ok(),
+                },
+            }
+        };
+        let Some(permit) = permit else {
+            break;
         };
         let context = context.clone();
-        tokio::spawn(async move {
+        requests.push(async move {
             handle_request(&context, method, index, message).await;
             drop(permit);
         });
     }
+    // Answer what was taken before stopping.
+    while requests.next().await.is_some() {}
 }
+
+/// How many queue subscriptions each method has on one connection: one per core the runtime
+/// can use, so that requests of one method run in parallel (each subscription serves its
+/// requests in its own task).
+fn subscriptions_per_method() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |cores| cores.get().min(MAX_SUBSCRIPTIONS_PER_METHOD))
+}
+
+/// The most subscriptions per method, whatever the core count.
+const MAX_SUBSCRIPTIONS_PER_METHOD: usize = 32;
 
 async fn serve_discovery(
     kind: &'static str,
@@ -566,8 +607,7 @@ async fn dispatch(
         method,
         facts,
         outcome.as_ref().err(),
-    )
-    .await;
+    );
     outcome
 }
 
@@ -683,7 +723,7 @@ fn audit_action(method: Method) -> &'static str {
 
 /// Publishes the request's audit record on `<prefix>.audit` and logs it (target
 /// `ringvault::audit`). It names keyrings and key ids, never data, envelopes or tokens.
-async fn audit(
+fn audit(
     context: &RequestContext,
     request_id: &str,
     principal: &Principal,
@@ -718,29 +758,22 @@ async fn audit(
         error_code = record.error_code.as_deref(),
         "audit"
     );
-    let sent = context
-        .nats
-        .publish(context.audit_subject.clone(), record.to_json().into())
-        .await;
-    if let Err(error) = sent {
-        tracing::warn!(request_id, %error, "audit record not published");
-    }
+    context.audit.record(record);
 }
 
-/// What a request tells the audit record: its keyring, how many items, and the key it names
-/// (an envelope's key id for Decrypt; not a secret).
+/// What a request tells the audit record: its keyring and how many items.
 trait AuditedRequest {
     fn keyring(&self) -> &str;
     fn item_count(&self) -> u64 {
         1
     }
-    fn key_id(&self) -> Option<String> {
-        None
-    }
 }
 
-/// The key a response used or created, when it names one.
+/// What an operation returns: the message to encode, and the key it used or created when it
+/// names one (an envelope's key id for Decrypt; not a secret).
 trait AuditedResponse {
+    type Message: prost::Message + Serialize;
+    fn message(&self) -> &Self::Message;
     fn key_id(&self) -> Option<&str>;
 }
 
@@ -757,11 +790,6 @@ impl AuditedRequest for EncryptRequest {
 impl AuditedRequest for DecryptRequest {
     fn keyring(&self) -> &str {
         &self.keyring
-    }
-    fn key_id(&self) -> Option<String> {
-        decode_envelope(&self.encrypted)
-            .ok()
-            .map(|envelope| envelope.encryption_key_id)
     }
 }
 
@@ -802,24 +830,40 @@ impl AuditedRequest for DescribeKeyringRequest {
 }
 
 impl AuditedResponse for EncryptResponse {
+    type Message = Self;
+    fn message(&self) -> &Self {
+        self
+    }
     fn key_id(&self) -> Option<&str> {
         Some(&self.key_id)
     }
 }
 
-impl AuditedResponse for DecryptResponse {
+impl AuditedResponse for Decrypted {
+    type Message = DecryptResponse;
+    fn message(&self) -> &DecryptResponse {
+        &self.response
+    }
     fn key_id(&self) -> Option<&str> {
-        None
+        Some(&self.key_id)
     }
 }
 
 impl AuditedResponse for ReEncryptResponse {
+    type Message = Self;
+    fn message(&self) -> &Self {
+        self
+    }
     fn key_id(&self) -> Option<&str> {
         Some(&self.key_id)
     }
 }
 
 impl AuditedResponse for EncryptBulkResponse {
+    type Message = Self;
+    fn message(&self) -> &Self {
+        self
+    }
     fn key_id(&self) -> Option<&str> {
         // Every item is sealed with the same key.
         self.items.values().next().map(|item| item.key_id.as_str())
@@ -827,18 +871,30 @@ impl AuditedResponse for EncryptBulkResponse {
 }
 
 impl AuditedResponse for DecryptBulkResponse {
+    type Message = Self;
+    fn message(&self) -> &Self {
+        self
+    }
     fn key_id(&self) -> Option<&str> {
         None
     }
 }
 
 impl AuditedResponse for RotateKeyringResponse {
+    type Message = Self;
+    fn message(&self) -> &Self {
+        self
+    }
     fn key_id(&self) -> Option<&str> {
         Some(&self.key_id)
     }
 }
 
 impl AuditedResponse for DescribeKeyringResponse {
+    type Message = Self;
+    fn message(&self) -> &Self {
+        self
+    }
     fn key_id(&self) -> Option<&str> {
         Some(&self.latest_key_id)
     }
@@ -854,16 +910,15 @@ async fn run<Req, Resp, Fut>(
 ) -> Result<Bytes>
 where
     Req: prost::Message + Default + DeserializeOwned + AuditedRequest,
-    Resp: prost::Message + Serialize + AuditedResponse,
+    Resp: AuditedResponse,
     Fut: std::future::Future<Output = Result<Resp>>,
 {
     let request: Req = decode(format, payload)?;
     facts.keyring = request.keyring().to_owned();
     facts.item_count = request.item_count();
-    facts.key_id = request.key_id();
     let response = operation(request).await?;
     if let Some(key_id) = response.key_id().filter(|id| !id.is_empty()) {
         facts.key_id = Some(key_id.to_owned());
     }
-    Ok(encode(format, &response))
+    Ok(encode(format, response.message()))
 }

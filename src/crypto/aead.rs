@@ -1,8 +1,14 @@
 //! AES-256-GCM over [`Encrypted`]: a fresh random 12-byte nonce per message, no associated data,
 //! the 16-byte tag appended to the ciphertext.
+//!
+//! The implementation is aws-lc-rs (AWS-LC's AES-GCM, with AES-NI/CLMUL/AVX code paths),
+//! chosen over RustCrypto's `aes-gcm` because it is 2–10× faster on the sizes this service
+//! sees (see BENCHMARKS.md), and over ring because AWS-LC cleanses the expanded key schedule
+//! when a key is dropped (`OPENSSL_free` clears what it frees), so a dropped DEK leaves no round
+//! keys behind. Nonces come from AWS-LC's userspace DRBG, which is seeded from the OS and
+//! reseeds on fork, so sealing makes no system call.
 
-use aes_gcm::aead::{AeadInPlace, OsRng};
-use aes_gcm::{AeadCore, Aes256Gcm, Nonce};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 use crate::error::{Error, Result};
 use crate::protocol::{Algorithm, Encrypted};
@@ -12,16 +18,33 @@ pub const NONCE_LEN: usize = 12;
 /// Length of the GCM tag.
 pub const TAG_LEN: usize = 16;
 
+/// An AES-256-GCM key ready to seal and open; its key schedule is cleared when dropped.
+pub struct Cipher(LessSafeKey);
+
+impl Cipher {
+    /// A cipher for a 32-byte key.
+    pub fn new(key: &[u8; 32]) -> Self {
+        let key = UnboundKey::new(&AES_256_GCM, key).expect("aes-256-gcm accepts a 32-byte key");
+        Self(LessSafeKey::new(key))
+    }
+}
+
+/// A fresh random nonce.
+pub fn random_nonce() -> [u8; NONCE_LEN] {
+    let mut nonce = [0u8; NONCE_LEN];
+    aws_lc_rs::rand::fill(&mut nonce).expect("the aws-lc random generator does not fail");
+    nonce
+}
+
 /// Seals `plaintext` with `cipher` under a fresh random nonce.
-pub fn seal(cipher: &Aes256Gcm, key_id: &str, plaintext: &[u8], time_ms: i64) -> Encrypted {
-    let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-    seal_with_nonce(cipher, key_id, plaintext, nonce.into(), time_ms)
+pub fn seal(cipher: &Cipher, key_id: &str, plaintext: &[u8], time_ms: i64) -> Encrypted {
+    seal_with_nonce(cipher, key_id, plaintext, random_nonce(), time_ms)
 }
 
 /// Seals `plaintext` under the given nonce. Only for reproducing known vectors: a nonce must
 /// never be used twice with one key, which is why [`seal`] draws a fresh one.
 pub fn seal_with_nonce(
-    cipher: &Aes256Gcm,
+    cipher: &Cipher,
     key_id: &str,
     plaintext: &[u8],
     nonce: [u8; NONCE_LEN],
@@ -29,11 +52,16 @@ pub fn seal_with_nonce(
 ) -> Encrypted {
     let mut buffer = Vec::with_capacity(plaintext.len() + TAG_LEN);
     buffer.extend_from_slice(plaintext);
-    // Encryption into a Vec only fails when the buffer cannot grow or the message exceeds
-    // GCM's 64 GiB limit, neither possible with payloads bounded by the NATS max_payload.
+    // Sealing only fails beyond GCM's 64 GiB message limit, impossible with payloads bounded
+    // by the NATS max_payload.
     cipher
-        .encrypt_in_place(Nonce::from_slice(&nonce), b"", &mut buffer)
-        .expect("aes-256-gcm encryption of a bounded payload cannot fail");
+        .0
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::empty(),
+            &mut buffer,
+        )
+        .expect("aes-256-gcm sealing of a bounded payload cannot fail");
     Encrypted {
         algorithm: Algorithm::Aes256Gcm as i32,
         nonce: nonce.to_vec(),
@@ -69,29 +97,38 @@ pub fn validate_envelope(encrypted: &Encrypted) -> Result<()> {
     Ok(())
 }
 
-/// Opens an envelope with `cipher`. Any change to nonce, ciphertext or tag fails
-/// authentication; the caller has already matched the key id.
-pub fn open(cipher: &Aes256Gcm, encrypted: &Encrypted) -> Result<Vec<u8>> {
-    validate_envelope(encrypted)?;
-    let mut buffer = encrypted.ciphertext.clone();
-    cipher
-        .decrypt_in_place(Nonce::from_slice(&encrypted.nonce), b"", &mut buffer)
+/// Opens an envelope with `cipher`, decrypting its ciphertext buffer in place (no copy).
+/// Any change to nonce, ciphertext or tag fails authentication; the caller has already
+/// matched the key id.
+pub fn open(cipher: &Cipher, encrypted: Encrypted) -> Result<Vec<u8>> {
+    validate_envelope(&encrypted)?;
+    let Encrypted {
+        nonce,
+        ciphertext: mut buffer,
+        encryption_key_id,
+        ..
+    } = encrypted;
+    let nonce = Nonce::try_assume_unique_for_key(&nonce)
+        .map_err(|_| Error::invalid_argument(format!("nonce must be {NONCE_LEN} bytes")))?;
+    let plaintext_len = cipher
+        .0
+        .open_in_place(nonce, Aad::empty(), &mut buffer)
         .map_err(|_| {
             Error::invalid_argument(format!(
-                "decryption failed with key {:?}: the ciphertext was altered or belongs to another keyring",
-                encrypted.encryption_key_id
+                "decryption failed with key {encryption_key_id:?}: the ciphertext was altered or belongs to another keyring"
             ))
-        })?;
+        })?
+        .len();
+    buffer.truncate(plaintext_len);
     Ok(buffer)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aes_gcm::KeyInit;
 
-    fn cipher() -> Aes256Gcm {
-        Aes256Gcm::new_from_slice(&[5u8; 32]).unwrap()
+    fn cipher() -> Cipher {
+        Cipher::new(&[5u8; 32])
     }
 
     #[test]
@@ -99,7 +136,14 @@ mod tests {
         let sealed = seal(&cipher(), "dek_1", b"hello", 42);
         assert_eq!(sealed.nonce.len(), NONCE_LEN);
         assert_eq!(sealed.ciphertext.len(), 5 + TAG_LEN);
-        assert_eq!(open(&cipher(), &sealed).unwrap(), b"hello");
+        assert_eq!(open(&cipher(), sealed).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn another_key_does_not_open() {
+        let sealed = seal(&cipher(), "dek_1", b"hello", 42);
+        let error = open(&Cipher::new(&[6u8; 32]), sealed).unwrap_err();
+        assert!(error.message().contains("decryption failed"));
     }
 
     #[test]

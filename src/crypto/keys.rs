@@ -1,17 +1,16 @@
-//! Key types. Key bytes live in [`Zeroizing`] buffers and in AES key schedules that the `aes`
-//! crate zeroizes on drop; `Debug` shows ids only.
+//! Key types. Key bytes live in [`Zeroizing`] buffers and in AES key schedules that AWS-LC
+//! clears when freed (see [`aead`]); `Debug` shows ids only.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use aes_gcm::{AeadCore as _, Aes256Gcm, KeyInit};
 use base64::Engine as _;
 use prost::Message as _;
 use rand::RngCore as _;
 use zeroize::Zeroizing;
 
-use super::aead;
+use super::aead::{self, Cipher};
 use crate::error::{Error, Result};
 use crate::protocol::{DataEncryptionKey, Encrypted, EncryptedDataEncryptionKey, KeyEncryptionKey};
 
@@ -23,7 +22,7 @@ struct KeyMaterial {
     id: String,
     created_at: i64,
     bytes: Zeroizing<[u8; KEY_LEN]>,
-    cipher: Aes256Gcm,
+    cipher: Cipher,
 }
 
 impl KeyMaterial {
@@ -35,8 +34,7 @@ impl KeyMaterial {
             ))
         })?;
         let bytes = Zeroizing::new(bytes);
-        let cipher = Aes256Gcm::new_from_slice(bytes.as_slice())
-            .map_err(|_| Error::internal("aes-256-gcm rejected a 32-byte key"))?;
+        let cipher = Cipher::new(&bytes);
         Ok(Self {
             id,
             created_at,
@@ -48,8 +46,7 @@ impl KeyMaterial {
     fn generate(id: String, created_at: i64) -> Self {
         let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
         rand::rngs::OsRng.fill_bytes(bytes.as_mut_slice());
-        let cipher =
-            Aes256Gcm::new_from_slice(bytes.as_slice()).expect("aes-256-gcm accepts a 32-byte key");
+        let cipher = Cipher::new(&bytes);
         Self {
             id,
             created_at,
@@ -88,13 +85,13 @@ impl Dek {
         aead::seal(&self.0.cipher, &self.0.id, plaintext, super::now_ms())
     }
 
-    /// Opens a payload sealed by this key.
-    pub fn open(&self, encrypted: &Encrypted) -> Result<Vec<u8>> {
+    /// Opens a payload sealed by this key, decrypting its buffer in place.
+    pub fn open(&self, encrypted: Encrypted) -> Result<Vec<u8>> {
         aead::open(&self.0.cipher, encrypted)
     }
 
     /// The cipher, for reproducing known vectors.
-    pub fn cipher(&self) -> &Aes256Gcm {
+    pub fn cipher(&self) -> &Cipher {
         &self.0.cipher
     }
 
@@ -222,8 +219,7 @@ impl MasterKeys {
 
     /// Seals `dek` with the current master key into the stored form.
     pub fn seal_dek(&self, dek: &Dek) -> EncryptedDataEncryptionKey {
-        let nonce = aes_gcm::Aes256Gcm::generate_nonce(&mut aes_gcm::aead::OsRng);
-        self.seal_dek_with_nonce(dek, nonce.into(), super::now_ms())
+        self.seal_dek_with_nonce(dek, aead::random_nonce(), super::now_ms())
     }
 
     /// Seals `dek` under a given nonce and time. Only for reproducing known vectors: a nonce
@@ -263,13 +259,14 @@ impl MasterKeys {
                     stored.id, encrypted.encryption_key_id
                 ))
             })?;
-        let plaintext = Zeroizing::new(aead::open(&kek.0.cipher, encrypted).map_err(|_| {
-            Error::internal(format!(
-                "stored key {:?} does not open with master key {:?}",
-                stored.id,
-                kek.id()
-            ))
-        })?);
+        let plaintext =
+            Zeroizing::new(aead::open(&kek.0.cipher, encrypted.clone()).map_err(|_| {
+                Error::internal(format!(
+                    "stored key {:?} does not open with master key {:?}",
+                    stored.id,
+                    kek.id()
+                ))
+            })?);
         let message = DataEncryptionKey::decode(plaintext.as_slice()).map_err(|error| {
             Error::internal(format!(
                 "stored key {:?} is not a DataEncryptionKey: {error}",

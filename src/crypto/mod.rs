@@ -6,7 +6,9 @@ mod aead;
 mod ids;
 mod keys;
 
-pub use aead::{open, seal, seal_with_nonce, validate_envelope, NONCE_LEN, TAG_LEN};
+pub use aead::{
+    open, random_nonce, seal, seal_with_nonce, validate_envelope, Cipher, NONCE_LEN, TAG_LEN,
+};
 pub use ids::{new_dek_id, new_kek_id};
 pub use keys::{Dek, Kek, MasterKeys, KEY_LEN};
 

@@ -182,7 +182,7 @@ struct Shared {
 /// let keyrings = Keyrings::new(KeyringStore::new(Storage::in_memory(), master_keys), CachePolicy::default());
 /// let dek = keyrings.latest("ws_42").await?;
 /// let sealed = dek.seal(b"hello");
-/// let opened = keyrings.dek("ws_42", &sealed.encryption_key_id).await?.open(&sealed)?;
+/// let opened = keyrings.dek("ws_42", &sealed.encryption_key_id).await?.open(sealed)?;
 /// assert_eq!(opened, b"hello");
 /// # Ok(()) }
 /// ```

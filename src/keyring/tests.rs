@@ -119,7 +119,7 @@ async fn cached_deks_by_id_survive_storage_outage() {
         .dek("ws_1", &sealed.encryption_key_id)
         .await
         .unwrap()
-        .open(&sealed)
+        .open(sealed.clone())
         .unwrap();
     assert_eq!(opened, b"payload");
 }
@@ -203,7 +203,7 @@ async fn rotation_makes_a_new_latest_and_keeps_old_keys() {
         .dek("ws_1", first.id())
         .await
         .unwrap()
-        .open(&sealed)
+        .open(sealed.clone())
         .unwrap();
     assert_eq!(opened, b"old");
 }

@@ -119,7 +119,7 @@ impl AuditRecord {
 const MAX_BATCH: usize = 256;
 
 enum AuditCommand {
-    Record(AuditRecord),
+    Record(Box<AuditRecord>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -149,7 +149,7 @@ impl AuditLog {
 
     /// Queues a record; never waits.
     pub fn record(&self, record: AuditRecord) {
-        if self.sender.send(AuditCommand::Record(record)).is_err() {
+        if self.sender.send(AuditCommand::Record(Box::new(record))).is_err() {
             tracing::warn!("audit publisher stopped; record not published");
         }
     }

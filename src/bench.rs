@@ -7,6 +7,10 @@
 //! headers) to a bare echo responder ([`start_echo_responder`]), which is the NATS round-trip
 //! floor the service is compared with. [`table`] and [`BenchResult::json_line`] report both.
 //!
+//! [`run_pair`] runs a case as several alternating rounds of service and echo, so that a
+//! machine whose speed drifts during a run (other load, frequency changes) affects both sides
+//! alike; each side's rounds are merged into one [`BenchResult`].
+//!
 //! Failed requests are counted and the first failure is kept; they do not stop a run. Latency
 //! percentiles are over successful requests, and `req_per_sec` counts successful requests only.
 
@@ -24,6 +28,12 @@ use crate::protocol::{self, DecryptRequest, EncryptRequest, Encrypted, Format, M
 
 /// The keyring the benchmark matrix uses.
 pub const DEFAULT_KEYRING: &str = "bench";
+/// The prefix of the new keyrings of the cold-keyring case.
+pub const COLD_KEYRING_PREFIX: &str = "bench-cold";
+/// New keyrings created by the cold-keyring case (at scale 1).
+pub const COLD_KEYRINGS: usize = 10_000;
+/// Alternating service/echo rounds per case.
+pub const ROUNDS: usize = 4;
 /// How often the progress callback is called while a case runs.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 /// Payload sizes of the matrix, in bytes.
@@ -38,6 +48,9 @@ pub enum BenchMethod {
     Encrypt,
     /// `Decrypt` of one ciphertext of the payload, over and over.
     Decrypt,
+    /// `Encrypt` on a keyring never used before, each time: the first use of a keyring
+    /// creates, seals and stores its DEK.
+    ColdEncrypt,
 }
 
 impl BenchMethod {
@@ -46,14 +59,35 @@ impl BenchMethod {
         match self {
             BenchMethod::Encrypt => "encrypt",
             BenchMethod::Decrypt => "decrypt",
+            BenchMethod::ColdEncrypt => "cold-encrypt",
         }
     }
 
     /// The service method it calls.
     pub fn method(self) -> Method {
         match self {
-            BenchMethod::Encrypt => Method::Encrypt,
+            BenchMethod::Encrypt | BenchMethod::ColdEncrypt => Method::Encrypt,
             BenchMethod::Decrypt => Method::Decrypt,
+        }
+    }
+}
+
+/// The credential a case's requests carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Credential {
+    /// The bench's static bearer token.
+    StaticToken,
+    /// An ES256 JWT verified against a JWKS (the principal is cached after the first request,
+    /// as for any token).
+    Es256Jwt,
+}
+
+impl Credential {
+    /// Short name, as shown in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Credential::StaticToken => "static",
+            Credential::Es256Jwt => "es256",
         }
     }
 }
@@ -69,8 +103,10 @@ pub struct BenchCase {
     pub concurrency: usize,
     /// Plaintext size in bytes (ASCII characters).
     pub payload_bytes: usize,
-    /// The keyring used.
+    /// The keyring used (for [`BenchMethod::ColdEncrypt`], the prefix of the new ones).
     pub keyring: String,
+    /// The credential sent.
+    pub credential: Credential,
 }
 
 /// The outcome of running one [`BenchCase`].
@@ -108,6 +144,7 @@ impl BenchResult {
             "concurrency": self.case.concurrency,
             "requests": self.case.requests,
             "keyring": self.case.keyring,
+            "credential": self.case.credential.name(),
             "ratio": ratio(self, echo),
             "service": json_side(self),
             "echo": json_side(echo),
@@ -139,7 +176,9 @@ pub fn ratio(service: &BenchResult, echo: &BenchResult) -> f64 {
 }
 
 /// The full matrix at scale 1: Encrypt and Decrypt × payloads of 32 B, 1 KiB, 16 KiB and
-/// 64 KiB × concurrency 1 (2000 requests) and 64 (20000 requests), on [`DEFAULT_KEYRING`].
+/// 64 KiB × concurrency 1 (2000 requests) and 64 (20000 requests), on [`DEFAULT_KEYRING`] with
+/// the static token; the 1 KiB cases at 64 in flight again with an ES256 JWT; and the first
+/// Encrypt (32 B) on [`COLD_KEYRINGS`] new keyrings at 64 in flight.
 pub fn matrix() -> Vec<BenchCase> {
     matrix_scaled(1.0)
 }
@@ -157,10 +196,31 @@ pub fn matrix_scaled(scale: f64) -> Vec<BenchCase> {
                     concurrency,
                     payload_bytes,
                     keyring: DEFAULT_KEYRING.to_owned(),
+                    credential: Credential::StaticToken,
                 });
             }
         }
     }
+    let (concurrency, requests) = MATRIX_CONCURRENCY[1];
+    let scaled = ((requests as f64 * scale).round() as usize).max(concurrency);
+    for method in [BenchMethod::Encrypt, BenchMethod::Decrypt] {
+        cases.push(BenchCase {
+            method,
+            requests: scaled,
+            concurrency,
+            payload_bytes: 1024,
+            keyring: DEFAULT_KEYRING.to_owned(),
+            credential: Credential::Es256Jwt,
+        });
+    }
+    cases.push(BenchCase {
+        method: BenchMethod::ColdEncrypt,
+        requests: ((COLD_KEYRINGS as f64 * scale).round() as usize).max(concurrency),
+        concurrency,
+        payload_bytes: 32,
+        keyring: COLD_KEYRING_PREFIX.to_owned(),
+        credential: Credential::StaticToken,
+    });
     cases
 }
 
@@ -179,10 +239,26 @@ pub async fn run_service_case(
     client: &Client,
     case: &BenchCase,
     progress: impl Fn(usize),
-) -> Result<BenchResult> {
+) -> Result<Samples> {
     let keyring: Arc<str> = Arc::from(case.keyring.as_str());
     let plaintext: Arc<str> = Arc::from(payload(case.payload_bytes));
     match case.method {
+        BenchMethod::ColdEncrypt => {
+            // A fresh name space per call, so that every round creates new keyrings.
+            let prefix: Arc<str> = Arc::from(format!(
+                "{keyring}-{}",
+                hex::encode(rand::random::<[u8; 4]>())
+            ));
+            let next = Arc::new(AtomicUsize::new(0));
+            let client = client.clone();
+            let operation = move || {
+                let client = client.clone();
+                let keyring = format!("{prefix}-{}", next.fetch_add(1, Ordering::Relaxed));
+                let plaintext = plaintext.clone();
+                async move { client.encrypt(&keyring, &plaintext).await.map(drop) }
+            };
+            run_workers(case, operation, progress).await
+        }
         BenchMethod::Encrypt => {
             let client = client.clone();
             let operation = move || {
@@ -273,13 +349,13 @@ pub async fn run_echo_case(
     token: Option<&str>,
     format: Format,
     progress: impl Fn(usize),
-) -> Result<BenchResult> {
+) -> Result<Samples> {
     let nats = nats.clone();
     let subject: Arc<str> = Arc::from(subject);
     let token: Option<Arc<str>> = token.map(Arc::from);
     let keyring: Arc<str> = Arc::from(case.keyring.as_str());
     let data: Arc<str> = match case.method {
-        BenchMethod::Encrypt => Arc::from(payload(case.payload_bytes)),
+        BenchMethod::Encrypt | BenchMethod::ColdEncrypt => Arc::from(payload(case.payload_bytes)),
         BenchMethod::Decrypt => Arc::from(stand_in_envelope(case.payload_bytes)),
     };
     let method = case.method;
@@ -291,7 +367,7 @@ pub async fn run_echo_case(
         let data = data.clone();
         async move {
             let body = match method {
-                BenchMethod::Encrypt => protocol::encode(
+                BenchMethod::Encrypt | BenchMethod::ColdEncrypt => protocol::encode(
                     format,
                     &EncryptRequest {
                         keyring: keyring.to_string(),
@@ -335,12 +411,82 @@ async fn echo_request(
     Ok(())
 }
 
-/// What one worker measured.
-#[derive(Debug, Default)]
-struct WorkerReport {
+/// What workers measured: latencies of successful requests, failures, wall time.
+#[derive(Debug, Default, Clone)]
+pub struct Samples {
     latencies_micros: Vec<u64>,
     errors: usize,
     first_error: Option<String>,
+    elapsed: Duration,
+}
+
+impl Samples {
+    /// Adds another round's samples (wall times add up).
+    pub fn absorb(&mut self, other: Samples) {
+        self.latencies_micros.extend(other.latencies_micros);
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.elapsed += other.elapsed;
+    }
+
+    /// The result of `case` from these samples.
+    pub fn summarize(self, case: &BenchCase) -> BenchResult {
+        summarize(
+            case,
+            self.latencies_micros,
+            self.errors,
+            self.first_error,
+            self.elapsed,
+        )
+    }
+}
+
+/// Runs `case` as [`ROUNDS`] alternating rounds — a share of the requests against the service,
+/// then the same share against the echo responder on `echo_subject` — and returns (service,
+/// echo). Both get `client`'s token and format. `progress` gets the requests done on both
+/// sides together (2 × `case.requests` at the end).
+pub async fn run_pair(
+    client: &Client,
+    echo_subject: &str,
+    case: &BenchCase,
+    progress: impl Fn(usize),
+) -> Result<(BenchResult, BenchResult)> {
+    let rounds = ROUNDS.min(case.requests / case.concurrency.max(1)).max(1);
+    let mut service = Samples::default();
+    let mut echo = Samples::default();
+    let mut done = 0;
+    for round in 0..rounds {
+        let share = case.requests / rounds + usize::from(round < case.requests % rounds);
+        let part = BenchCase {
+            requests: share,
+            ..case.clone()
+        };
+        service.absorb(run_service_case(client, &part, |n| progress(done + n)).await?);
+        done += share;
+        echo.absorb(
+            run_echo_case(
+                client.nats(),
+                echo_subject,
+                &part,
+                client.token(),
+                client.options().format,
+                |n| progress(done + n),
+            )
+            .await?,
+        );
+        done += share;
+    }
+    Ok((service.summarize(case), echo.summarize(case)))
+}
+
+/// The resident memory of this process in bytes (Linux `/proc/self/status` `VmRSS`).
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Runs `case.requests` calls of `operation` from `case.concurrency` tasks and aggregates them.
@@ -348,7 +494,7 @@ async fn run_workers<F, Fut>(
     case: &BenchCase,
     operation: F,
     progress: impl Fn(usize),
-) -> Result<BenchResult>
+) -> Result<Samples>
 where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<()>> + Send + 'static,
@@ -367,9 +513,9 @@ where
         let operation = operation.clone();
         let completed = completed.clone();
         handles.push(tokio::spawn(async move {
-            let mut report = WorkerReport {
+            let mut report = Samples {
                 latencies_micros: Vec::with_capacity(share),
-                ..WorkerReport::default()
+                ..Samples::default()
             };
             for _ in 0..share {
                 let request_started = Instant::now();
@@ -400,25 +546,17 @@ where
     let elapsed = started.elapsed();
     progress(completed.load(Ordering::Relaxed));
 
-    let mut latencies_micros = Vec::with_capacity(case.requests);
-    let mut errors = 0;
-    let mut first_error = None;
+    let mut samples = Samples {
+        latencies_micros: Vec::with_capacity(case.requests),
+        ..Samples::default()
+    };
     for outcome in joined {
         let report =
             outcome.map_err(|error| Error::internal(format!("bench worker failed: {error}")))?;
-        latencies_micros.extend(report.latencies_micros);
-        errors += report.errors;
-        if first_error.is_none() {
-            first_error = report.first_error;
-        }
+        samples.absorb(report);
     }
-    Ok(summarize(
-        case,
-        latencies_micros,
-        errors,
-        first_error,
-        elapsed,
-    ))
+    samples.elapsed = elapsed;
+    Ok(samples)
 }
 
 /// Builds a [`BenchResult`] from the latencies (microseconds) of the successful requests.
@@ -484,11 +622,12 @@ fn format_size(bytes: usize) -> String {
     format!("{:.1} KiB", bytes as f64 / 1024.0)
 }
 
-/// A plain-text table of (service, echo) result pairs: method, size, concurrency, service and
+/// A plain-text table of (service, echo) result pairs: method, credential, size, concurrency, service and
 /// echo req/s, their ratio, service and echo p50/p99, and the error counts.
 pub fn table(rows: &[(BenchResult, BenchResult)]) -> String {
     let header = [
         "method",
+        "auth",
         "size",
         "conc",
         "svc req/s",
@@ -501,10 +640,11 @@ pub fn table(rows: &[(BenchResult, BenchResult)]) -> String {
         "errors",
     ]
     .map(str::to_owned);
-    let mut cells: Vec<[String; 11]> = vec![header];
+    let mut cells: Vec<[String; 12]> = vec![header];
     for (service, echo) in rows {
         cells.push([
             service.case.method.name().to_owned(),
+            service.case.credential.name().to_owned(),
             format_size(service.case.payload_bytes),
             service.case.concurrency.to_string(),
             format!("{:.0}", service.req_per_sec),
@@ -517,7 +657,7 @@ pub fn table(rows: &[(BenchResult, BenchResult)]) -> String {
             format!("{}/{}", service.errors, echo.errors),
         ]);
     }
-    let mut widths = [0usize; 11];
+    let mut widths = [0usize; 12];
     for row in &cells {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
@@ -561,6 +701,7 @@ mod tests {
             concurrency,
             payload_bytes,
             keyring: DEFAULT_KEYRING.to_owned(),
+            credential: Credential::StaticToken,
         }
     }
 
@@ -611,8 +752,23 @@ mod tests {
 
     #[test]
     fn matrix_covers_methods_sizes_and_concurrency() {
-        let cases = matrix();
-        assert_eq!(cases.len(), 2 * 4 * 2);
+        let all = matrix();
+        assert_eq!(all.len(), 2 * 4 * 2 + 3);
+        let (cases, extra) = all.split_at(16);
+        let jwt: Vec<_> = extra
+            .iter()
+            .filter(|c| c.credential == Credential::Es256Jwt)
+            .collect();
+        assert_eq!(jwt.len(), 2);
+        assert!(jwt
+            .iter()
+            .all(|c| c.payload_bytes == 1024 && c.concurrency == 64));
+        let cold = &extra[2];
+        assert_eq!(cold.method, BenchMethod::ColdEncrypt);
+        assert_eq!(cold.requests, COLD_KEYRINGS);
+        assert!(cases
+            .iter()
+            .all(|c| c.credential == Credential::StaticToken));
         let serial = cases.iter().filter(|c| c.concurrency == 1);
         assert!(serial.clone().all(|c| c.requests == 2000));
         assert_eq!(serial.count(), 8);
@@ -624,7 +780,7 @@ mod tests {
             assert_eq!(cases.iter().filter(|c| c.payload_bytes == size).count(), 4);
         }
         let tiny = matrix_scaled(0.001);
-        assert_eq!(tiny.len(), cases.len());
+        assert_eq!(tiny.len(), all.len());
         assert!(tiny.iter().all(|c| c.requests >= c.concurrency));
         assert_eq!(tiny[0].requests, 2);
     }
@@ -718,7 +874,8 @@ mod tests {
         let last_progress = std::cell::Cell::new(0);
         let result = run_workers(&bench_case, operation, |done| last_progress.set(done))
             .await
-            .unwrap();
+            .unwrap()
+            .summarize(&bench_case);
         assert_eq!(calls.load(Ordering::Relaxed), 103);
         assert_eq!(result.requests, 103);
         assert_eq!(result.errors, 11);

@@ -84,6 +84,8 @@ pub struct NatsConfig {
     pub queue_group: String,
     /// Requests handled at once.
     pub max_inflight: usize,
+    /// Queue subscriptions per method, each served by its own task (0: one per core).
+    pub subscriptions_per_method: usize,
     /// Largest plaintext accepted (bytes).
     pub max_plaintext_bytes: usize,
     /// A `.creds` file for the connection (empty: none).

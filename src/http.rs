@@ -5,6 +5,7 @@
 //! 401; valid token without the role → 403.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -22,6 +23,9 @@ pub const HEALTH_ROLE: &str = "runtime.health:read";
 /// Role that, with [`HEALTH_ROLE`], reads `/metrics`.
 pub const METRICS_ROLE: &str = "runtime.metrics:read";
 
+/// How often histogram samples are folded into their buckets.
+const METRICS_UPKEEP_PERIOD: Duration = Duration::from_secs(5);
+
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -36,6 +40,19 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .expect("static bucket list is not empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
+            // Histogram samples pile up in the recorder until upkeep folds them into the
+            // buckets: without it, memory grows by every sample of every request between
+            // scrapes (forever, when nobody scrapes).
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(METRICS_UPKEEP_PERIOD);
+                    upkeep.run_upkeep();
+                });
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "cannot start the metrics upkeep thread");
+            }
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!(
                     "a metrics recorder was installed already; /metrics shows none of ringvault's"

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ringvault::auth::{Claims, SignedTokens};
-use ringvault::bench::{self, BenchCase, BenchMethod, BenchResult};
+use ringvault::bench::{self, BenchCase, BenchMethod, BenchResult, Credential as BenchCredential};
 use ringvault::client::{Client, ClientOptions};
 use ringvault::config::Config;
 use ringvault::crypto::Kek;
@@ -168,7 +168,7 @@ struct BenchArgs {
     /// Scale the matrix's request counts (0.1 for a quick look).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
-    /// `encrypt` or `decrypt` (single case).
+    /// `encrypt`, `decrypt` or `cold-encrypt` (single case).
     #[arg(long, default_value = "encrypt")]
     method: String,
     /// Requests in total (single case).
@@ -508,6 +508,70 @@ where
 }
 
 /// A nats-server started for the bench on a free loopback port, killed on drop.
+/// How long the bench waits after the cold-keyring case before it reads resident memory:
+/// two idle sweeps, so that the keyring actors of the new keyrings have stopped.
+const IDLE_SETTLE: Duration = Duration::from_secs(12);
+
+/// The ES256 key of the bench's JWT cases: its JWKS for the service, and a token it signs.
+struct BenchJwtKey {
+    pkcs8: Vec<u8>,
+    public_point: Vec<u8>,
+}
+
+impl BenchJwtKey {
+    const ISSUER: &'static str = "https://idp.bench.invalid";
+    const AUDIENCE: &'static str = "ringvault-bench";
+    const KID: &'static str = "bench-es256";
+
+    fn generate() -> Result<Self, Error> {
+        use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+        let failed = |_| Error::internal("cannot generate the bench's ES256 key");
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            &aws_lc_rs::rand::SystemRandom::new(),
+        )
+        .map_err(failed)?;
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
+            .map_err(|_| Error::internal("cannot read the bench's ES256 key"))?;
+        Ok(Self {
+            pkcs8: pkcs8.as_ref().to_vec(),
+            public_point: pair.public_key().as_ref().to_vec(),
+        })
+    }
+
+    fn jwks(&self) -> String {
+        let b64 = |bytes: &[u8]| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        };
+        serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": Self::KID,
+            "x": b64(&self.public_point[1..33]), "y": b64(&self.public_point[33..65]),
+        }]})
+        .to_string()
+    }
+
+    /// A token for a principal bound to no workspace that may encrypt and decrypt, valid 1 h.
+    fn sign(&self) -> Result<String, Error> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        let claims = serde_json::json!({
+            "sub": "bench", "scope": "encrypt decrypt",
+            "iss": Self::ISSUER, "aud": Self::AUDIENCE,
+            "iat": now, "exp": now + 3600,
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(Self::KID.to_owned());
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_ec_der(&self.pkcs8),
+        )
+        .map_err(|error| Error::internal(format!("cannot sign the bench jwt: {error}")))
+    }
+}
+
 struct BenchNats {
     child: std::process::Child,
     url: String,
@@ -567,6 +631,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
         let method = match args.method.as_str() {
             "encrypt" => BenchMethod::Encrypt,
             "decrypt" => BenchMethod::Decrypt,
+            "cold-encrypt" => BenchMethod::ColdEncrypt,
             other => return Err(Error::invalid_argument(format!("unknown method {other:?}"))),
         };
         vec![BenchCase {
@@ -574,7 +639,12 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
             requests: args.requests,
             concurrency: args.concurrency,
             payload_bytes: args.size,
-            keyring: bench::DEFAULT_KEYRING.to_owned(),
+            keyring: if method == BenchMethod::ColdEncrypt {
+                bench::COLD_KEYRING_PREFIX.to_owned()
+            } else {
+                bench::DEFAULT_KEYRING.to_owned()
+            },
+            credential: BenchCredential::StaticToken,
         }]
     };
     // Without --url: our own nats-server and an in-process service over a temporary store.
@@ -585,6 +655,8 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
             let nats = BenchNats::start()?;
             let dir = std::env::temp_dir().join(format!("ringvault-bench-{}", std::process::id()));
             let token = format!("bench-{}", hex::encode(rand::random::<[u8; 16]>()));
+            let jwt_key = BenchJwtKey::generate()?;
+            let jwks_file = dir.join("jwks.json");
             let env = [
                 ("RINGVAULT_NATS_URL", nats.url.clone()),
                 (
@@ -600,6 +672,17 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
                     dir.join("token").display().to_string(),
                 ),
                 ("RINGVAULT_LOG_LEVEL", "warn".to_owned()),
+                (
+                    "RINGVAULT_AUTH_JWT_JWKS_FILE",
+                    jwks_file.display().to_string(),
+                ),
+                ("RINGVAULT_AUTH_JWT_ISSUER", BenchJwtKey::ISSUER.to_owned()),
+                (
+                    "RINGVAULT_AUTH_JWT_AUDIENCE",
+                    BenchJwtKey::AUDIENCE.to_owned(),
+                ),
+                // Room for the cold-keyring case's keys beside the others.
+                ("RINGVAULT_CACHE_MAX_ENTRIES", "20000".to_owned()),
             ];
             std::fs::create_dir_all(&dir).map_err(|error| {
                 Error::unavailable(format!("cannot create {}: {error}", dir.display()))
@@ -607,10 +690,22 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
             std::fs::write(dir.join("token"), &token).map_err(|error| {
                 Error::unavailable(format!("cannot write the bench token: {error}"))
             })?;
+            std::fs::write(&jwks_file, jwt_key.jwks()).map_err(|error| {
+                Error::unavailable(format!("cannot write the bench jwks: {error}"))
+            })?;
+            // The caller's RINGVAULT_* settings apply (e.g. to try a tuning), except for what
+            // the bench sets up itself.
+            let tuning: Vec<(String, String)> = std::env::vars()
+                .filter(|(name, _)| {
+                    name.starts_with("RINGVAULT_") && !env.iter().any(|(own, _)| own == name)
+                })
+                .collect();
             let config = Config::from_sources(
                 None,
-                env.into_iter()
-                    .map(|(name, value)| (name.to_owned(), value)),
+                tuning.into_iter().chain(
+                    env.into_iter()
+                        .map(|(name, value)| (name.to_owned(), value)),
+                ),
             )
             .map_err(|error| Error::invalid_argument(error.to_string()))?;
             let nats_client = async_nats::connect(nats.url.as_str())
@@ -622,7 +717,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
                 .await
                 .map_err(|error| Error::unavailable(error.to_string()))?;
             let url = nats.url.clone();
-            local = Some((nats, service, dir));
+            local = Some((nats, service, dir, jwt_key));
             (url, Some(token))
         }
     };
@@ -647,35 +742,51 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
     // Warm up: the first Encrypt creates the keyring's key.
     client.encrypt(bench::DEFAULT_KEYRING, "warm-up").await?;
 
+    let jwt_client = match &local {
+        Some((_, _, _, jwt_key)) => Some(client.with_token(Some(jwt_key.sign()?))),
+        None => None,
+    };
     let mut rows: Vec<(BenchResult, BenchResult)> = Vec::new();
+    let mut memory = None;
     let total = cases.len();
     for (index, case) in cases.iter().enumerate() {
         let label = format!(
-            "[{}/{total}] {} {} B × {} in flight",
+            "[{}/{total}] {} {} B × {} in flight ({})",
             index + 1,
             case.method.name(),
             case.payload_bytes,
-            case.concurrency
+            case.concurrency,
+            case.credential.name(),
         );
+        let case_client = match (case.credential, &jwt_client) {
+            (BenchCredential::StaticToken, _) => &client,
+            (BenchCredential::Es256Jwt, Some(jwt_client)) => jwt_client,
+            (BenchCredential::Es256Jwt, None) => {
+                eprintln!("{label}: skipped (needs the bench's own service, not --url)");
+                continue;
+            }
+        };
+        if case.method == BenchMethod::ColdEncrypt {
+            memory = Some((bench::resident_bytes(), None));
+        }
         let bar = indicatif::ProgressBar::new((case.requests * 2) as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.set_message(label.clone());
-        let service =
-            bench::run_service_case(&client, case, |done| bar.set_position(done as u64)).await?;
-        let offset = case.requests as u64;
-        let echo_result = bench::run_echo_case(
-            client.nats(),
-            &echo_subject,
-            case,
-            token.as_deref(),
-            Format::Protobuf,
-            |done| bar.set_position(offset + done as u64),
-        )
+        let (service, echo_result) = bench::run_pair(case_client, &echo_subject, case, |done| {
+            bar.set_position(done as u64)
+        })
         .await?;
         bar.finish_and_clear();
+        if let Some((before, after @ None)) = &mut memory {
+            let right_after = bench::resident_bytes();
+            // Keyring actors stop once idle; what stays is the cache itself.
+            eprintln!("{label}: waiting {IDLE_SETTLE:?} for idle keyring actors to stop");
+            tokio::time::sleep(IDLE_SETTLE).await;
+            *after = Some((bench::resident_bytes(), right_after, case.requests, *before));
+        }
         eprintln!(
             "{label}: {:.0} req/s (echo {:.0}), ratio {:.2}",
             service.req_per_sec,
@@ -686,10 +797,32 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
     }
     echo.abort();
     println!("{}", bench::table(&rows));
+    if let Some((_, Some((Some(settled), right_after, keyrings, before)))) = memory {
+        let mib = |bytes: Option<u64>| {
+            bytes.map_or("unknown".to_owned(), |bytes| {
+                format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+            })
+        };
+        println!(
+            "resident memory of the bench process (client, service, echo) with {keyrings} new keyrings cached: {} ({} right after the case, {} before it)",
+            mib(Some(settled)),
+            mib(right_after),
+            mib(before),
+        );
+        println!(
+            "{}",
+            serde_json::json!({
+                "cold_keyrings": keyrings,
+                "resident_bytes": settled,
+                "resident_bytes_right_after": right_after,
+                "resident_bytes_before": before,
+            })
+        );
+    }
     for (service, echo_result) in &rows {
         println!("{}", service.json_line(echo_result));
     }
-    if let Some((nats, service, dir)) = local.take() {
+    if let Some((nats, service, dir, _)) = local.take() {
         let _ = service.shutdown().await;
         drop(nats);
         let _ = std::fs::remove_dir_all(dir);

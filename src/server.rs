@@ -60,6 +60,7 @@ pub struct Server {
     supervisor: ActorRef<SupervisorMsg>,
     fatal: watch::Receiver<Option<String>>,
     keyrings: Keyrings,
+    registry: KeyringRegistry,
     hooks: Hooks,
     max_plaintext_bytes: usize,
     http: Option<HttpServer>,
@@ -203,6 +204,7 @@ impl Server {
             prefix: config.nats.prefix.clone(),
             queue_group: config.nats.queue_group.clone(),
             max_inflight: config.nats.max_inflight,
+            subscriptions_per_method: config.nats.subscriptions_per_method,
             auth: AuthHandle::new(auth_slot.clone(), call_timeout),
             vault,
             rate_limiter: RateLimiter::from_config(&config.auth.rate_limit).map(Arc::new),
@@ -222,7 +224,7 @@ impl Server {
             gateway_slot,
             events,
             events_slot,
-            registry,
+            registry: registry.clone(),
             rotation: rotation_policy(config),
             rotation_check: Duration::from_secs(config.rotation.check_interval_secs.max(1)),
             hooks: hooks.clone(),
@@ -248,6 +250,7 @@ impl Server {
             supervisor,
             fatal,
             keyrings,
+            registry,
             hooks,
             max_plaintext_bytes,
             http,
@@ -262,6 +265,11 @@ impl Server {
     /// The keyring cache of this instance.
     pub fn keyrings(&self) -> &Keyrings {
         &self.keyrings
+    }
+
+    /// How many keyring actors are running (they stop once idle; the cache stays).
+    pub fn keyring_actors(&self) -> usize {
+        self.registry.actor_count()
     }
 
     /// The address of the health and metrics endpoint, when it runs.

@@ -34,6 +34,7 @@ async fn echo_case_runs_every_request_without_errors() {
             concurrency: 8,
             payload_bytes: 1024,
             keyring: bench::DEFAULT_KEYRING.to_owned(),
+            credential: bench::Credential::StaticToken,
         };
         let last_progress = std::cell::Cell::new(0);
         let result = bench::run_echo_case(&nats, subject, &case, Some("t0k"), format, |done| {
@@ -41,7 +42,8 @@ async fn echo_case_runs_every_request_without_errors() {
             last_progress.set(last_progress.get().max(done));
         })
         .await
-        .expect("echo case");
+        .expect("echo case")
+        .summarize(&case);
         assert_eq!(result.requests, 200, "{result:?}");
         assert_eq!(result.errors, 0, "{:?}", result.first_error);
         assert!(result.req_per_sec > 0.0);

@@ -942,3 +942,36 @@ async fn random_bodies_to_every_method_are_refused_cleanly() {
     );
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_keyring_actors_stop_and_their_keyrings_keep_working() {
+    let env = TestEnv::start().await;
+    let server = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+
+    let mut sealed = Vec::new();
+    for ring in ["ws_idle_1", "ws_idle_2", "ws_idle_3"] {
+        sealed.push((ring, client.encrypt(ring, "kept").await.unwrap()));
+    }
+    assert!(server.keyring_actors() >= 3, "first use spawns the actors");
+
+    // Two sweeps (5 s apart) stop actors not called since the previous one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while server.keyring_actors() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} keyring actors still running",
+            server.keyring_actors()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // The cache still serves them; a slow path spawns a fresh actor.
+    for (ring, envelope) in &sealed {
+        let opened = client.decrypt(ring, &envelope.encrypted).await.unwrap();
+        assert_eq!(opened.plaintext, "kept");
+    }
+    let rotated = client.rotate("ws_idle_1").await.unwrap();
+    assert_eq!(rotated.previous_key_id, sealed[0].1.key_id);
+    assert_eq!(server.keyring_actors(), 1);
+}

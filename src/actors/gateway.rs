@@ -23,7 +23,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::AuthHandle;
-use crate::auth::{AuditLog, AuditRecord, Principal, RateLimiter};
+use crate::auth::{AuditRecord, Principal, RateLimiter};
 use crate::error::{Error, Kind, Result};
 use crate::protocol::{
     decode, encode, DecryptBulkRequest, DecryptBulkResponse, DecryptRequest, DecryptResponse,
@@ -59,6 +59,8 @@ pub struct GatewayArgs {
     pub queue_group: String,
     /// Requests handled at once.
     pub max_inflight: usize,
+    /// Queue subscriptions per method (0: one per core).
+    pub subscriptions_per_method: usize,
     /// Authentication.
     pub auth: AuthHandle,
     /// The operations.
@@ -84,7 +86,6 @@ pub struct GatewayState {
     discovery_loops: Vec<JoinHandle<()>>,
     inflight: Arc<Semaphore>,
     max_inflight: usize,
-    audit: AuditLog,
 }
 
 impl Drop for GatewayState {
@@ -125,8 +126,8 @@ struct RequestContext {
     nats: async_nats::Client,
     stats: Vec<EndpointStats>,
     rate_limiter: Option<Arc<RateLimiter>>,
-    /// Publishes on `<prefix>.audit`.
-    audit: AuditLog,
+    /// `<prefix>.audit`.
+    audit_subject: String,
 }
 
 /// The identity and endpoints reported by discovery.
@@ -202,11 +203,11 @@ impl Actor for Gateway {
                 .map(|_| EndpointStats::default())
                 .collect(),
             rate_limiter: args.rate_limiter.clone(),
-            audit: AuditLog::start(args.nats.clone(), format!("{}.audit", args.prefix)),
+            audit_subject: format!("{}.audit", args.prefix),
         });
         let inflight = Arc::new(Semaphore::new(args.max_inflight));
         let (draining, drain_signal) = watch::channel(false);
-        let subscriptions = subscriptions_per_method();
+        let subscriptions = subscriptions_per_method(args.subscriptions_per_method);
         let mut request_loops = Vec::with_capacity(Method::ALL.len() * subscriptions);
         for (index, method) in Method::ALL.into_iter().enumerate() {
             for _ in 0..subscriptions {
@@ -265,7 +266,6 @@ impl Actor for Gateway {
             "serving the vault api on nats"
         );
         Ok(GatewayState {
-            audit: context.audit.clone(),
             nats: args.nats,
             draining,
             request_loops,
@@ -306,7 +306,6 @@ async fn drain(state: &mut GatewayState) {
     for task in state.discovery_loops.drain(..) {
         task.abort();
     }
-    state.audit.flush().await;
     if let Err(error) = state.nats.flush().await {
         tracing::warn!(%error, "flushing the last replies failed");
     }
@@ -350,13 +349,23 @@ async fn serve_method(
     mut drain_signal: watch::Receiver<bool>,
 ) {
     let mut requests = futures::stream::FuturesUnordered::new();
+    let mut audit_records: Vec<AuditRecord> = Vec::new();
     let mut received: u64 = 0;
     let mut draining = Drain::No;
     let quiet = tokio::time::sleep(DRAIN_QUIET);
     tokio::pin!(quiet);
     loop {
         let message = tokio::select! {
-            Some(()) = requests.next() => continue,
+            // In this order: finished requests, new ones, the drain; and only when none of
+            // them is ready, the audit records gathered meanwhile.
+            biased;
+            Some(record) = requests.next() => {
+                audit_records.extend(record);
+                if audit_records.len() >= MAX_AUDIT_BATCH {
+                    publish_audit(&context, &mut audit_records).await;
+                }
+                continue;
+            }
             message = subscriber.next() => message,
             _ = async { drain_signal.wait_for(|drain| *drain).await.map(|_| ()) }, if draining == Drain::No => {
                 draining = Drain::Counted;
@@ -378,6 +387,10 @@ async fn serve_method(
                 }
                 continue;
             }
+            () = std::future::ready(()), if !audit_records.is_empty() => {
+                publish_audit(&context, &mut audit_records).await;
+                continue;
+            }
         };
         let Some(message) = message else {
             break;
@@ -394,7 +407,7 @@ async fn serve_method(
                 Err(tokio::sync::TryAcquireError::Closed) => break None,
                 // At the limit: let this subscription's own requests finish meanwhile.
                 Err(tokio::sync::TryAcquireError::NoPermits) => tokio::select! {
-                    Some(()) = requests.next() => {}
+                    Some(record) = requests.next() => audit_records.extend(record),
                     permit = inflight.clone().acquire_owned() => break permit.ok(),
                 },
             }
@@ -404,18 +417,47 @@ async fn serve_method(
         };
         let context = context.clone();
         requests.push(async move {
-            handle_request(&context, method, index, message).await;
+            let record = handle_request(&context, method, index, message).await;
             drop(permit);
+            record
         });
     }
     // Answer what was taken before stopping.
-    while requests.next().await.is_some() {}
+    while let Some(record) = requests.next().await {
+        audit_records.extend(record);
+    }
+    publish_audit(&context, &mut audit_records).await;
 }
 
-/// How many queue subscriptions each method has on one connection: one per core the runtime
-/// can use, so that requests of one method run in parallel (each subscription serves its
-/// requests in its own task).
-fn subscriptions_per_method() -> usize {
+/// Publishes the gathered audit records as one message (one JSON object per line): a request
+/// alone leaves its record at once, after its reply; under load, the records of a burst share
+/// a message, so auditing does not double the messages the nats-server routes per request.
+async fn publish_audit(context: &RequestContext, records: &mut Vec<AuditRecord>) {
+    if records.is_empty() {
+        return;
+    }
+    let payload = AuditRecord::to_json_lines(records);
+    let count = records.len();
+    records.clear();
+    if let Err(error) = context
+        .nats
+        .publish(context.audit_subject.clone(), payload)
+        .await
+    {
+        tracing::warn!(records = count, %error, "audit records not published");
+    }
+}
+
+/// The most audit records in one message (a record is a few hundred bytes).
+const MAX_AUDIT_BATCH: usize = 256;
+
+/// How many queue subscriptions each method has on one connection: `configured`, or with 0
+/// one per core the runtime can use, so that requests of one method run in parallel (each
+/// subscription serves its requests in its own task).
+fn subscriptions_per_method(configured: usize) -> usize {
+    if configured > 0 {
+        return configured.min(MAX_SUBSCRIPTIONS_PER_METHOD);
+    }
     std::thread::available_parallelism()
         .map_or(1, |cores| cores.get().min(MAX_SUBSCRIPTIONS_PER_METHOD))
 }
@@ -464,19 +506,21 @@ fn header_safe(text: &str) -> String {
         .collect()
 }
 
+/// Answers one request; returns its audit record, if it leaves one, for the subscription to
+/// publish.
 async fn handle_request(
     context: &RequestContext,
     method: Method,
     index: usize,
     request: async_nats::Message,
-) {
+) -> Option<AuditRecord> {
     let started = Instant::now();
     let Some(reply_subject) = request.reply.clone() else {
         tracing::debug!(
             method = method.name(),
             "ignoring a message without a reply subject"
         );
-        return;
+        return None;
     };
     let headers = request.headers.as_ref();
     let request_id = header(headers, REQUEST_ID)
@@ -484,7 +528,7 @@ async fn handle_request(
         .map(str::to_owned)
         .unwrap_or_else(new_request_id);
     let format = Format::from_content_type(header(headers, CONTENT_TYPE));
-    let outcome = AssertUnwindSafe(dispatch(
+    let (outcome, record) = AssertUnwindSafe(dispatch(
         context,
         method,
         format,
@@ -494,7 +538,10 @@ async fn handle_request(
     ))
     .catch_unwind()
     .await
-    .unwrap_or_else(|_| Err(Error::internal("the request handler failed unexpectedly").into()));
+    .unwrap_or_else(|_| {
+        let error = Error::internal("the request handler failed unexpectedly");
+        (Err(error.into()), None)
+    });
 
     let mut reply_headers = HeaderMap::new();
     reply_headers.insert(REQUEST_ID, request_id.as_str());
@@ -552,6 +599,7 @@ async fn handle_request(
         micros = started.elapsed().as_micros() as u64,
         "request handled"
     );
+    record
 }
 
 /// A failed request: the error, and for `rate_limited` how long until a retry can pass (the
@@ -583,32 +631,35 @@ async fn dispatch(
     headers: Option<&HeaderMap>,
     payload: &[u8],
     request_id: &str,
-) -> std::result::Result<Bytes, Failure> {
+) -> (std::result::Result<Bytes, Failure>, Option<AuditRecord>) {
     if method == Method::Liveness {
         let response = LivenessResponse {
             status: "ok".to_owned(),
         };
-        return Ok(encode(format, &response));
+        return (Ok(encode(format, &response)), None);
     }
     // Verifying a credential is not an audit event: a request that fails here leaves none.
-    let principal = context
+    let principal = match context
         .auth
         .authenticate(header(headers, AUTHORIZATION))
-        .await?;
+        .await
+    {
+        Ok(principal) => principal,
+        Err(error) => return (Err(error.into()), None),
+    };
     let mut facts = AuditFacts::default();
     let outcome = serve(
         context, method, format, headers, payload, &principal, &mut facts,
     )
     .await;
-    audit(
-        context,
+    let record = audit(
         request_id,
         &principal,
         method,
         facts,
         outcome.as_ref().err(),
     );
-    outcome
+    (outcome, Some(record))
 }
 
 /// An authenticated request: the workspace it acts in, the rate limit, then the operation.
@@ -721,16 +772,15 @@ fn audit_action(method: Method) -> &'static str {
     }
 }
 
-/// Publishes the request's audit record on `<prefix>.audit` and logs it (target
-/// `ringvault::audit`). It names keyrings and key ids, never data, envelopes or tokens.
+/// The request's audit record, logged here (target `ringvault::audit`); the subscription
+/// publishes it. It names keyrings and key ids, never data, envelopes or tokens.
 fn audit(
-    context: &RequestContext,
     request_id: &str,
     principal: &Principal,
     method: Method,
     facts: AuditFacts,
     failure: Option<&Failure>,
-) {
+) -> AuditRecord {
     let keyring: String = facts.keyring.chars().take(AUDIT_KEYRING_MAX).collect();
     let mut record = AuditRecord::new(request_id, principal, audit_action(method), keyring)
         .with_item_count(facts.item_count);
@@ -758,7 +808,7 @@ fn audit(
         error_code = record.error_code.as_deref(),
         "audit"
     );
-    context.audit.record(record);
+    record
 }
 
 /// What a request tells the audit record: its keyring and how many items.

@@ -4,8 +4,11 @@
 //! a DEK by id, rotating. The registry answers the hot path from the shared cache first and
 //! calls the actor only on a miss, so a hot keyring is never serialized on one mailbox.
 //! Keyring actors are transient: one that fails is forgotten and respawned on next use; the
-//! registry stops the actors of keyrings the cache has evicted.
+//! registry stops the actors of keyrings the cache has evicted, and those not called since the
+//! previous sweep (a cached keyring needs no actor until its next slow path), so that memory
+//! grows with the keys cached, not with every keyring ever used.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -119,11 +122,19 @@ impl Actor for KeyringActor {
     }
 }
 
+/// A running keyring actor, and whether it was called since the last idle sweep.
+struct LiveActor {
+    actor: ActorRef<KeyringMsg>,
+    called: AtomicBool,
+}
+
 /// Finds or spawns the actor of a keyring; answers cache hits without one.
 #[derive(Clone)]
 pub struct KeyringRegistry {
     keyrings: Keyrings,
-    actors: Arc<DashMap<String, ActorRef<KeyringMsg>>>,
+    actors: Arc<DashMap<String, LiveActor>>,
+    /// The keyring of each live actor, to forget one by id.
+    names: Arc<DashMap<ActorId, String>>,
     supervisor: Arc<OnceLock<ActorCell>>,
     call_timeout: Duration,
     hooks: Hooks,
@@ -144,6 +155,7 @@ impl KeyringRegistry {
         Self {
             keyrings,
             actors: Arc::new(DashMap::new()),
+            names: Arc::new(DashMap::new()),
             supervisor: Arc::new(OnceLock::new()),
             call_timeout,
             hooks,
@@ -196,9 +208,11 @@ impl KeyringRegistry {
             return Ok(dek);
         }
         metrics::counter!("ringvault_cache_misses_total", "lookup" => "key_id").increment(1);
-        let key_id = key_id.to_owned();
-        self.call(name, |reply| KeyringMsg::Dek { key_id, reply })
-            .await?
+        self.call(name, |reply| KeyringMsg::Dek {
+            key_id: key_id.to_owned(),
+            reply,
+        })
+        .await?
     }
 
     /// Makes a new DEK the keyring's LATEST.
@@ -241,18 +255,28 @@ impl KeyringRegistry {
     async fn call<T, F>(&self, name: &str, build: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(RpcReplyPort<T>) -> KeyringMsg,
+        F: Fn(RpcReplyPort<T>) -> KeyringMsg,
     {
         let actor = self.actor(name).await?;
-        super::call("keyring actor", &actor, build, self.call_timeout)
-            .await
-            .map_err(|error| error.context(format!("keyring {name:?}")))
+        // The idle sweep may stop the actor between the lookup and the call; the message then
+        // never reaches it, and a fresh actor takes the call instead.
+        let result = match super::try_call("keyring actor", &actor, &build, self.call_timeout).await
+        {
+            Some(result) => result,
+            None => {
+                self.forget(actor.get_id());
+                let actor = self.actor(name).await?;
+                super::call("keyring actor", &actor, &build, self.call_timeout).await
+            }
+        };
+        result.map_err(|error| error.context(format!("keyring {name:?}")))
     }
 
     /// The live actor of keyring `name`, spawned when there is none.
     async fn actor(&self, name: &str) -> Result<ActorRef<KeyringMsg>> {
-        if let Some(actor) = self.actors.get(name) {
-            return Ok(actor.clone());
+        if let Some(live) = self.actors.get(name) {
+            live.called.store(true, Ordering::Relaxed);
+            return Ok(live.actor.clone());
         }
         // Validates the name before anything is spawned for it.
         self.keyrings.keyring(name)?;
@@ -276,9 +300,15 @@ impl KeyringRegistry {
         let winner = self
             .actors
             .entry(name.to_owned())
-            .or_insert_with(|| actor.clone())
+            .or_insert_with(|| LiveActor {
+                actor: actor.clone(),
+                called: AtomicBool::new(true),
+            })
+            .actor
             .clone();
-        if winner.get_id() != actor.get_id() {
+        if winner.get_id() == actor.get_id() {
+            self.names.insert(actor.get_id(), name.to_owned());
+        } else {
             actor.stop(None);
         }
         Ok(winner)
@@ -287,44 +317,47 @@ impl KeyringRegistry {
     /// Forgets the actor with `id` after it failed or stopped; returns whether it was one of
     /// ours.
     pub fn forget(&self, id: ActorId) -> bool {
-        let mut found = None;
-        for entry in self.actors.iter() {
-            if entry.value().get_id() == id {
-                found = Some(entry.key().clone());
-                break;
-            }
-        }
-        match found {
-            Some(name) => {
-                self.actors
-                    .remove_if(&name, |_, actor| actor.get_id() == id);
-                true
-            }
-            None => false,
-        }
+        let Some((_, name)) = self.names.remove(&id) else {
+            return false;
+        };
+        self.actors
+            .remove_if(&name, |_, live| live.actor.get_id() == id);
+        true
     }
 
-    /// Stops the actors of keyrings that the cache no longer holds.
+    /// Stops the actors of keyrings that the cache no longer holds, and of those not called
+    /// since the previous sweep; returns how many were stopped.
     pub fn stop_idle(&self) -> usize {
         let idle: Vec<String> = self
             .actors
             .iter()
-            .filter(|entry| !self.keyrings.is_cached(entry.key()))
+            .filter(|entry| {
+                let called = entry.value().called.swap(false, Ordering::Relaxed);
+                !called || !self.keyrings.is_cached(entry.key())
+            })
             .map(|entry| entry.key().clone())
             .collect();
+        let mut stopped = 0;
         for name in &idle {
-            if let Some((_, actor)) = self.actors.remove(name) {
-                actor.stop(Some("keyring evicted from cache".into()));
+            // Not if it was called meanwhile.
+            let removed = self
+                .actors
+                .remove_if(name, |_, live| !live.called.load(Ordering::Relaxed));
+            if let Some((_, live)) = removed {
+                self.names.remove(&live.actor.get_id());
+                live.actor.stop(Some("keyring actor idle".into()));
+                stopped += 1;
             }
         }
-        idle.len()
+        stopped
     }
 
     /// Stops every keyring actor (shutdown).
     pub fn stop_all(&self) {
         for entry in self.actors.iter() {
-            entry.value().stop(Some("shutdown".into()));
+            entry.value().actor.stop(Some("shutdown".into()));
         }
         self.actors.clear();
+        self.names.clear();
     }
 }

@@ -103,15 +103,34 @@ where
     T: Send + 'static,
     F: FnOnce(RpcReplyPort<T>) -> M,
 {
+    try_call(name, actor, build, timeout)
+        .await
+        .unwrap_or_else(|| Err(Error::unavailable(format!("{name} is not running"))))
+}
+
+/// Like [`call`], but `None` when the message was never delivered because the actor had
+/// stopped: only then may a caller safely retry with another actor (a failure while handling
+/// may have done part of the work).
+pub async fn try_call<M, T, F>(
+    name: &str,
+    actor: &ActorRef<M>,
+    build: F,
+    timeout: Duration,
+) -> Option<Result<T>>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+    F: FnOnce(RpcReplyPort<T>) -> M,
+{
     match actor.call(build, Some(timeout)).await {
-        Ok(CallResult::Success(value)) => Ok(value),
-        Ok(CallResult::Timeout) => Err(Error::unavailable(format!(
+        Ok(CallResult::Success(value)) => Some(Ok(value)),
+        Ok(CallResult::Timeout) => Some(Err(Error::unavailable(format!(
             "{name} did not answer within {timeout:?}"
-        ))),
-        Ok(CallResult::SenderError) => Err(Error::unavailable(format!(
+        )))),
+        Ok(CallResult::SenderError) => Some(Err(Error::unavailable(format!(
             "{name} failed while handling the request"
-        ))),
-        Err(_) => Err(Error::unavailable(format!("{name} is not running"))),
+        )))),
+        Err(_) => None,
     }
 }
 

@@ -21,8 +21,9 @@ use crate::auth::Authenticator;
 use crate::keyring::RotationPolicy;
 use crate::storage::ObjectStorage;
 
-/// How often actors of evicted keyrings are stopped.
-const IDLE_SWEEP_PERIOD: Duration = Duration::from_secs(30);
+/// How often keyring actors of evicted keyrings, and those not called since the previous
+/// sweep, are stopped: an idle actor lives 5–10 s.
+pub const IDLE_SWEEP_PERIOD: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the gateway to drain.
 const DRAIN_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -71,7 +72,7 @@ pub struct SupervisorArgs {
 
 /// Messages of the [`Supervisor`].
 pub enum SupervisorMsg {
-    /// Stop actors of keyrings the cache evicted.
+    /// Stop actors of keyrings the cache evicted or that sat idle.
     SweepIdle,
     /// Rotate keyrings whose LATEST reached its rotation age.
     CheckRotations,
@@ -310,7 +311,7 @@ impl Actor for Supervisor {
             SupervisorMsg::SweepIdle => {
                 let stopped = state.args.registry.stop_idle();
                 if stopped > 0 {
-                    tracing::debug!(stopped, "stopped actors of evicted keyrings");
+                    tracing::debug!(stopped, "stopped idle keyring actors");
                 }
             }
             SupervisorMsg::CheckRotations => {

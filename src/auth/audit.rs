@@ -2,16 +2,13 @@
 //! naming the principal's subject — never plaintext, ciphertext or a token. Serialized as one
 //! JSON object for the `<prefix>.audit` subject and the log.
 //!
-//! [`AuditLog`] publishes them in batches: each message on the subject carries one or more
-//! records, one JSON object per line. A lone request's record leaves at once; under load the
-//! records that queued up while the previous message was sent go out together, so auditing
-//! does not double the messages the nats-server routes per request.
+//! Each message on the subject carries one or more records, one JSON object per line
+//! ([`AuditRecord::to_json_lines`]).
 
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
 
 use super::Principal;
 use crate::error::Kind;
@@ -113,94 +110,19 @@ impl AuditRecord {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
     }
-}
 
-/// The most records in one audit message (a record is a few hundred bytes).
-const MAX_BATCH: usize = 256;
-
-enum AuditCommand {
-    Record(Box<AuditRecord>),
-    Flush(oneshot::Sender<()>),
-}
-
-/// A handle to the task that publishes audit records; cheap to clone. The task ends, after
-/// publishing what it holds, when every handle is dropped.
-#[derive(Clone, Debug)]
-pub struct AuditLog {
-    sender: mpsc::UnboundedSender<AuditCommand>,
-}
-
-impl std::fmt::Debug for AuditCommand {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AuditCommand::Record(record) => f.debug_tuple("Record").field(record).finish(),
-            AuditCommand::Flush(_) => f.write_str("Flush"),
-        }
-    }
-}
-
-impl AuditLog {
-    /// Starts the publishing task on `subject`.
-    pub fn start(nats: async_nats::Client, subject: String) -> Self {
-        let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(publish_batches(nats, subject, receiver));
-        Self { sender }
-    }
-
-    /// Queues a record; never waits.
-    pub fn record(&self, record: AuditRecord) {
-        if self.sender.send(AuditCommand::Record(Box::new(record))).is_err() {
-            tracing::warn!("audit publisher stopped; record not published");
-        }
-    }
-
-    /// Returns once every record queued before the call was handed to the nats-server.
-    pub async fn flush(&self) {
-        let (done, flushed) = oneshot::channel();
-        if self.sender.send(AuditCommand::Flush(done)).is_ok() {
-            let _ = flushed.await;
-        }
-    }
-}
-
-async fn publish_batches(
-    nats: async_nats::Client,
-    subject: String,
-    mut receiver: mpsc::UnboundedReceiver<AuditCommand>,
-) {
-    let mut commands = Vec::with_capacity(MAX_BATCH);
-    let mut batch = Vec::new();
-    while receiver.recv_many(&mut commands, MAX_BATCH).await > 0 {
-        let mut flushes = Vec::new();
-        let mut records = 0usize;
-        for command in commands.drain(..) {
-            match command {
-                AuditCommand::Record(record) => {
-                    if records > 0 {
-                        batch.push(b'\n');
-                    }
-                    records += 1;
-                    if serde_json::to_writer(&mut batch, &record).is_err() {
-                        batch.extend_from_slice(b"{}");
-                    }
-                }
-                AuditCommand::Flush(done) => flushes.push(done),
+    /// Records as JSON lines: one object per record, separated by newlines.
+    pub fn to_json_lines(records: &[AuditRecord]) -> Bytes {
+        let mut lines = Vec::with_capacity(records.len() * 320);
+        for (index, record) in records.iter().enumerate() {
+            if index > 0 {
+                lines.push(b'\n');
+            }
+            if serde_json::to_writer(&mut lines, record).is_err() {
+                lines.extend_from_slice(b"{}");
             }
         }
-        if records > 0 {
-            let payload = Bytes::from(std::mem::take(&mut batch));
-            if let Err(error) = nats.publish(subject.clone(), payload).await {
-                tracing::warn!(records, %error, "audit records not published");
-            }
-        }
-        if !flushes.is_empty() {
-            if let Err(error) = nats.flush().await {
-                tracing::warn!(%error, "flushing audit records failed");
-            }
-            for done in flushes {
-                let _ = done.send(());
-            }
-        }
+        Bytes::from(lines)
     }
 }
 
@@ -235,9 +157,16 @@ mod tests {
                 "{forbidden}"
             );
         }
-        let failed = record.failed(Kind::AccessDenied);
+        let failed = record.clone().failed(Kind::AccessDenied);
         assert_eq!(failed.error_code.as_deref(), Some("access_denied"));
         let back: AuditRecord = serde_json::from_str(&failed.to_json()).unwrap();
         assert_eq!(back, failed);
+        let lines = AuditRecord::to_json_lines(&[record.clone(), failed.clone()]);
+        let parsed: Vec<AuditRecord> = std::str::from_utf8(&lines)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(parsed, vec![record, failed]);
     }
 }

@@ -15,7 +15,7 @@ mod revocation;
 mod signed;
 mod static_tokens;
 
-pub use audit::{AuditLog, AuditRecord, Outcome};
+pub use audit::{AuditRecord, Outcome};
 pub use claims::{looks_like_jwt, Claims};
 pub use jwks::{JwksSource, JwtVerifier, KeySet};
 pub use policy::{intersect, Policies, Policy};

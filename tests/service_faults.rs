@@ -944,34 +944,42 @@ async fn random_bodies_to_every_method_are_refused_cleanly() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn idle_keyring_actors_stop_and_their_keyrings_keep_working() {
+async fn keyring_actors_stop_after_their_work_and_keyrings_keep_working() {
     let env = TestEnv::start().await;
     let server = env.service(&[]).await;
     let client = env.client(Format::Protobuf).await;
 
-    let mut sealed = Vec::new();
-    for ring in ["ws_idle_1", "ws_idle_2", "ws_idle_3"] {
-        sealed.push((ring, client.encrypt(ring, "kept").await.unwrap()));
-    }
-    assert!(server.keyring_actors() >= 3, "first use spawns the actors");
-
-    // Two sweeps (5 s apart) stop actors not called since the previous one.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // 200 first uses at once: each spawns an actor, which drains and stops when done.
+    let rings: Vec<String> = (0..200).map(|n| format!("ws_transient_{n}")).collect();
+    let sealed =
+        futures::future::join_all(rings.iter().map(|ring| client.encrypt(ring, "kept"))).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while server.keyring_actors() > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{} keyring actors still running",
             server.keyring_actors()
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(server.keyrings().cached_keyrings(), rings.len());
 
-    // The cache still serves them; a slow path spawns a fresh actor.
-    for (ring, envelope) in &sealed {
+    // The cache serves them without actors; slow paths get fresh ones, concurrently too.
+    for (ring, envelope) in rings.iter().zip(&sealed) {
+        let envelope = envelope.as_ref().unwrap();
         let opened = client.decrypt(ring, &envelope.encrypted).await.unwrap();
         assert_eq!(opened.plaintext, "kept");
     }
-    let rotated = client.rotate("ws_idle_1").await.unwrap();
-    assert_eq!(rotated.previous_key_id, sealed[0].1.key_id);
-    assert_eq!(server.keyring_actors(), 1);
+    let rotations = futures::future::join_all((0..20).map(|_| client.rotate(&rings[0]))).await;
+    let mut previous: Vec<String> = rotations
+        .into_iter()
+        .map(|rotation| rotation.unwrap().previous_key_id)
+        .collect();
+    previous.sort();
+    previous.dedup();
+    assert_eq!(
+        previous.len(),
+        20,
+        "each rotation follows another: {previous:?}"
+    );
 }

@@ -3,10 +3,13 @@
 //! The actor owns its keyring's slow paths: loading LATEST, creating the first DEK, looking up
 //! a DEK by id, rotating. The registry answers the hot path from the shared cache first and
 //! calls the actor only on a miss, so a hot keyring is never serialized on one mailbox.
-//! Keyring actors are transient: one that fails is forgotten and respawned on next use; the
-//! registry stops the actors of keyrings the cache has evicted, and those not called since the
-//! previous sweep (a cached keyring needs no actor until its next slow path), so that memory
-//! grows with the keys cached, not with every keyring ever used.
+//! Keyring actors are transient: one exists while its keyring has slow-path work. After each
+//! message it *drains* (takes no new messages, finishes those queued, stops), so that memory
+//! grows with the keys cached, not with the keyrings recently used: ten thousand first uses
+//! leave ten thousand cached keys, not ten thousand idle actors. A call that finds the actor
+//! draining was never delivered and goes to a fresh actor; one that fails while handled is not
+//! retried (it may have done part of its work). One that fails is forgotten and respawned on
+//! next use; the idle sweep also stops any actor of a keyring the cache has evicted.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -81,7 +84,7 @@ impl Actor for KeyringActor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -118,6 +121,8 @@ impl Actor for KeyringActor {
                 }
             }
         }
+        // Done for now: what is queued still runs, then the actor stops (see the module doc).
+        let _ = myself.drain();
         Ok(())
     }
 }
@@ -240,16 +245,24 @@ impl KeyringRegistry {
         {
             return;
         }
-        match self.actor(name).await {
-            Ok(actor) => {
-                let _ = actor.send_message(KeyringMsg::ApplyLatest {
-                    key_id: key_id.to_owned(),
-                });
+        // A draining actor refuses the message; a fresh one takes it.
+        for _ in 0..2 {
+            let actor = match self.actor(name).await {
+                Ok(actor) => actor,
+                Err(error) => {
+                    tracing::warn!(keyring = name, %error, "could not apply a new latest key");
+                    return;
+                }
+            };
+            let message = KeyringMsg::ApplyLatest {
+                key_id: key_id.to_owned(),
+            };
+            if actor.send_message(message).is_ok() {
+                return;
             }
-            Err(error) => {
-                tracing::warn!(keyring = name, %error, "could not apply a new latest key")
-            }
+            self.forget(actor.get_id());
         }
+        tracing::warn!(keyring = name, key_id, "could not apply a new latest key");
     }
 
     async fn call<T, F>(&self, name: &str, build: F) -> Result<T>

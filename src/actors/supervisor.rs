@@ -168,10 +168,12 @@ impl Supervisor {
         state: &mut SupervisorState,
         id: ActorId,
         reason: String,
+        failed: bool,
     ) -> Result<(), ActorProcessingErr> {
         let Some(child) = state.children.remove(&id) else {
-            if state.args.registry.forget(id) {
-                tracing::warn!(%reason, "keyring actor stopped; it is respawned on next use");
+            // Keyring actors stop after their work (drained); only a failure is news.
+            if state.args.registry.forget(id) && failed {
+                tracing::warn!(%reason, "keyring actor failed; it is respawned on next use");
             }
             return Ok(());
         };
@@ -344,11 +346,11 @@ impl Actor for Supervisor {
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorFailed(cell, error) => {
-                Self::on_child_down(&myself, state, cell.get_id(), error.to_string()).await
+                Self::on_child_down(&myself, state, cell.get_id(), error.to_string(), true).await
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 let reason = reason.unwrap_or_else(|| "stopped".to_owned());
-                Self::on_child_down(&myself, state, cell.get_id(), reason).await
+                Self::on_child_down(&myself, state, cell.get_id(), reason, false).await
             }
             _ => Ok(()),
         }

@@ -131,6 +131,8 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Starts the service on `nats` as `config` says.
     pub async fn start(config: &Config, nats: async_nats::Client) -> Result<Server, ServerError> {
+        // The recorder first: metric handles registered before it would record nowhere.
+        crate::http::metrics_handle();
         let master_keys = Arc::new(load_master_keys(config)?);
         let backend = open_backend(config).await?;
         let authenticator = load_authenticator(config)?;

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use async_nats::header::HeaderName;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::{FutureExt as _, StreamExt as _};
@@ -128,6 +129,23 @@ struct RequestContext {
     rate_limiter: Option<Arc<RateLimiter>>,
     /// `<prefix>.audit`.
     audit_subject: String,
+    /// Per method (by index): the metrics every request records, registered once.
+    request_metrics: Vec<RequestMetrics>,
+}
+
+/// The metric handles of one method's requests.
+struct RequestMetrics {
+    ok: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl RequestMetrics {
+    fn new(method: Method) -> Self {
+        Self {
+            ok: metrics::counter!("ringvault_requests_total", "method" => method.name(), "code" => "ok"),
+            duration: metrics::histogram!("ringvault_request_duration_seconds", "method" => method.name()),
+        }
+    }
 }
 
 /// The identity and endpoints reported by discovery.
@@ -204,6 +222,7 @@ impl Actor for Gateway {
                 .collect(),
             rate_limiter: args.rate_limiter.clone(),
             audit_subject: format!("{}.audit", args.prefix),
+            request_metrics: Method::ALL.into_iter().map(RequestMetrics::new).collect(),
         });
         let inflight = Arc::new(Semaphore::new(args.max_inflight));
         let (draining, drain_signal) = watch::channel(false);
@@ -482,9 +501,16 @@ async fn serve_discovery(
     }
 }
 
-fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+fn header(headers: Option<&HeaderMap>, name: HeaderName) -> Option<&str> {
     headers?.get(name).map(|value| value.as_str())
 }
+
+// Header names built once: looking a header up by `&str` validates and allocates the name on
+// every request.
+const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
+const CONTENT_TYPE_HEADER: HeaderName = HeaderName::from_static(CONTENT_TYPE);
+const AUTHORIZATION_HEADER: HeaderName = HeaderName::from_static(AUTHORIZATION);
+const TENANT_ID_HEADER: HeaderName = HeaderName::from_static(TENANT_ID);
 
 fn new_request_id() -> String {
     hex::encode(rand::random::<[u8; 16]>())
@@ -523,11 +549,11 @@ async fn handle_request(
         return None;
     };
     let headers = request.headers.as_ref();
-    let request_id = header(headers, REQUEST_ID)
+    let request_id = header(headers, REQUEST_ID_HEADER)
         .filter(|id| usable_request_id(id))
         .map(str::to_owned)
         .unwrap_or_else(new_request_id);
-    let format = Format::from_content_type(header(headers, CONTENT_TYPE));
+    let format = Format::from_content_type(header(headers, CONTENT_TYPE_HEADER));
     let (outcome, record) = AssertUnwindSafe(dispatch(
         context,
         method,
@@ -544,7 +570,7 @@ async fn handle_request(
     });
 
     let mut reply_headers = HeaderMap::new();
-    reply_headers.insert(REQUEST_ID, request_id.as_str());
+    reply_headers.insert(REQUEST_ID_HEADER, request_id.as_str());
     let elapsed = started.elapsed();
     context.stats[index].record(elapsed, outcome.as_ref().err().map(|f| &f.error));
     let (body, code) = match outcome {
@@ -581,10 +607,14 @@ async fn handle_request(
             )
         }
     };
-    metrics::counter!("ringvault_requests_total", "method" => method.name(), "code" => code)
-        .increment(1);
-    metrics::histogram!("ringvault_request_duration_seconds", "method" => method.name())
-        .record(elapsed.as_secs_f64());
+    let request_metrics = &context.request_metrics[index];
+    if code == "ok" {
+        request_metrics.ok.increment(1);
+    } else {
+        metrics::counter!("ringvault_requests_total", "method" => method.name(), "code" => code)
+            .increment(1);
+    }
+    request_metrics.duration.record(elapsed.as_secs_f64());
     let sent = context
         .nats
         .publish_with_headers(reply_subject, reply_headers, body)
@@ -641,7 +671,7 @@ async fn dispatch(
     // Verifying a credential is not an audit event: a request that fails here leaves none.
     let principal = match context
         .auth
-        .authenticate(header(headers, AUTHORIZATION))
+        .authenticate(header(headers, AUTHORIZATION_HEADER))
         .await
     {
         Ok(principal) => principal,
@@ -672,7 +702,7 @@ async fn serve(
     principal: &Principal,
     facts: &mut AuditFacts,
 ) -> std::result::Result<Bytes, Failure> {
-    let principal = acting_principal(principal, header(headers, TENANT_ID), facts)?;
+    let principal = acting_principal(principal, header(headers, TENANT_ID_HEADER), facts)?;
     if let Some(limiter) = &context.rate_limiter {
         // One bucket per (effective) workspace; a principal bound to none has its own bucket
         // keyed by its subject (`*` cannot occur in a keyring, so no workspace collides).

@@ -143,6 +143,9 @@ pub struct KeyringRegistry {
     supervisor: Arc<OnceLock<ActorCell>>,
     call_timeout: Duration,
     hooks: Hooks,
+    /// Cache hits, counted per request: handles registered once, not looked up by label.
+    latest_hits: metrics::Counter,
+    key_id_hits: metrics::Counter,
 }
 
 impl std::fmt::Debug for KeyringRegistry {
@@ -164,6 +167,8 @@ impl KeyringRegistry {
             supervisor: Arc::new(OnceLock::new()),
             call_timeout,
             hooks,
+            latest_hits: metrics::counter!("ringvault_cache_hits_total", "lookup" => "latest"),
+            key_id_hits: metrics::counter!("ringvault_cache_hits_total", "lookup" => "key_id"),
         }
     }
 
@@ -185,7 +190,7 @@ impl KeyringRegistry {
     /// The keyring's current DEK, for sealing.
     pub async fn latest(&self, name: &str) -> Result<Arc<Dek>> {
         if let Some(dek) = self.keyrings.cached_latest(name) {
-            metrics::counter!("ringvault_cache_hits_total", "lookup" => "latest").increment(1);
+            self.latest_hits.increment(1);
             return Ok(dek);
         }
         metrics::counter!("ringvault_cache_misses_total", "lookup" => "latest").increment(1);
@@ -209,7 +214,7 @@ impl KeyringRegistry {
     /// The DEK `key_id` of the keyring, for opening.
     pub async fn dek(&self, name: &str, key_id: &str) -> Result<Arc<Dek>> {
         if let Some(dek) = self.keyrings.cached_dek_of(name, key_id) {
-            metrics::counter!("ringvault_cache_hits_total", "lookup" => "key_id").increment(1);
+            self.key_id_hits.increment(1);
             return Ok(dek);
         }
         metrics::counter!("ringvault_cache_misses_total", "lookup" => "key_id").increment(1);

@@ -9,7 +9,8 @@
 //!
 //! [`run_pair`] runs a case as several alternating rounds of service and echo, so that a
 //! machine whose speed drifts during a run (other load, frequency changes) affects both sides
-//! alike; each side's rounds are merged into one [`BenchResult`].
+//! alike; each side's rounds are merged into one [`BenchResult`]. [`run_alternating`] does the
+//! same for any two [`Side`]s (the ES256-vs-static-token comparison).
 //!
 //! Failed requests are counted and the first failure is kept; they do not stop a run. Latency
 //! percentiles are over successful requests, and `req_per_sec` counts successful requests only.
@@ -443,19 +444,45 @@ impl Samples {
     }
 }
 
-/// Runs `case` as [`ROUNDS`] alternating rounds — a share of the requests against the service,
-/// then the same share against the echo responder on `echo_subject` — and returns (service,
-/// echo). Both get `client`'s token and format. `progress` gets the requests done on both
-/// sides together (2 × `case.requests` at the end).
-pub async fn run_pair(
-    client: &Client,
-    echo_subject: &str,
+/// What one side of an alternating comparison sends its requests to.
+#[derive(Clone, Copy)]
+pub enum Side<'a> {
+    /// The service, through this client (and its token).
+    Service(&'a Client),
+    /// The echo responder on this subject, with requests shaped like this client's.
+    Echo(&'a Client, &'a str),
+}
+
+impl Side<'_> {
+    async fn run(self, case: &BenchCase, progress: impl Fn(usize)) -> Result<Samples> {
+        match self {
+            Side::Service(client) => run_service_case(client, case, progress).await,
+            Side::Echo(client, subject) => {
+                run_echo_case(
+                    client.nats(),
+                    subject,
+                    case,
+                    client.token(),
+                    client.options().format,
+                    progress,
+                )
+                .await
+            }
+        }
+    }
+}
+
+/// Runs `case` on both `sides` in [`ROUNDS`] alternating rounds (a share of the requests on
+/// the first, the same share on the second, and again), so that a machine whose speed drifts
+/// during the run affects both alike; returns each side's merged result. `progress` gets the
+/// requests done on both sides together (2 × `case.requests` at the end).
+pub async fn run_alternating(
+    sides: [Side<'_>; 2],
     case: &BenchCase,
     progress: impl Fn(usize),
 ) -> Result<(BenchResult, BenchResult)> {
     let rounds = ROUNDS.min(case.requests / case.concurrency.max(1)).max(1);
-    let mut service = Samples::default();
-    let mut echo = Samples::default();
+    let mut samples = [Samples::default(), Samples::default()];
     let mut done = 0;
     for round in 0..rounds {
         let share = case.requests / rounds + usize::from(round < case.requests % rounds);
@@ -463,22 +490,29 @@ pub async fn run_pair(
             requests: share,
             ..case.clone()
         };
-        service.absorb(run_service_case(client, &part, |n| progress(done + n)).await?);
-        done += share;
-        echo.absorb(
-            run_echo_case(
-                client.nats(),
-                echo_subject,
-                &part,
-                client.token(),
-                client.options().format,
-                |n| progress(done + n),
-            )
-            .await?,
-        );
-        done += share;
+        for (side, merged) in sides.iter().zip(&mut samples) {
+            merged.absorb(side.run(&part, |n| progress(done + n)).await?);
+            done += share;
+        }
     }
-    Ok((service.summarize(case), echo.summarize(case)))
+    let [first, second] = samples;
+    Ok((first.summarize(case), second.summarize(case)))
+}
+
+/// [`run_alternating`] of the service through `client` against the echo responder on
+/// `echo_subject` (same token, same format): returns (service, echo).
+pub async fn run_pair(
+    client: &Client,
+    echo_subject: &str,
+    case: &BenchCase,
+    progress: impl Fn(usize),
+) -> Result<(BenchResult, BenchResult)> {
+    run_alternating(
+        [Side::Service(client), Side::Echo(client, echo_subject)],
+        case,
+        progress,
+    )
+    .await
 }
 
 /// The resident memory of this process in bytes (Linux `/proc/self/status` `VmRSS`).

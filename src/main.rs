@@ -747,6 +747,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
         None => None,
     };
     let mut rows: Vec<(BenchResult, BenchResult)> = Vec::new();
+    let mut credential_rows: Vec<(&str, BenchResult, BenchResult)> = Vec::new();
     let mut memory = None;
     let total = cases.len();
     for (index, case) in cases.iter().enumerate() {
@@ -793,10 +794,41 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
             echo_result.req_per_sec,
             bench::ratio(&service, &echo_result)
         );
+        if case.credential == BenchCredential::Es256Jwt {
+            // The goal compares the two credentials directly: alternate them, like service
+            // and echo, so that drift between cases does not enter the quotient.
+            let (jwt, static_token) = bench::run_alternating(
+                [
+                    bench::Side::Service(case_client),
+                    bench::Side::Service(&client),
+                ],
+                case,
+                |_| {},
+            )
+            .await?;
+            let quotient = bench::ratio(&jwt, &static_token);
+            eprintln!(
+                "{label}: es256 {:.0} req/s vs static token {:.0} req/s, alternating: {quotient:.2}",
+                jwt.req_per_sec, static_token.req_per_sec
+            );
+            credential_rows.push((case.method.name(), jwt, static_token));
+        }
         rows.push((service, echo_result));
     }
     echo.abort();
     println!("{}", bench::table(&rows));
+    for (method, jwt, static_token) in &credential_rows {
+        println!(
+            "{method} {} B x {} in flight, es256 jwt vs static token in alternating rounds: {:.0} vs {:.0} req/s, ratio {:.2}; p99 {}µs vs {}µs",
+            jwt.case.payload_bytes,
+            jwt.case.concurrency,
+            jwt.req_per_sec,
+            static_token.req_per_sec,
+            bench::ratio(jwt, static_token),
+            jwt.p99.as_micros(),
+            static_token.p99.as_micros(),
+        );
+    }
     if let Some((_, Some((Some(settled), right_after, keyrings, before)))) = memory {
         let mib = |bytes: Option<u64>| {
             bytes.map_or("unknown".to_owned(), |bytes| {

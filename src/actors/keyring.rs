@@ -9,9 +9,8 @@
 //! leave ten thousand cached keys, not ten thousand idle actors. A call that finds the actor
 //! draining was never delivered and goes to a fresh actor; one that fails while handled is not
 //! retried (it may have done part of its work). One that fails is forgotten and respawned on
-//! next use; the idle sweep also stops any actor of a keyring the cache has evicted.
+//! next use; the registry stops the actors of keyrings the cache has evicted.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -127,17 +126,11 @@ impl Actor for KeyringActor {
     }
 }
 
-/// A running keyring actor, and whether it was called since the last idle sweep.
-struct LiveActor {
-    actor: ActorRef<KeyringMsg>,
-    called: AtomicBool,
-}
-
 /// Finds or spawns the actor of a keyring; answers cache hits without one.
 #[derive(Clone)]
 pub struct KeyringRegistry {
     keyrings: Keyrings,
-    actors: Arc<DashMap<String, LiveActor>>,
+    actors: Arc<DashMap<String, ActorRef<KeyringMsg>>>,
     /// The keyring of each live actor, to forget one by id.
     names: Arc<DashMap<ActorId, String>>,
     supervisor: Arc<OnceLock<ActorCell>>,
@@ -276,8 +269,8 @@ impl KeyringRegistry {
         F: Fn(RpcReplyPort<T>) -> KeyringMsg,
     {
         let actor = self.actor(name).await?;
-        // The idle sweep may stop the actor between the lookup and the call; the message then
-        // never reaches it, and a fresh actor takes the call instead.
+        // The actor may have started draining since the lookup; the message then never reaches
+        // it, and a fresh actor takes the call instead.
         let result = match super::try_call("keyring actor", &actor, &build, self.call_timeout).await
         {
             Some(result) => result,
@@ -292,9 +285,8 @@ impl KeyringRegistry {
 
     /// The live actor of keyring `name`, spawned when there is none.
     async fn actor(&self, name: &str) -> Result<ActorRef<KeyringMsg>> {
-        if let Some(live) = self.actors.get(name) {
-            live.called.store(true, Ordering::Relaxed);
-            return Ok(live.actor.clone());
+        if let Some(actor) = self.actors.get(name) {
+            return Ok(actor.clone());
         }
         // Validates the name before anything is spawned for it.
         self.keyrings.keyring(name)?;
@@ -318,11 +310,7 @@ impl KeyringRegistry {
         let winner = self
             .actors
             .entry(name.to_owned())
-            .or_insert_with(|| LiveActor {
-                actor: actor.clone(),
-                called: AtomicBool::new(true),
-            })
-            .actor
+            .or_insert_with(|| actor.clone())
             .clone();
         if winner.get_id() == actor.get_id() {
             self.names.insert(actor.get_id(), name.to_owned());
@@ -339,41 +327,31 @@ impl KeyringRegistry {
             return false;
         };
         self.actors
-            .remove_if(&name, |_, live| live.actor.get_id() == id);
+            .remove_if(&name, |_, actor| actor.get_id() == id);
         true
     }
 
-    /// Stops the actors of keyrings that the cache no longer holds, and of those not called
-    /// since the previous sweep; returns how many were stopped.
+    /// Stops the actors of keyrings that the cache no longer holds.
     pub fn stop_idle(&self) -> usize {
         let idle: Vec<String> = self
             .actors
             .iter()
-            .filter(|entry| {
-                let called = entry.value().called.swap(false, Ordering::Relaxed);
-                !called || !self.keyrings.is_cached(entry.key())
-            })
+            .filter(|entry| !self.keyrings.is_cached(entry.key()))
             .map(|entry| entry.key().clone())
             .collect();
-        let mut stopped = 0;
         for name in &idle {
-            // Not if it was called meanwhile.
-            let removed = self
-                .actors
-                .remove_if(name, |_, live| !live.called.load(Ordering::Relaxed));
-            if let Some((_, live)) = removed {
-                self.names.remove(&live.actor.get_id());
-                live.actor.stop(Some("keyring actor idle".into()));
-                stopped += 1;
+            if let Some((_, actor)) = self.actors.remove(name) {
+                self.names.remove(&actor.get_id());
+                actor.stop(Some("keyring evicted from cache".into()));
             }
         }
-        stopped
+        idle.len()
     }
 
     /// Stops every keyring actor (shutdown).
     pub fn stop_all(&self) {
         for entry in self.actors.iter() {
-            entry.value().actor.stop(Some("shutdown".into()));
+            entry.value().stop(Some("shutdown".into()));
         }
         self.actors.clear();
         self.names.clear();

@@ -21,9 +21,8 @@ use crate::auth::Authenticator;
 use crate::keyring::RotationPolicy;
 use crate::storage::ObjectStorage;
 
-/// How often keyring actors of evicted keyrings, and those not called since the previous
-/// sweep, are stopped: an idle actor lives 5–10 s.
-pub const IDLE_SWEEP_PERIOD: Duration = Duration::from_secs(5);
+/// How often actors of evicted keyrings are stopped.
+const IDLE_SWEEP_PERIOD: Duration = Duration::from_secs(30);
 /// How long shutdown waits for the gateway to drain.
 const DRAIN_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -72,7 +71,7 @@ pub struct SupervisorArgs {
 
 /// Messages of the [`Supervisor`].
 pub enum SupervisorMsg {
-    /// Stop actors of keyrings the cache evicted or that sat idle.
+    /// Stop actors of keyrings the cache evicted.
     SweepIdle,
     /// Rotate keyrings whose LATEST reached its rotation age.
     CheckRotations,
@@ -313,7 +312,7 @@ impl Actor for Supervisor {
             SupervisorMsg::SweepIdle => {
                 let stopped = state.args.registry.stop_idle();
                 if stopped > 0 {
-                    tracing::debug!(stopped, "stopped idle keyring actors");
+                    tracing::debug!(stopped, "stopped actors of evicted keyrings");
                 }
             }
             SupervisorMsg::CheckRotations => {

@@ -508,6 +508,14 @@ where
 }
 
 /// A nats-server started for the bench on a free loopback port, killed on drop.
+/// Resident memory of the bench process around the cold-keyring case (bytes, when readable).
+struct ColdMemory {
+    keyrings: usize,
+    before: Option<u64>,
+    right_after: Option<u64>,
+    settled: Option<u64>,
+}
+
 /// How long the bench waits after the cold-keyring case before it reads resident memory again:
 /// keyring actors stop as their work ends, so this is only a margin for the last ones.
 const IDLE_SETTLE: Duration = Duration::from_secs(2);
@@ -767,9 +775,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
                 continue;
             }
         };
-        if case.method == BenchMethod::ColdEncrypt {
-            memory = Some((bench::resident_bytes(), None));
-        }
+        let resident_before = (case.method == BenchMethod::ColdEncrypt).then(bench::resident_bytes);
         let bar = indicatif::ProgressBar::new((case.requests * 2) as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}")
@@ -781,12 +787,17 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
         })
         .await?;
         bar.finish_and_clear();
-        if let Some((before, after @ None)) = &mut memory {
+        if let Some(before) = resident_before {
             let right_after = bench::resident_bytes();
-            // Keyring actors stop once idle; what stays is the cache itself.
-            eprintln!("{label}: waiting {IDLE_SETTLE:?} for idle keyring actors to stop");
+            // Keyring actors stop as their work ends; what stays is the cache itself.
+            eprintln!("{label}: waiting {IDLE_SETTLE:?} for the last keyring actors to stop");
             tokio::time::sleep(IDLE_SETTLE).await;
-            *after = Some((bench::resident_bytes(), right_after, case.requests, *before));
+            memory = Some(ColdMemory {
+                keyrings: case.requests,
+                before,
+                right_after,
+                settled: bench::resident_bytes(),
+            });
         }
         eprintln!(
             "{label}: {:.0} req/s (echo {:.0}), ratio {:.2}",
@@ -829,7 +840,13 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
             static_token.p99.as_micros(),
         );
     }
-    if let Some((_, Some((Some(settled), right_after, keyrings, before)))) = memory {
+    if let Some(ColdMemory {
+        keyrings,
+        before,
+        right_after,
+        settled,
+    }) = memory
+    {
         let mib = |bytes: Option<u64>| {
             bytes.map_or("unknown".to_owned(), |bytes| {
                 format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
@@ -837,7 +854,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
         };
         println!(
             "resident memory of the bench process (client, service, echo) with {keyrings} new keyrings cached: {} ({} right after the case, {} before it)",
-            mib(Some(settled)),
+            mib(settled),
             mib(right_after),
             mib(before),
         );

@@ -909,14 +909,30 @@ impl AuditedRequest for DescribeKeyringRequest {
     }
 }
 
-impl AuditedResponse for EncryptResponse {
-    type Message = Self;
-    fn message(&self) -> &Self {
-        self
-    }
-    fn key_id(&self) -> Option<&str> {
-        Some(&self.key_id)
-    }
+/// `AuditedResponse` for responses that are themselves the message to encode.
+macro_rules! response_is_message {
+    ($($response:ty => |$this:ident| $key_id:expr;)*) => {$(
+        impl AuditedResponse for $response {
+            type Message = Self;
+            fn message(&self) -> &Self {
+                self
+            }
+            fn key_id(&self) -> Option<&str> {
+                let $this = self;
+                $key_id
+            }
+        }
+    )*};
+}
+
+response_is_message! {
+    EncryptResponse => |this| Some(&this.key_id);
+    ReEncryptResponse => |this| Some(&this.key_id);
+    // Every item is sealed with the same key.
+    EncryptBulkResponse => |this| this.items.values().next().map(|item| item.key_id.as_str());
+    DecryptBulkResponse => |_this| None;
+    RotateKeyringResponse => |this| Some(&this.key_id);
+    DescribeKeyringResponse => |this| Some(&this.latest_key_id);
 }
 
 impl AuditedResponse for Decrypted {
@@ -926,57 +942,6 @@ impl AuditedResponse for Decrypted {
     }
     fn key_id(&self) -> Option<&str> {
         Some(&self.key_id)
-    }
-}
-
-impl AuditedResponse for ReEncryptResponse {
-    type Message = Self;
-    fn message(&self) -> &Self {
-        self
-    }
-    fn key_id(&self) -> Option<&str> {
-        Some(&self.key_id)
-    }
-}
-
-impl AuditedResponse for EncryptBulkResponse {
-    type Message = Self;
-    fn message(&self) -> &Self {
-        self
-    }
-    fn key_id(&self) -> Option<&str> {
-        // Every item is sealed with the same key.
-        self.items.values().next().map(|item| item.key_id.as_str())
-    }
-}
-
-impl AuditedResponse for DecryptBulkResponse {
-    type Message = Self;
-    fn message(&self) -> &Self {
-        self
-    }
-    fn key_id(&self) -> Option<&str> {
-        None
-    }
-}
-
-impl AuditedResponse for RotateKeyringResponse {
-    type Message = Self;
-    fn message(&self) -> &Self {
-        self
-    }
-    fn key_id(&self) -> Option<&str> {
-        Some(&self.key_id)
-    }
-}
-
-impl AuditedResponse for DescribeKeyringResponse {
-    type Message = Self;
-    fn message(&self) -> &Self {
-        self
-    }
-    fn key_id(&self) -> Option<&str> {
-        Some(&self.latest_key_id)
     }
 }
 

@@ -2,7 +2,7 @@
 //! giving up, and bad input over the wire (each with its code, the service answering the next
 //! valid request after each one).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! The bench echo baseline and the client's transport behaviour against a real `nats-server`
 //! (no ringvault service involved).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

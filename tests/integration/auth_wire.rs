@@ -2,7 +2,7 @@
 //! limits with `Retry-After`, workspace isolation and `X-Tenant-ID`, and audit records on
 //! `vault.v1.audit`.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Key events on NATS (and JetStream), rotation seen by every replica, scheduled rotation,
 //! DescribeKeyring, and service discovery.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

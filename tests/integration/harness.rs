@@ -1,6 +1,6 @@
 //! Smoke tests for the shared integration-test harness in `tests/common`.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

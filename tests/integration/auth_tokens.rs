@@ -2,7 +2,7 @@
 //! rotation, policies, and revocation through the same library call as `ringvault token
 //! revoke`, refused within a second and after a restart.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Every RPC over a real nats-server, in protobuf and JSON; authentication on the wire;
 //! rotation and ReEncrypt; two instances in one queue group.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -3,7 +3,7 @@
 //! through the master-key roll, and the store going away and coming back under a running
 //! service.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

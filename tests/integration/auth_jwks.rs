@@ -2,7 +2,7 @@
 //! over loopback HTTP: each failure mode, algorithm confusion, revocation, a key rotation while
 //! the service runs, and a failing refresh that keeps the last good keys.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The real binary under load receives SIGTERM: it drains (every request it took gets its
 //! reply), stops taking new ones (callers see no responders → `unavailable`) and exits 0.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -515,9 +515,9 @@ pub async fn run_pair(
     .await
 }
 
-/// The resident memory of this process in bytes (Linux `/proc/self/status` `VmRSS`).
-pub fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+/// The resident memory of process `pid` in bytes (Linux `/proc/<pid>/status` `VmRSS`).
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)

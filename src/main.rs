@@ -55,6 +55,9 @@ enum Command {
     Rotate(KeyringArgs),
     /// Load-generate against the service and an echo responder on the same nats-server.
     Bench(BenchArgs),
+    /// The bench's echo responder, run by `bench` as a process of its own.
+    #[command(hide = true)]
+    BenchEcho(BenchEchoArgs),
     /// Mint, inspect and revoke signed tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -189,6 +192,14 @@ struct BenchArgs {
     token: Option<String>,
 }
 
+#[derive(Args)]
+struct BenchEchoArgs {
+    #[arg(long)]
+    url: String,
+    #[arg(long)]
+    subject: String,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -241,6 +252,7 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Bench(args) => run_bench(args).await,
+            Command::BenchEcho(args) => bench_echo(args).await,
             Command::Token(command) => token_command(command).await,
         }
     });
@@ -507,8 +519,7 @@ where
     }
 }
 
-/// A nats-server started for the bench on a free loopback port, killed on drop.
-/// Resident memory of the bench process around the cold-keyring case (bytes, when readable).
+/// Resident memory of the service process around the cold-keyring case (bytes, when readable).
 struct ColdMemory {
     keyrings: usize,
     before: Option<u64>,
@@ -580,6 +591,16 @@ impl BenchJwtKey {
     }
 }
 
+/// What the bench sets up when it runs its own service (no `--url`).
+struct LocalSetup {
+    nats: BenchNats,
+    /// The service's configuration, as `RINGVAULT_*` variables.
+    env: Vec<(&'static str, String)>,
+    dir: PathBuf,
+    jwt_key: BenchJwtKey,
+}
+
+/// A nats-server started for the bench on a free loopback port, killed on drop.
 struct BenchNats {
     child: std::process::Child,
     url: String,
@@ -622,6 +643,107 @@ impl Drop for BenchNats {
     }
 }
 
+/// How long the bench waits for the service or the echo responder it started to answer.
+const CHILD_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The bench's own ringvault: `ringvault serve` as a child process, so that its resident memory
+/// is its own and it shares no runtime with the load generator. Killed on drop.
+struct BenchService {
+    child: tokio::process::Child,
+}
+
+impl BenchService {
+    async fn start(env: &[(&str, String)], client: &Client) -> Result<Self, Error> {
+        let executable = std::env::current_exe()
+            .map_err(|error| Error::unavailable(format!("cannot find this executable: {error}")))?;
+        // The caller's RINGVAULT_* settings reach the service (e.g. to try a tuning); the
+        // bench's own setup overrides them.
+        let mut child = tokio::process::Command::new(executable)
+            .arg("serve")
+            .envs(env.iter().map(|(name, value)| (name, value)))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|error| Error::unavailable(format!("cannot start the service: {error}")))?;
+        let deadline = tokio::time::Instant::now() + CHILD_START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(Error::unavailable(format!(
+                    "the bench's service exited at startup ({status}); its error is above"
+                )));
+            }
+            if client.liveness().await.is_ok() {
+                return Ok(Self { child });
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::unavailable(format!(
+                    "the bench's service did not answer within {CHILD_START_TIMEOUT:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn resident_bytes(&self) -> Option<u64> {
+        bench::resident_bytes(self.child.id()?)
+    }
+}
+
+/// The echo responder as a child process (`ringvault bench-echo`), like the service beside it.
+async fn start_bench_echo(url: &str, subject: &str) -> Result<tokio::process::Child, Error> {
+    use tokio::io::AsyncBufReadExt as _;
+    let executable = std::env::current_exe()
+        .map_err(|error| Error::unavailable(format!("cannot find this executable: {error}")))?;
+    let mut child = tokio::process::Command::new(executable)
+        .args(["bench-echo", "--url", url, "--subject", subject])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|error| Error::unavailable(format!("cannot start the echo responder: {error}")))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::internal("the echo responder has no stdout"))?;
+    let mut line = String::new();
+    let ready = tokio::time::timeout(
+        CHILD_START_TIMEOUT,
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await;
+    match ready {
+        Ok(Ok(_)) if line.trim() == BENCH_ECHO_READY => Ok(child),
+        _ => Err(Error::unavailable(
+            "the echo responder did not start; its error is above",
+        )),
+    }
+}
+
+/// What `bench-echo` prints once its subscription is known to the server.
+const BENCH_ECHO_READY: &str = "ready";
+
+async fn bench_echo(args: BenchEchoArgs) -> u8 {
+    let result = async {
+        let nats = async_nats::connect(args.url.as_str())
+            .await
+            .map_err(|error| Error::unavailable(format!("cannot connect to nats: {error}")))?;
+        let responder = bench::start_echo_responder(&nats, &args.subject).await?;
+        println!("{BENCH_ECHO_READY}");
+        let _ = std::io::stdout().flush();
+        let _ = responder.await;
+        Ok::<(), Error>(())
+    }
+    .await;
+    match result {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("error: {error}");
+            exit_code(&error)
+        }
+    }
+}
+
 async fn run_bench(args: BenchArgs) -> u8 {
     match bench_main(args).await {
         Ok(()) => 0,
@@ -655,17 +777,18 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
             credential: BenchCredential::StaticToken,
         }]
     };
-    // Without --url: our own nats-server and an in-process service over a temporary store.
+    // Without --url: our own nats-server and a service over a temporary store.
     let mut local = None;
     let (url, token) = match args.url {
         Some(url) => (url, args.token),
         None => {
             let nats = BenchNats::start()?;
+            let url = nats.url.clone();
             let dir = std::env::temp_dir().join(format!("ringvault-bench-{}", std::process::id()));
             let token = format!("bench-{}", hex::encode(rand::random::<[u8; 16]>()));
             let jwt_key = BenchJwtKey::generate()?;
             let jwks_file = dir.join("jwks.json");
-            let env = [
+            let env = vec![
                 ("RINGVAULT_NATS_URL", nats.url.clone()),
                 (
                     "RINGVAULT_STORAGE_PATH",
@@ -701,31 +824,12 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
             std::fs::write(&jwks_file, jwt_key.jwks()).map_err(|error| {
                 Error::unavailable(format!("cannot write the bench jwks: {error}"))
             })?;
-            // The caller's RINGVAULT_* settings apply (e.g. to try a tuning), except for what
-            // the bench sets up itself.
-            let tuning: Vec<(String, String)> = std::env::vars()
-                .filter(|(name, _)| {
-                    name.starts_with("RINGVAULT_") && !env.iter().any(|(own, _)| own == name)
-                })
-                .collect();
-            let config = Config::from_sources(
-                None,
-                tuning.into_iter().chain(
-                    env.into_iter()
-                        .map(|(name, value)| (name.to_owned(), value)),
-                ),
-            )
-            .map_err(|error| Error::invalid_argument(error.to_string()))?;
-            let nats_client = async_nats::connect(nats.url.as_str())
-                .await
-                .map_err(|error| {
-                    Error::unavailable(format!("cannot connect to the bench nats: {error}"))
-                })?;
-            let service = server::Server::start(&config, nats_client)
-                .await
-                .map_err(|error| Error::unavailable(error.to_string()))?;
-            let url = nats.url.clone();
-            local = Some((nats, service, dir, jwt_key));
+            local = Some(LocalSetup {
+                nats,
+                env,
+                dir,
+                jwt_key,
+            });
             (url, Some(token))
         }
     };
@@ -739,21 +843,23 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
         },
     )
     .await?;
+    let service = match &local {
+        Some(setup) => Some(BenchService::start(&setup.env, &client).await?),
+        None => None,
+    };
     let echo_subject = format!(
         "ringvault.bench.echo.{}",
         hex::encode(rand::random::<[u8; 4]>())
     );
-    let echo_nats = async_nats::connect(url.as_str()).await.map_err(|error| {
-        Error::unavailable(format!("cannot connect the echo responder: {error}"))
-    })?;
-    let echo = bench::start_echo_responder(&echo_nats, &echo_subject).await?;
+    let echo = start_bench_echo(&url, &echo_subject).await?;
     // Warm up: the first Encrypt creates the keyring's key.
     client.encrypt(bench::DEFAULT_KEYRING, "warm-up").await?;
 
     let jwt_client = match &local {
-        Some((_, _, _, jwt_key)) => Some(client.with_token(Some(jwt_key.sign()?))),
+        Some(setup) => Some(client.with_token(Some(setup.jwt_key.sign()?))),
         None => None,
     };
+    let service_resident = || service.as_ref().and_then(BenchService::resident_bytes);
     let mut rows: Vec<(BenchResult, BenchResult)> = Vec::new();
     let mut credential_rows: Vec<(&str, BenchResult, BenchResult)> = Vec::new();
     let mut memory = None;
@@ -775,7 +881,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
                 continue;
             }
         };
-        let resident_before = (case.method == BenchMethod::ColdEncrypt).then(bench::resident_bytes);
+        let resident_before = (case.method == BenchMethod::ColdEncrypt).then(service_resident);
         let bar = indicatif::ProgressBar::new((case.requests * 2) as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}")
@@ -788,7 +894,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
         .await?;
         bar.finish_and_clear();
         if let Some(before) = resident_before {
-            let right_after = bench::resident_bytes();
+            let right_after = service_resident();
             // Keyring actors stop as their work ends; what stays is the cache itself.
             eprintln!("{label}: waiting {IDLE_SETTLE:?} for the last keyring actors to stop");
             tokio::time::sleep(IDLE_SETTLE).await;
@@ -796,7 +902,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
                 keyrings: case.requests,
                 before,
                 right_after,
-                settled: bench::resident_bytes(),
+                settled: service_resident(),
             });
         }
         eprintln!(
@@ -826,7 +932,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
         }
         rows.push((service, echo_result));
     }
-    echo.abort();
+    drop(echo);
     println!("{}", bench::table(&rows));
     for (method, jwt, static_token) in &credential_rows {
         println!(
@@ -853,7 +959,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
             })
         };
         println!(
-            "resident memory of the bench process (client, service, echo) with {keyrings} new keyrings cached: {} ({} right after the case, {} before it)",
+            "resident memory of the service process with {keyrings} new keyrings cached: {} ({} right after the case, {} before it)",
             mib(settled),
             mib(right_after),
             mib(before),
@@ -871,10 +977,10 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
     for (service, echo_result) in &rows {
         println!("{}", service.json_line(echo_result));
     }
-    if let Some((nats, service, dir, _)) = local.take() {
-        let _ = service.shutdown().await;
-        drop(nats);
-        let _ = std::fs::remove_dir_all(dir);
+    drop(service);
+    if let Some(setup) = local.take() {
+        drop(setup.nats);
+        let _ = std::fs::remove_dir_all(setup.dir);
     }
     Ok(())
 }

@@ -190,3 +190,63 @@ async fn a_silent_responder_times_out_as_unavailable() {
     assert_eq!(error.kind(), Kind::Unavailable, "{error}");
     assert!(error.message().contains("timed out"), "{error}");
 }
+
+/// Runs `ringvault bench` with `args` (its own nats-server, service and echo processes) and
+/// returns the JSON lines it printed.
+fn run_bench_command(args: &[&str]) -> Vec<serde_json::Value> {
+    let output = std::process::Command::new("timeout")
+        .arg("120")
+        .arg(env!("CARGO_BIN_EXE_ringvault"))
+        .arg("bench")
+        .args(args)
+        .env("RINGVAULT_LOG_LEVEL", "warn")
+        .output()
+        .expect("run ringvault bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "bench failed: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).expect("json line"))
+        .collect()
+}
+
+#[test]
+fn the_bench_command_measures_its_own_service_and_echo_processes() {
+    let lines = run_bench_command(&["--requests", "300", "--concurrency", "8", "--size", "64"]);
+    let [case] = lines.as_slice() else {
+        panic!("one case expected: {lines:?}");
+    };
+    assert_eq!(case["method"], "encrypt");
+    for side in ["service", "echo"] {
+        assert_eq!(case[side]["requests"], 300, "{case}");
+        assert_eq!(case[side]["errors"], 0, "{case}");
+        assert!(case[side]["req_per_sec"].as_f64().unwrap() > 0.0, "{case}");
+    }
+}
+
+#[test]
+fn the_cold_keyring_case_reports_the_service_processes_memory() {
+    let lines = run_bench_command(&["--method", "cold-encrypt", "--requests", "200"]);
+    let memory = lines
+        .iter()
+        .find(|line| line.get("cold_keyrings").is_some())
+        .unwrap_or_else(|| panic!("no memory line: {lines:?}"));
+    assert_eq!(memory["cold_keyrings"], 200);
+    // Read from the service's own process, which exists apart from the bench's.
+    let resident = memory["resident_bytes"]
+        .as_u64()
+        .expect("resident bytes on linux");
+    let before = memory["resident_bytes_before"].as_u64().unwrap();
+    assert!(resident > 1 << 20 && before > 1 << 20, "{memory}");
+    let case = lines
+        .iter()
+        .find(|line| line["method"] == "cold-encrypt")
+        .expect("cold case line");
+    assert_eq!(case["service"]["errors"], 0, "{case}");
+}

@@ -811,7 +811,10 @@ fn audit(
     facts: AuditFacts,
     failure: Option<&Failure>,
 ) -> AuditRecord {
-    let keyring: String = facts.keyring.chars().take(AUDIT_KEYRING_MAX).collect();
+    let mut keyring = facts.keyring;
+    if let Some((cut, _)) = keyring.char_indices().nth(AUDIT_KEYRING_MAX) {
+        keyring.truncate(cut);
+    }
     let mut record = AuditRecord::new(request_id, principal, audit_action(method), keyring)
         .with_item_count(facts.item_count);
     if let Some(key_id) = facts.key_id {
@@ -829,8 +832,8 @@ fn audit(
         subject = record.subject,
         workspace = record.workspace.as_deref(),
         acting_for = record.acting_for.as_deref(),
-        credential_source = record.credential_source,
-        action = record.action,
+        credential_source = &*record.credential_source,
+        action = &*record.action,
         keyring = record.keyring,
         key_id = record.key_id.as_deref(),
         item_count = record.item_count,

@@ -5,7 +5,8 @@
 //! Each message on the subject carries one or more records, one JSON object per line
 //! ([`AuditRecord::to_json_lines`]).
 
-use std::time::SystemTime;
+use std::borrow::Cow;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -24,10 +25,15 @@ pub enum Outcome {
 }
 
 /// One audited operation.
+///
+/// Built on every request, so it holds what is cheap to take there (the time as a number, the
+/// fixed names borrowed) and leaves formatting to serialization, which happens per batch off the
+/// reply path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
-    /// When it happened (RFC 3339, UTC, milliseconds).
-    pub time: String,
+    /// When it happened, to the millisecond (serialized as RFC 3339, UTC, milliseconds).
+    #[serde(with = "rfc3339_millis")]
+    pub time: SystemTime,
     /// The request id (the `Request-Id` header, or generated).
     pub request_id: String,
     /// Who asked.
@@ -39,10 +45,10 @@ pub struct AuditRecord {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub acting_for: Option<String>,
     /// The credential source (`static_token`, `signed_token`, `jwt`).
-    pub credential_source: String,
+    pub credential_source: Cow<'static, str>,
     /// The operation (`encrypt`, `decrypt`, `reencrypt`, `encrypt_bulk`, `decrypt_bulk`,
     /// `rotate`, …).
-    pub action: String,
+    pub action: Cow<'static, str>,
     /// The keyring.
     pub keyring: String,
     /// The key used or created, when known.
@@ -62,16 +68,19 @@ impl AuditRecord {
     pub fn new(
         request_id: impl Into<String>,
         principal: &Principal,
-        action: impl Into<String>,
+        action: impl Into<Cow<'static, str>>,
         keyring: impl Into<String>,
     ) -> Self {
+        let since_epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         Self {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            time: UNIX_EPOCH + Duration::from_millis(since_epoch.as_millis() as u64),
             request_id: request_id.into(),
             subject: principal.subject.clone(),
             workspace: principal.workspace.clone(),
             acting_for: None,
-            credential_source: principal.source.name().to_owned(),
+            credential_source: Cow::Borrowed(principal.source.name()),
             action: action.into(),
             keyring: keyring.into(),
             key_id: None,
@@ -126,6 +135,22 @@ impl AuditRecord {
     }
 }
 
+/// `SystemTime` as RFC 3339 text with milliseconds, written straight into the serializer.
+mod rfc3339_millis {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_rfc3339_millis(*time))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SystemTime, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,7 +174,11 @@ mod tests {
         assert_eq!(json["outcome"], "ok");
         assert_eq!(json["item_count"], 3);
         assert!(json.get("error_code").is_none());
-        assert!(json["time"].as_str().unwrap().ends_with('Z'));
+        let time = json["time"].as_str().unwrap();
+        assert!(
+            time.ends_with('Z') && time.len() == "2026-11-23T16:40:00.123Z".len(),
+            "{time}"
+        );
         let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
         for forbidden in ["token", "plaintext", "ciphertext", "encrypted", "data"] {
             assert!(

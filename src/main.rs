@@ -58,6 +58,10 @@ enum Command {
     /// The bench's echo responder, run by `bench` as a process of its own.
     #[command(hide = true)]
     BenchEcho(BenchEchoArgs),
+    /// The service as the bench runs it: `serve` that also stops when its standard input
+    /// closes, so that it never outlives the bench.
+    #[command(hide = true)]
+    BenchServe(ConfigArgs),
     /// Mint, inspect and revoke signed tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -184,7 +188,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1024)]
     size: usize,
     /// Use a running service on this NATS server; by default the bench starts a nats-server
-    /// and a ringvault in-process, on loopback, and stops them at the end.
+    /// and a ringvault as processes of their own, on loopback, and stops them at the end.
     #[arg(long)]
     url: Option<String>,
     /// Bearer token for --url.
@@ -211,7 +215,16 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(args, shutdown_signal()).await,
+            Command::BenchServe(args) => {
+                serve(args, async {
+                    tokio::select! {
+                        () = shutdown_signal() => {}
+                        () = stdin_closed() => {}
+                    }
+                })
+                .await
+            }
             Command::Keygen => keygen(),
             Command::RollDeks(args) => roll(args).await,
             Command::Liveness(args) => {
@@ -303,7 +316,20 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received: draining");
 }
 
-async fn serve(args: ConfigArgs) -> u8 {
+/// Resolves when standard input reaches its end: for the bench's children, whose standard input
+/// is a pipe from the bench, that is when the bench has exited, however it exited.
+async fn stdin_closed() {
+    use tokio::io::AsyncReadExt as _;
+    let mut stdin = tokio::io::stdin();
+    let mut buffer = [0u8; 64];
+    while let Ok(read) = stdin.read(&mut buffer).await {
+        if read == 0 {
+            break;
+        }
+    }
+}
+
+async fn serve(args: ConfigArgs, shutdown: impl std::future::Future<Output = ()>) -> u8 {
     let config = match load_config(args.config.as_deref()) {
         Ok(config) => config,
         Err(code) => return code,
@@ -312,7 +338,7 @@ async fn serve(args: ConfigArgs) -> u8 {
     let result = async {
         let nats = connect_nats(&config).await?;
         tracing::info!(url = config.nats.url, "connected to nats");
-        server::run(&config, nats, shutdown_signal()).await
+        server::run(&config, nats, shutdown).await
     }
     .await;
     match result {
@@ -657,11 +683,15 @@ impl BenchService {
         let executable = std::env::current_exe()
             .map_err(|error| Error::unavailable(format!("cannot find this executable: {error}")))?;
         // The caller's RINGVAULT_* settings reach the service (e.g. to try a tuning); the
-        // bench's own setup overrides them.
+        // bench's own setup overrides them. Not a config file, though (it could point the
+        // service at a real bucket), nor RUST_LOG (per-request logs would be measured too).
         let mut child = tokio::process::Command::new(executable)
-            .arg("serve")
+            .arg("bench-serve")
             .envs(env.iter().map(|(name, value)| (name, value)))
-            .stdin(std::process::Stdio::null())
+            .env_remove("RINGVAULT_CONFIG")
+            .env_remove("RUST_LOG")
+            // Held open by the bench: the service stops when it closes (see `stdin_closed`).
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -688,6 +718,11 @@ impl BenchService {
     fn resident_bytes(&self) -> Option<u64> {
         bench::resident_bytes(self.child.id()?)
     }
+
+    /// Kills the service and waits until it is gone.
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
 }
 
 /// The echo responder as a child process (`ringvault bench-echo`), like the service beside it.
@@ -697,7 +732,8 @@ async fn start_bench_echo(url: &str, subject: &str) -> Result<tokio::process::Ch
         .map_err(|error| Error::unavailable(format!("cannot find this executable: {error}")))?;
     let mut child = tokio::process::Command::new(executable)
         .args(["bench-echo", "--url", url, "--subject", subject])
-        .stdin(std::process::Stdio::null())
+        // Held open by the bench: the responder stops when it closes.
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -731,7 +767,10 @@ async fn bench_echo(args: BenchEchoArgs) -> u8 {
         let responder = bench::start_echo_responder(&nats, &args.subject).await?;
         println!("{BENCH_ECHO_READY}");
         let _ = std::io::stdout().flush();
-        let _ = responder.await;
+        tokio::select! {
+            _ = responder => {}
+            () = stdin_closed() => {}
+        }
         Ok::<(), Error>(())
     }
     .await;
@@ -745,7 +784,12 @@ async fn bench_echo(args: BenchEchoArgs) -> u8 {
 }
 
 async fn run_bench(args: BenchArgs) -> u8 {
-    match bench_main(args).await {
+    // On SIGINT/SIGTERM the bench's future is dropped, and with it the processes it started.
+    let outcome = tokio::select! {
+        outcome = bench_main(args) => outcome,
+        () = shutdown_signal() => Err(Error::unavailable("interrupted")),
+    };
+    match outcome {
         Ok(()) => 0,
         Err(error) => {
             eprintln!("error: {error}");
@@ -932,7 +976,8 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
         }
         rows.push((service, echo_result));
     }
-    drop(echo);
+    let mut echo = echo;
+    let _ = echo.kill().await;
     println!("{}", bench::table(&rows));
     for (method, jwt, static_token) in &credential_rows {
         println!(
@@ -977,7 +1022,9 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
     for (service, echo_result) in &rows {
         println!("{}", service.json_line(echo_result));
     }
-    drop(service);
+    if let Some(service) = service {
+        service.stop().await;
+    }
     if let Some(setup) = local.take() {
         drop(setup.nats);
         let _ = std::fs::remove_dir_all(setup.dir);

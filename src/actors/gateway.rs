@@ -813,7 +813,9 @@ fn audit(
 ) -> AuditRecord {
     let mut keyring = facts.keyring;
     if let Some((cut, _)) = keyring.char_indices().nth(AUDIT_KEYRING_MAX) {
+        // An oversized name must not stay allocated in the batch of records.
         keyring.truncate(cut);
+        keyring.shrink_to_fit();
     }
     let mut record = AuditRecord::new(request_id, principal, audit_action(method), keyring)
         .with_item_count(facts.item_count);

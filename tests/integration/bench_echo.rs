@@ -191,6 +191,17 @@ async fn a_silent_responder_times_out_as_unavailable() {
     assert!(error.message().contains("timed out"), "{error}");
 }
 
+/// `PATH` with the harness's nats-server first, for the bench, which starts `nats-server`.
+fn path_with_nats_server() -> std::ffi::OsString {
+    let nats_dir = common::nats_server_bin()
+        .parent()
+        .expect("nats-server has a directory")
+        .to_owned();
+    let rest = std::env::var_os("PATH").unwrap_or_default();
+    std::env::join_paths(std::iter::once(nats_dir).chain(std::env::split_paths(&rest)))
+        .expect("PATH")
+}
+
 /// Runs `ringvault bench` with `args` (its own nats-server, service and echo processes) and
 /// returns the JSON lines it printed.
 fn run_bench_command(args: &[&str]) -> Vec<serde_json::Value> {
@@ -200,6 +211,7 @@ fn run_bench_command(args: &[&str]) -> Vec<serde_json::Value> {
         .arg("bench")
         .args(args)
         .env("RINGVAULT_LOG_LEVEL", "warn")
+        .env("PATH", path_with_nats_server())
         .output()
         .expect("run ringvault bench");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -249,4 +261,78 @@ fn the_cold_keyring_case_reports_the_service_processes_memory() {
         .find(|line| line["method"] == "cold-encrypt")
         .expect("cold case line");
     assert_eq!(case["service"]["errors"], 0, "{case}");
+}
+
+/// The pids of `parent`'s children and their command names (from `/proc`).
+fn children_of(parent: u32) -> Vec<(u32, String)> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces, so split after the last ')'.
+        let Some((head, tail)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let ppid = tail
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            let name = head
+                .split_once(" (")
+                .map_or("", |(_, name)| name)
+                .to_owned();
+            children.push((pid, name));
+        }
+    }
+    children
+}
+
+#[test]
+fn the_benchs_service_and_echo_stop_when_the_bench_is_killed() {
+    let mut bench = std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
+        .args(["bench", "--requests", "100000000", "--concurrency", "1"])
+        .env("RINGVAULT_LOG_LEVEL", "warn")
+        .env("PATH", path_with_nats_server())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start ringvault bench");
+    let bench_pid = bench.id();
+    // Wait for its three children: nats-server, the service and the echo responder.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let children = loop {
+        let children = children_of(bench_pid);
+        if children.len() >= 3 {
+            break children;
+        }
+        assert!(Instant::now() < deadline, "children: {children:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    bench.kill().expect("SIGKILL the bench");
+    bench.wait().expect("reap the bench");
+
+    let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let (nats, ringvaults): (Vec<_>, Vec<_>) = children
+        .into_iter()
+        .partition(|(_, name)| name.starts_with("nats-server"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while ringvaults.iter().any(|(pid, _)| alive(*pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A SIGKILLed bench cannot stop its nats-server nor remove its store; this test does.
+    for (pid, _) in &nats {
+        let _ = std::process::Command::new("kill")
+            .arg(pid.to_string())
+            .status();
+    }
+    let _ =
+        std::fs::remove_dir_all(std::env::temp_dir().join(format!("ringvault-bench-{bench_pid}")));
+    assert_eq!(ringvaults.len(), 2, "service and echo: {ringvaults:?}");
+    let left: Vec<_> = ringvaults.iter().filter(|(pid, _)| alive(*pid)).collect();
+    assert!(left.is_empty(), "outlived the bench: {left:?}");
 }

@@ -317,7 +317,9 @@ async fn shutdown_signal() {
 }
 
 /// Resolves when standard input reaches its end: for the bench's children, whose standard input
-/// is a pipe from the bench, that is when the bench has exited, however it exited.
+/// is a pipe from the bench, that is when the bench has exited, however it exited. (tokio reads
+/// stdin on a blocking thread that cannot be cancelled, so a child stopped otherwise exits only
+/// once the bench closes the pipe — which the bench does when it stops them.)
 async fn stdin_closed() {
     use tokio::io::AsyncReadExt as _;
     let mut stdin = tokio::io::stdin();
@@ -672,8 +674,9 @@ impl Drop for BenchNats {
 /// How long the bench waits for the service or the echo responder it started to answer.
 const CHILD_START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The bench's own ringvault: `ringvault serve` as a child process, so that its resident memory
-/// is its own and it shares no runtime with the load generator. Killed on drop.
+/// The bench's own ringvault: `ringvault bench-serve` (`serve` that also stops when the bench
+/// goes) as a child process, so that its resident memory is its own and it shares no runtime
+/// with the load generator. Killed on drop.
 struct BenchService {
     child: tokio::process::Child,
 }

@@ -1,14 +1,19 @@
-//! StorageActor: the one writer of this process. Writes are serialized through its mailbox (a
-//! DEK object, then LATEST; never the reverse, never two writers of one key racing in-process);
-//! reads go straight to the store. [`ActorStorage`] is the [`ObjectStorage`] the rest of
-//! ringvault uses, routing `put` and `delete` through the actor.
+//! StorageActor: the one writer of this process. Every write goes through its mailbox, and writes
+//! of one object key run one at a time in mailbox order (never two writers of one key racing
+//! in-process); writes of different keys run side by side, up to [`MAX_CONCURRENT_WRITES`], so
+//! that 64 new keyrings do not wait on each other's round trips to the store. The DEK-before-
+//! LATEST order is each keyring's own: its KeyringActor awaits the DEK write before it sends
+//! LATEST. Reads go straight to the store. [`ActorStorage`] is the [`ObjectStorage`] the rest
+//! of ringvault uses, routing `put` and `delete` through the actor.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use dashmap::DashMap;
 use futures::stream::BoxStream;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::{Mutex, OwnedMutexGuard, Semaphore};
 
 use super::{ActorSlot, Hooks};
 use crate::storage::{ObjectStorage, PutCondition, StorageError, Stored};
@@ -35,10 +40,13 @@ pub enum StorageMsg {
     },
 }
 
+/// The most writes of different keys in flight at once; the mailbox waits beyond it.
+pub const MAX_CONCURRENT_WRITES: usize = 32;
+
 /// The storage writer.
 pub struct StorageActor;
 
-/// State and arguments of the [`StorageActor`].
+/// Arguments of the [`StorageActor`].
 pub struct StorageActorState {
     /// The backend written to.
     pub backend: Arc<dyn ObjectStorage>,
@@ -46,17 +54,63 @@ pub struct StorageActorState {
     pub hooks: Hooks,
 }
 
+/// What the [`StorageActor`] keeps while it runs.
+pub struct StorageWriter {
+    backend: Arc<dyn ObjectStorage>,
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+    hooks: Hooks,
+    /// Bounds the writes in flight.
+    slots: Arc<Semaphore>,
+    /// One lock per key with a write in flight or waiting; removed with its last holder.
+    keys: Arc<DashMap<String, Arc<Mutex<()>>>>,
+}
+
+impl StorageWriter {
+    /// Waits for a write slot and for the key's previous write, in mailbox order, then runs
+    /// the write beside the others and answers `reply` when it is done.
+    async fn start<F>(
+        &self,
+        key: String,
+        reply: RpcReplyPort<Result<(), StorageError>>,
+        write: impl FnOnce(Arc<dyn ObjectStorage>, String) -> F + Send + 'static,
+    ) where
+        F: std::future::Future<Output = Result<(), StorageError>> + Send + 'static,
+    {
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            return;
+        };
+        let key_lock = self.keys.entry(key.clone()).or_default().clone();
+        let turn: OwnedMutexGuard<()> = key_lock.lock_owned().await;
+        let backend = self.backend.clone();
+        let keys = self.keys.clone();
+        tokio::spawn(async move {
+            let outcome = write(backend, key.clone()).await;
+            drop(turn);
+            // Under the map's shard lock, so no one can take this key's lock meanwhile.
+            keys.remove_if(&key, |_, lock| Arc::strong_count(lock) == 1);
+            drop(slot);
+            // The caller may have timed out and gone; nothing to do then.
+            let _ = reply.send(outcome);
+        });
+    }
+}
+
 impl Actor for StorageActor {
     type Msg = StorageMsg;
-    type State = StorageActorState;
+    type State = StorageWriter;
     type Arguments = StorageActorState;
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        state: StorageActorState,
+        arguments: StorageActorState,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(state)
+        Ok(StorageWriter {
+            backend: arguments.backend,
+            hooks: arguments.hooks,
+            slots: Arc::new(Semaphore::new(MAX_CONCURRENT_WRITES)),
+            keys: Arc::new(DashMap::new()),
+        })
     }
 
     async fn handle(
@@ -76,14 +130,18 @@ impl Actor for StorageActor {
                 if state.hooks.faults.take_storage_failure() {
                     return Err(format!("injected storage actor fault while writing {key}").into());
                 }
-                let outcome = state.backend.put(&key, bytes, condition).await;
-                // The caller may have timed out and gone; nothing to do then.
-                let _ = reply.send(outcome);
+                state
+                    .start(key, reply, move |backend, key| async move {
+                        backend.put(&key, bytes, condition).await
+                    })
+                    .await;
             }
             StorageMsg::Delete { key, reply } => {
-                let outcome = state.backend.delete(&key).await;
-                // The caller may have timed out and gone; nothing to do then.
-                let _ = reply.send(outcome);
+                state
+                    .start(key, reply, |backend, key| async move {
+                        backend.delete(&key).await
+                    })
+                    .await;
             }
         }
         Ok(())
@@ -175,5 +233,172 @@ impl ObjectStorage for ActorStorage {
 
     fn describe(&self) -> String {
         self.backend.describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex as StdMutex;
+
+    use super::*;
+    use crate::storage::ObjectStoreBackend;
+
+    /// A store whose writes wait until the test lets them go, counting how many are in flight
+    /// and recording the order in which writes of each key finish.
+    struct GatedStorage {
+        inner: ObjectStoreBackend,
+        gate: Arc<Semaphore>,
+        in_flight: AtomicUsize,
+        most_in_flight: AtomicUsize,
+        finished: StdMutex<Vec<(String, Bytes)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStorage for GatedStorage {
+        async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError> {
+            self.inner.get(key).await
+        }
+
+        async fn put(
+            &self,
+            key: &str,
+            bytes: Bytes,
+            condition: PutCondition,
+        ) -> Result<(), StorageError> {
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            self.gate.acquire().await.expect("gate open").forget();
+            let outcome = self.inner.put(key, bytes.clone(), condition).await;
+            self.finished.lock().unwrap().push((key.to_owned(), bytes));
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            outcome
+        }
+
+        fn list(&self, prefix: &str) -> BoxStream<'static, Result<String, StorageError>> {
+            self.inner.list(prefix)
+        }
+
+        async fn delete(&self, key: &str) -> Result<(), StorageError> {
+            self.inner.delete(key).await
+        }
+
+        fn supports_conditional_writes(&self) -> bool {
+            self.inner.supports_conditional_writes()
+        }
+
+        fn describe(&self) -> String {
+            "gated".to_owned()
+        }
+    }
+
+    async fn writer(gated: Arc<GatedStorage>) -> (ActorStorage, ActorRef<StorageMsg>) {
+        let (actor, _) = Actor::spawn(
+            None,
+            StorageActor,
+            StorageActorState {
+                backend: gated,
+                hooks: Hooks::default(),
+            },
+        )
+        .await
+        .unwrap();
+        let slot = ActorSlot::new("storage");
+        slot.set(actor.clone());
+        let storage = ActorStorage::new(
+            Arc::new(ObjectStoreBackend::in_memory()),
+            slot,
+            Duration::from_secs(10),
+        );
+        (storage, actor)
+    }
+
+    fn gated() -> Arc<GatedStorage> {
+        Arc::new(GatedStorage {
+            inner: ObjectStoreBackend::in_memory(),
+            gate: Arc::new(Semaphore::new(0)),
+            in_flight: AtomicUsize::new(0),
+            most_in_flight: AtomicUsize::new(0),
+            finished: StdMutex::new(Vec::new()),
+        })
+    }
+
+    async fn wait_for(what: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if what() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not reached within 5 s");
+    }
+
+    #[tokio::test]
+    async fn writes_of_different_keys_run_side_by_side() {
+        let store = gated();
+        let (storage, actor) = writer(store.clone()).await;
+        let storage = Arc::new(storage);
+        let writes: Vec<_> = (0..8)
+            .map(|index| {
+                let storage = storage.clone();
+                tokio::spawn(async move {
+                    storage
+                        .put(
+                            &format!("keyring/k{index}/LATEST"),
+                            Bytes::from("x"),
+                            PutCondition::Overwrite,
+                        )
+                        .await
+                })
+            })
+            .collect();
+        // All eight reach the store before any of them is let through.
+        wait_for(|| store.in_flight.load(Ordering::SeqCst) == 8).await;
+        store.gate.add_permits(8);
+        for write in writes {
+            write.await.unwrap().unwrap();
+        }
+        assert_eq!(store.most_in_flight.load(Ordering::SeqCst), 8);
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn writes_of_one_key_run_one_at_a_time_in_order() {
+        let store = gated();
+        let (storage, actor) = writer(store.clone()).await;
+        let storage = Arc::new(storage);
+        let mut writes = Vec::new();
+        for version in 0..5 {
+            let storage = storage.clone();
+            writes.push(tokio::spawn(async move {
+                storage
+                    .put(
+                        "keyring/k/LATEST",
+                        Bytes::from(format!("v{version}")),
+                        PutCondition::Overwrite,
+                    )
+                    .await
+            }));
+            // Each write is in the mailbox before the next is sent.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        wait_for(|| store.in_flight.load(Ordering::SeqCst) == 1).await;
+        store.gate.add_permits(5);
+        for write in writes {
+            write.await.unwrap().unwrap();
+        }
+        assert_eq!(store.most_in_flight.load(Ordering::SeqCst), 1);
+        let order: Vec<Bytes> = store
+            .finished
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| b.clone())
+            .collect();
+        let expected: Vec<Bytes> = (0..5).map(|v| Bytes::from(format!("v{v}"))).collect();
+        assert_eq!(order, expected);
+        let stored = store.get("keyring/k/LATEST").await.unwrap().unwrap();
+        assert_eq!(stored.bytes, Bytes::from("v4"));
+        actor.stop(None);
     }
 }

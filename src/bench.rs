@@ -650,7 +650,7 @@ fn format_size(bytes: usize) -> String {
     if bytes < 1024 {
         return format!("{bytes} B");
     }
-    if bytes % 1024 == 0 {
+    if bytes.is_multiple_of(1024) {
         return format!("{} KiB", bytes / 1024);
     }
     format!("{:.1} KiB", bytes as f64 / 1024.0)
@@ -895,7 +895,7 @@ mod tests {
             let counter = counter.clone();
             async move {
                 let call = counter.fetch_add(1, Ordering::Relaxed);
-                if call % 10 == 0 {
+                if call.is_multiple_of(10) {
                     return Err(Error::unavailable("every tenth fails"));
                 }
                 Ok(())

@@ -52,7 +52,13 @@ pub struct ObjectStoreBackend {
     store: Arc<dyn ObjectStore>,
     description: String,
     conditional_writes: bool,
+    /// For a local directory: the lock file that makes replace-if-unchanged atomic between
+    /// every ringvault writing to it (`object_store`'s local store cannot compare versions).
+    update_lock: Option<std::path::PathBuf>,
 }
+
+/// The lock file of a local store, beside the `keyring/` tree (never listed with it).
+const LOCAL_UPDATE_LOCK: &str = ".ringvault-update.lock";
 
 impl ObjectStoreBackend {
     /// An empty in-memory store (conditional writes enforced).
@@ -61,12 +67,13 @@ impl ObjectStoreBackend {
             store: Arc::new(InMemory::new()),
             description: "memory".to_owned(),
             conditional_writes: true,
+            update_lock: None,
         }
     }
 
-    /// A local directory, created when missing. Create-if-absent is enforced; a conditional
-    /// update is not (the local store cannot compare versions), so [`super::Storage`] falls
-    /// back to last-writer-wins for those.
+    /// A local directory, created when missing. Create-if-absent is enforced by the file
+    /// system; replace-if-unchanged by comparing versions under an exclusive lock on
+    /// `<root>/.ringvault-update.lock`, which every process writing there takes.
     pub fn local(root: &std::path::Path) -> Result<Self, StorageError> {
         std::fs::create_dir_all(root).map_err(|error| StorageError::Unavailable {
             operation: "open",
@@ -83,6 +90,7 @@ impl ObjectStoreBackend {
             store: Arc::new(store),
             description: format!("local:{}", root.display()),
             conditional_writes: true,
+            update_lock: Some(root.join(LOCAL_UPDATE_LOCK)),
         })
     }
 
@@ -124,7 +132,63 @@ impl ObjectStoreBackend {
             store: Arc::new(store),
             description: format!("s3:{}", settings.bucket),
             conditional_writes: settings.conditional_writes,
+            update_lock: None,
         })
+    }
+}
+
+impl ObjectStoreBackend {
+    /// Replace-if-unchanged on a local directory: under the store's lock, the object's current
+    /// version is compared with `expected` before the (atomic) overwrite.
+    async fn put_if_unchanged_locally(
+        &self,
+        lock_path: &std::path::Path,
+        key: &str,
+        bytes: Bytes,
+        expected: Version,
+    ) -> Result<(), StorageError> {
+        let locked = |error: std::io::Error| StorageError::Unavailable {
+            operation: "lock",
+            key: lock_path.display().to_string(),
+            detail: error.to_string(),
+        };
+        let lock_path_owned = lock_path.to_owned();
+        // Held until this function returns; closing the file releases the lock.
+        let _lock = tokio::task::spawn_blocking(move || {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path_owned)?;
+            file.lock()?;
+            Ok(file)
+        })
+        .await
+        .map_err(|error| locked(std::io::Error::other(error)))?
+        .map_err(locked)?;
+        let path = Path::from(key);
+        let current = match self.store.head(&path).await {
+            Ok(meta) => Version {
+                e_tag: meta.e_tag,
+                version: meta.version,
+            },
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StorageError::Changed {
+                    key: key.to_owned(),
+                })
+            }
+            Err(error) => return Err(unavailable("put", key, error)),
+        };
+        if current != expected {
+            return Err(StorageError::Changed {
+                key: key.to_owned(),
+            });
+        }
+        self.store
+            .put_opts(&path, bytes.into(), PutOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|error| unavailable("put", key, error))
     }
 }
 
@@ -162,6 +226,13 @@ impl ObjectStorage for ObjectStoreBackend {
         bytes: Bytes,
         condition: PutCondition,
     ) -> Result<(), StorageError> {
+        if let (PutCondition::IfUnchanged(expected), Some(lock_path)) =
+            (&condition, &self.update_lock)
+        {
+            return self
+                .put_if_unchanged_locally(lock_path, key, bytes, expected.clone())
+                .await;
+        }
         let mode = match condition {
             PutCondition::Overwrite => PutMode::Overwrite,
             PutCondition::IfAbsent => PutMode::Create,
@@ -287,6 +358,62 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(error, StorageError::Changed { .. }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn local_backend_replaces_only_an_unchanged_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = ObjectStoreBackend::local(dir.path()).unwrap();
+        exercise(&backend).await;
+        let stored = backend.get("keyring/a/LATEST").await.unwrap().unwrap();
+        backend
+            .put(
+                "keyring/a/LATEST",
+                Bytes::from_static(b"three"),
+                PutCondition::IfUnchanged(stored.version.clone()),
+            )
+            .await
+            .unwrap();
+        let error = backend
+            .put(
+                "keyring/a/LATEST",
+                Bytes::from_static(b"four"),
+                PutCondition::IfUnchanged(stored.version.clone()),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(error, StorageError::Changed { .. }), "{error}");
+        let error = backend
+            .put(
+                "keyring/gone/LATEST",
+                Bytes::from_static(b"five"),
+                PutCondition::IfUnchanged(stored.version),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(error, StorageError::Changed { .. }), "{error}");
+        let now = backend.get("keyring/a/LATEST").await.unwrap().unwrap();
+        assert_eq!(&now.bytes[..], b"three");
+        // Two stores on one directory (two replicas on one machine), racing one version: one wins.
+        let other = ObjectStoreBackend::local(dir.path()).unwrap();
+        let (first, second) = tokio::join!(
+            backend.put(
+                "keyring/a/LATEST",
+                Bytes::from_static(b"six"),
+                PutCondition::IfUnchanged(now.version.clone()),
+            ),
+            other.put(
+                "keyring/a/LATEST",
+                Bytes::from_static(b"seven"),
+                PutCondition::IfUnchanged(now.version.clone()),
+            ),
+        );
+        assert!(first.is_ok() != second.is_ok(), "{first:?} {second:?}");
+        let keys: Vec<String> = backend.list("keyring/").try_collect().await.unwrap();
+        assert!(
+            keys.iter().all(|key| !key.contains(LOCAL_UPDATE_LOCK)),
+            "{keys:?}"
+        );
     }
 
     #[tokio::test]

@@ -311,8 +311,9 @@ impl Storage {
             })
             .await;
         match result {
-            // The local store enforces create-if-absent but cannot compare versions: an update
-            // falls back to last-writer-wins, which loses no key (see above).
+            // A store that enforces create-if-absent but cannot compare versions: the update
+            // falls back to last-writer-wins, which loses no key (see above). (The local
+            // directory compares versions itself, under a lock; see `ObjectStoreBackend`.)
             Err(StorageError::ConditionalUnsupported { .. })
                 if matches!(condition, PutCondition::IfUnchanged(_)) =>
             {

@@ -336,10 +336,9 @@ mod tests {
         assert_eq!(keys, ["keyring/a.b/c:d/dek_1", "keyring/a/LATEST"]);
     }
 
-    #[tokio::test]
-    async fn memory_backend() {
-        let backend = ObjectStoreBackend::in_memory();
-        exercise(&backend).await;
+    /// After [`exercise`]: `LATEST` is replaced with its current version, not with an old one,
+    /// and an absent object is never "unchanged".
+    async fn replace_if_unchanged(backend: &ObjectStoreBackend) {
         let stored = backend.get("keyring/a/LATEST").await.unwrap().unwrap();
         backend
             .put(
@@ -349,15 +348,29 @@ mod tests {
             )
             .await
             .unwrap();
-        let error = backend
-            .put(
-                "keyring/a/LATEST",
-                Bytes::from_static(b"four"),
-                PutCondition::IfUnchanged(stored.version),
-            )
-            .await
-            .unwrap_err();
-        assert!(matches!(error, StorageError::Changed { .. }), "{error}");
+        for key in ["keyring/a/LATEST", "keyring/gone/LATEST"] {
+            let error = backend
+                .put(
+                    key,
+                    Bytes::from_static(b"four"),
+                    PutCondition::IfUnchanged(stored.version.clone()),
+                )
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(error, StorageError::Changed { .. }),
+                "{key}: {error}"
+            );
+        }
+        let now = backend.get("keyring/a/LATEST").await.unwrap().unwrap();
+        assert_eq!(&now.bytes[..], b"three");
+    }
+
+    #[tokio::test]
+    async fn memory_backend() {
+        let backend = ObjectStoreBackend::in_memory();
+        exercise(&backend).await;
+        replace_if_unchanged(&backend).await;
     }
 
     #[tokio::test]
@@ -365,35 +378,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let backend = ObjectStoreBackend::local(dir.path()).unwrap();
         exercise(&backend).await;
-        let stored = backend.get("keyring/a/LATEST").await.unwrap().unwrap();
-        backend
-            .put(
-                "keyring/a/LATEST",
-                Bytes::from_static(b"three"),
-                PutCondition::IfUnchanged(stored.version.clone()),
-            )
-            .await
-            .unwrap();
-        let error = backend
-            .put(
-                "keyring/a/LATEST",
-                Bytes::from_static(b"four"),
-                PutCondition::IfUnchanged(stored.version.clone()),
-            )
-            .await
-            .unwrap_err();
-        assert!(matches!(error, StorageError::Changed { .. }), "{error}");
-        let error = backend
-            .put(
-                "keyring/gone/LATEST",
-                Bytes::from_static(b"five"),
-                PutCondition::IfUnchanged(stored.version),
-            )
-            .await
-            .unwrap_err();
-        assert!(matches!(error, StorageError::Changed { .. }), "{error}");
+        replace_if_unchanged(&backend).await;
         let now = backend.get("keyring/a/LATEST").await.unwrap().unwrap();
-        assert_eq!(&now.bytes[..], b"three");
         // Two stores on one directory (two replicas on one machine), racing one version: one wins.
         let other = ObjectStoreBackend::local(dir.path()).unwrap();
         let (first, second) = tokio::join!(

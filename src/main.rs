@@ -674,6 +674,19 @@ impl Drop for BenchNats {
 /// How long the bench waits for the service or the echo responder it started to answer.
 const CHILD_START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// `ringvault <args>` as a child of the bench: its standard input is a pipe the bench holds
+/// open, so the child can stop when the bench goes (see `stdin_closed`); killed on drop.
+fn bench_child(args: &[&str]) -> Result<tokio::process::Command, Error> {
+    let executable = std::env::current_exe()
+        .map_err(|error| Error::unavailable(format!("cannot find this executable: {error}")))?;
+    let mut command = tokio::process::Command::new(executable);
+    command
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    Ok(command)
+}
+
 /// The bench's own ringvault: `ringvault bench-serve` (`serve` that also stops when the bench
 /// goes) as a child process, so that its resident memory is its own and it shares no runtime
 /// with the load generator. Killed on drop.
@@ -683,20 +696,14 @@ struct BenchService {
 
 impl BenchService {
     async fn start(env: &[(&str, String)], client: &Client) -> Result<Self, Error> {
-        let executable = std::env::current_exe()
-            .map_err(|error| Error::unavailable(format!("cannot find this executable: {error}")))?;
         // The caller's RINGVAULT_* settings reach the service (e.g. to try a tuning); the
         // bench's own setup overrides them. Not a config file, though (it could point the
         // service at a real bucket), nor RUST_LOG (per-request logs would be measured too).
-        let mut child = tokio::process::Command::new(executable)
-            .arg("bench-serve")
+        let mut child = bench_child(&["bench-serve"])?
             .envs(env.iter().map(|(name, value)| (name, value)))
             .env_remove("RINGVAULT_CONFIG")
             .env_remove("RUST_LOG")
-            // Held open by the bench: the service stops when it closes (see `stdin_closed`).
-            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
             .spawn()
             .map_err(|error| Error::unavailable(format!("cannot start the service: {error}")))?;
         let deadline = tokio::time::Instant::now() + CHILD_START_TIMEOUT;
@@ -731,14 +738,8 @@ impl BenchService {
 /// The echo responder as a child process (`ringvault bench-echo`), like the service beside it.
 async fn start_bench_echo(url: &str, subject: &str) -> Result<tokio::process::Child, Error> {
     use tokio::io::AsyncBufReadExt as _;
-    let executable = std::env::current_exe()
-        .map_err(|error| Error::unavailable(format!("cannot find this executable: {error}")))?;
-    let mut child = tokio::process::Command::new(executable)
-        .args(["bench-echo", "--url", url, "--subject", subject])
-        // Held open by the bench: the responder stops when it closes.
-        .stdin(std::process::Stdio::piped())
+    let mut child = bench_child(&["bench-echo", "--url", url, "--subject", subject])?
         .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .map_err(|error| Error::unavailable(format!("cannot start the echo responder: {error}")))?;
     let stdout = child

@@ -245,13 +245,13 @@ mod tests {
     use crate::storage::ObjectStoreBackend;
 
     /// A store whose writes wait until the test lets them go, counting how many are in flight
-    /// and recording the order in which writes of each key finish.
+    /// and recording the bytes of each write in the order the writes finish.
     struct GatedStorage {
         inner: ObjectStoreBackend,
         gate: Arc<Semaphore>,
         in_flight: AtomicUsize,
         most_in_flight: AtomicUsize,
-        finished: StdMutex<Vec<(String, Bytes)>>,
+        finished: StdMutex<Vec<Bytes>>,
     }
 
     #[async_trait::async_trait]
@@ -270,7 +270,7 @@ mod tests {
             self.most_in_flight.fetch_max(now, Ordering::SeqCst);
             self.gate.acquire().await.expect("gate open").forget();
             let outcome = self.inner.put(key, bytes.clone(), condition).await;
-            self.finished.lock().unwrap().push((key.to_owned(), bytes));
+            self.finished.lock().unwrap().push(bytes);
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             outcome
         }
@@ -388,15 +388,8 @@ mod tests {
             write.await.unwrap().unwrap();
         }
         assert_eq!(store.most_in_flight.load(Ordering::SeqCst), 1);
-        let order: Vec<Bytes> = store
-            .finished
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, b)| b.clone())
-            .collect();
         let expected: Vec<Bytes> = (0..5).map(|v| Bytes::from(format!("v{v}"))).collect();
-        assert_eq!(order, expected);
+        assert_eq!(*store.finished.lock().unwrap(), expected);
         let stored = store.get("keyring/k/LATEST").await.unwrap().unwrap();
         assert_eq!(stored.bytes, Bytes::from("v4"));
         actor.stop(None);

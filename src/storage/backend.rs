@@ -135,9 +135,7 @@ impl ObjectStoreBackend {
             update_lock: None,
         })
     }
-}
 
-impl ObjectStoreBackend {
     /// Replace-if-unchanged on a local directory: under the store's lock, the object's current
     /// version is compared with `expected` before the (atomic) overwrite.
     async fn put_if_unchanged_locally(
@@ -168,18 +166,15 @@ impl ObjectStoreBackend {
         .map_err(locked)?;
         let path = Path::from(key);
         let current = match self.store.head(&path).await {
-            Ok(meta) => Version {
+            Ok(meta) => Some(Version {
                 e_tag: meta.e_tag,
                 version: meta.version,
-            },
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(StorageError::Changed {
-                    key: key.to_owned(),
-                })
-            }
+            }),
+            // Gone is changed too.
+            Err(object_store::Error::NotFound { .. }) => None,
             Err(error) => return Err(unavailable("put", key, error)),
         };
-        if current != expected {
+        if current.as_ref() != Some(&expected) {
             return Err(StorageError::Changed {
                 key: key.to_owned(),
             });

@@ -8,10 +8,10 @@ use crate::auth::{Action, Principal};
 use crate::crypto::validate_envelope;
 use crate::error::{Error, Kind, Result};
 use crate::protocol::{
-    decode_envelope, encode_envelope, DecryptBulkRequest, DecryptBulkResponse, DecryptRequest,
+    decode_envelope, envelope_text, DecryptBulkRequest, DecryptBulkResponse, DecryptRequest,
     DecryptResponse, DescribeKeyringRequest, DescribeKeyringResponse, EncryptBulkRequest,
-    EncryptBulkResponse, EncryptBulkResponseItem, EncryptRequest, EncryptResponse, KeyInfo,
-    ReEncryptRequest, ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse,
+    EncryptBulkResponse, EncryptBulkResponseItem, EncryptRequest, KeyInfo, ReEncryptRequest,
+    ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse,
 };
 use crate::storage::validate_keyring;
 
@@ -21,6 +21,16 @@ pub struct Decrypted {
     /// The reply.
     pub response: DecryptResponse,
     /// The envelope's key id.
+    pub key_id: String,
+}
+
+/// An Encrypt's result before encoding: the envelope as protobuf bytes, so the reply can write
+/// its base64 straight into the body ([`crate::protocol::encode_encrypt_response`]).
+#[derive(Debug)]
+pub struct Sealed {
+    /// The protobuf bytes of the [`crate::protocol::Encrypted`].
+    pub envelope: Vec<u8>,
+    /// The DEK that sealed it.
     pub key_id: String,
 }
 
@@ -51,15 +61,14 @@ impl Vault {
     }
 
     /// Encrypt: seal `data` with the keyring's current DEK.
-    pub async fn encrypt(
-        &self,
-        principal: &Principal,
-        request: EncryptRequest,
-    ) -> Result<EncryptResponse> {
+    pub async fn encrypt(&self, principal: &Principal, request: EncryptRequest) -> Result<Sealed> {
         authorize(principal, Action::Encrypt, &request.keyring)?;
         self.check_size(request.data.len())?;
-        let (encrypted, key_id) = self.seal(&request.keyring, &request.data).await?;
-        Ok(EncryptResponse { encrypted, key_id })
+        let dek = self.registry.latest(&request.keyring).await?;
+        Ok(Sealed {
+            envelope: dek.seal_envelope(request.data.as_bytes()),
+            key_id: dek.id().to_owned(),
+        })
     }
 
     /// Decrypt: open an envelope of the keyring.
@@ -85,7 +94,7 @@ impl Vault {
         authorize(principal, Action::ReEncrypt, &request.keyring)?;
         let (plaintext, _) = self.open(&request.keyring, &request.encrypted).await?;
         let dek = self.registry.latest_from_storage(&request.keyring).await?;
-        let encrypted = encode_envelope(&dek.seal(plaintext.as_bytes()));
+        let encrypted = envelope_text(&dek.seal_envelope(plaintext.as_bytes()));
         Ok(ReEncryptResponse {
             encrypted,
             key_id: dek.id().to_owned(),
@@ -105,7 +114,7 @@ impl Vault {
         let dek = self.registry.latest(&request.keyring).await?;
         let mut items = HashMap::with_capacity(request.items.len());
         for (id, data) in request.items {
-            let encrypted = encode_envelope(&dek.seal(data.as_bytes()));
+            let encrypted = envelope_text(&dek.seal_envelope(data.as_bytes()));
             items.insert(
                 id,
                 EncryptBulkResponseItem {
@@ -187,12 +196,6 @@ impl Vault {
             ));
         }
         Ok(())
-    }
-
-    async fn seal(&self, keyring: &str, data: &str) -> Result<(String, String)> {
-        let dek = self.registry.latest(keyring).await?;
-        let encrypted = encode_envelope(&dek.seal(data.as_bytes()));
-        Ok((encrypted, dek.id().to_owned()))
     }
 
     /// The plaintext of an envelope of `keyring`, and the id of the key that opened it.

@@ -18,7 +18,6 @@ use bytes::Bytes;
 use futures::{FutureExt as _, StreamExt as _};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -27,13 +26,13 @@ use super::AuthHandle;
 use crate::auth::{AuditRecord, Principal, RateLimiter};
 use crate::error::{Error, Kind, Result};
 use crate::protocol::{
-    decode, encode, DecryptBulkRequest, DecryptBulkResponse, DecryptRequest, DecryptResponse,
-    DescribeKeyringRequest, DescribeKeyringResponse, EncryptBulkRequest, EncryptBulkResponse,
-    EncryptRequest, EncryptResponse, ErrorBody, Format, LivenessResponse, Method, ReEncryptRequest,
-    ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse, AUTHORIZATION, CONTENT_TYPE,
-    JSON_CONTENT_TYPE, REQUEST_ID, SERVICE_ERROR, SERVICE_ERROR_CODE,
+    decode, encode, encode_encrypt_response, DecryptBulkRequest, DecryptBulkResponse,
+    DecryptRequest, DescribeKeyringRequest, DescribeKeyringResponse, EncryptBulkRequest,
+    EncryptBulkResponse, EncryptRequest, ErrorBody, Format, LivenessResponse, Method,
+    ReEncryptRequest, ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse,
+    AUTHORIZATION, CONTENT_TYPE, JSON_CONTENT_TYPE, REQUEST_ID, SERVICE_ERROR, SERVICE_ERROR_CODE,
 };
-use crate::rpc::{Decrypted, Vault};
+use crate::rpc::{Decrypted, Sealed, Vault};
 use crate::storage::validate_keyring;
 
 /// How long a drain waits for the subscriptions to hand over what they had buffered.
@@ -854,12 +853,11 @@ trait AuditedRequest {
     }
 }
 
-/// What an operation returns: the message to encode, and the key it used or created when it
-/// names one (an envelope's key id for Decrypt; not a secret).
+/// What an operation returns: the key it used or created when it names one (an envelope's key
+/// id for Decrypt; not a secret), and the reply body.
 trait AuditedResponse {
-    type Message: prost::Message + Serialize;
-    fn message(&self) -> &Self::Message;
     fn key_id(&self) -> Option<&str>;
+    fn into_body(self, format: Format) -> Bytes;
 }
 
 fn count(len: usize) -> u64 {
@@ -918,20 +916,18 @@ impl AuditedRequest for DescribeKeyringRequest {
 macro_rules! response_is_message {
     ($($response:ty => |$this:ident| $key_id:expr;)*) => {$(
         impl AuditedResponse for $response {
-            type Message = Self;
-            fn message(&self) -> &Self {
-                self
-            }
             fn key_id(&self) -> Option<&str> {
                 let $this = self;
                 $key_id
+            }
+            fn into_body(self, format: Format) -> Bytes {
+                encode(format, &self)
             }
         }
     )*};
 }
 
 response_is_message! {
-    EncryptResponse => |this| Some(&this.key_id);
     ReEncryptResponse => |this| Some(&this.key_id);
     // Every item is sealed with the same key.
     EncryptBulkResponse => |this| this.items.values().next().map(|item| item.key_id.as_str());
@@ -940,13 +936,21 @@ response_is_message! {
     DescribeKeyringResponse => |this| Some(&this.latest_key_id);
 }
 
-impl AuditedResponse for Decrypted {
-    type Message = DecryptResponse;
-    fn message(&self) -> &DecryptResponse {
-        &self.response
-    }
+impl AuditedResponse for Sealed {
     fn key_id(&self) -> Option<&str> {
         Some(&self.key_id)
+    }
+    fn into_body(self, format: Format) -> Bytes {
+        encode_encrypt_response(format, &self.envelope, &self.key_id)
+    }
+}
+
+impl AuditedResponse for Decrypted {
+    fn key_id(&self) -> Option<&str> {
+        Some(&self.key_id)
+    }
+    fn into_body(self, format: Format) -> Bytes {
+        encode(format, &self.response)
     }
 }
 
@@ -970,5 +974,5 @@ where
     if let Some(key_id) = response.key_id().filter(|id| !id.is_empty()) {
         facts.key_id = Some(key_id.to_owned());
     }
-    Ok(encode(format, response.message()))
+    Ok(response.into_body(format))
 }

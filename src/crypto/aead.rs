@@ -71,6 +71,68 @@ pub fn seal_with_nonce(
     }
 }
 
+/// Seals `plaintext` straight into the protobuf bytes of its [`Encrypted`] envelope: the
+/// plaintext is copied once, into the ciphertext field, and encrypted there. The bytes are the
+/// ones prost writes for the same message (field order, defaults omitted), so stored and wire
+/// forms do not depend on which way a payload was sealed.
+pub fn seal_envelope(cipher: &Cipher, key_id: &str, plaintext: &[u8], time_ms: i64) -> Vec<u8> {
+    seal_envelope_with_nonce(cipher, key_id, plaintext, random_nonce(), time_ms)
+}
+
+/// [`seal_envelope`] under the given nonce, for the same reason as [`seal_with_nonce`].
+pub fn seal_envelope_with_nonce(
+    cipher: &Cipher,
+    key_id: &str,
+    plaintext: &[u8],
+    nonce: [u8; NONCE_LEN],
+    time_ms: i64,
+) -> Vec<u8> {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+
+    let ciphertext_len = plaintext.len() + TAG_LEN;
+    // Field keys of tags 2-5 are one byte each.
+    let capacity = 1
+        + 1
+        + NONCE_LEN
+        + 1
+        + encoded_len_varint(ciphertext_len as u64)
+        + ciphertext_len
+        + 1
+        + encoded_len_varint(key_id.len() as u64)
+        + key_id.len()
+        + 1
+        + encoded_len_varint(time_ms as u64);
+    let mut out = Vec::with_capacity(capacity);
+    // Field 1, the algorithm, is AES-256-GCM = 0: absent, as proto3 leaves defaults out.
+    encode_key(2, WireType::LengthDelimited, &mut out);
+    encode_varint(NONCE_LEN as u64, &mut out);
+    out.extend_from_slice(&nonce);
+    encode_key(3, WireType::LengthDelimited, &mut out);
+    encode_varint(ciphertext_len as u64, &mut out);
+    let plaintext_start = out.len();
+    out.extend_from_slice(plaintext);
+    let tag = cipher
+        .0
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::empty(),
+            &mut out[plaintext_start..],
+        )
+        .expect("aes-256-gcm sealing of a bounded payload cannot fail");
+    out.extend_from_slice(tag.as_ref());
+    if !key_id.is_empty() {
+        encode_key(4, WireType::LengthDelimited, &mut out);
+        encode_varint(key_id.len() as u64, &mut out);
+        out.extend_from_slice(key_id.as_bytes());
+    }
+    if time_ms != 0 {
+        encode_key(5, WireType::Varint, &mut out);
+        // int64 is written as the two's-complement u64, as prost does.
+        encode_varint(time_ms as u64, &mut out);
+    }
+    out
+}
+
 /// Checks the shape of an envelope before any key lookup; each defect has its own message.
 pub fn validate_envelope(encrypted: &Encrypted) -> Result<()> {
     if encrypted.algorithm != Algorithm::Aes256Gcm as i32 {
@@ -144,6 +206,26 @@ mod tests {
         let sealed = seal(&cipher(), "dek_1", b"hello", 42);
         let error = open(&Cipher::new(&[6u8; 32]), sealed).unwrap_err();
         assert!(error.message().contains("decryption failed"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_sealed_envelope_is_the_protobuf_of_the_sealed_message(
+            plaintext in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            key_id in "[a-z_0-9]{0,30}",
+            nonce in proptest::prelude::any::<[u8; NONCE_LEN]>(),
+            time_ms in proptest::prelude::any::<i64>(),
+        ) {
+            use prost::Message as _;
+            let cipher = cipher();
+            let bytes = seal_envelope_with_nonce(&cipher, &key_id, &plaintext, nonce, time_ms);
+            let message = seal_with_nonce(&cipher, &key_id, &plaintext, nonce, time_ms);
+            proptest::prop_assert_eq!(&bytes, &message.encode_to_vec());
+            if !key_id.is_empty() {
+                let decoded = Encrypted::decode(bytes.as_slice()).unwrap();
+                proptest::prop_assert_eq!(open(&cipher, decoded).unwrap(), plaintext);
+            }
+        }
     }
 
     #[test]

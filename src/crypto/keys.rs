@@ -85,6 +85,12 @@ impl Dek {
         aead::seal(&self.0.cipher, &self.0.id, plaintext, super::now_ms())
     }
 
+    /// Seals a payload under a fresh nonce into the protobuf bytes of its envelope, the form
+    /// callers receive (as base64); one copy of the plaintext, no intermediate message.
+    pub fn seal_envelope(&self, plaintext: &[u8]) -> Vec<u8> {
+        aead::seal_envelope(&self.0.cipher, &self.0.id, plaintext, super::now_ms())
+    }
+
     /// Opens a payload sealed by this key, decrypting its buffer in place.
     pub fn open(&self, encrypted: Encrypted) -> Result<Vec<u8>> {
         aead::open(&self.0.cipher, encrypted)

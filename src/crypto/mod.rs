@@ -7,7 +7,8 @@ mod ids;
 mod keys;
 
 pub use aead::{
-    open, random_nonce, seal, seal_with_nonce, validate_envelope, Cipher, NONCE_LEN, TAG_LEN,
+    open, random_nonce, seal, seal_envelope, seal_envelope_with_nonce, seal_with_nonce,
+    validate_envelope, Cipher, NONCE_LEN, TAG_LEN,
 };
 pub use ids::{new_dek_id, new_kek_id};
 pub use keys::{Dek, Kek, MasterKeys, KEY_LEN};

@@ -24,7 +24,24 @@ const TOLERANT_DECODER: GeneralPurpose = GeneralPurpose::new(
 
 /// The base64 string of `encrypted`.
 pub fn encode_envelope(encrypted: &Encrypted) -> String {
-    base64_simd::STANDARD.encode_to_string(encrypted.encode_to_vec())
+    envelope_text(&encrypted.encode_to_vec())
+}
+
+/// The envelope of an [`Encrypted`] already in protobuf bytes (what
+/// [`crate::crypto::Dek::seal_envelope`] returns).
+pub fn envelope_text(protobuf: &[u8]) -> String {
+    base64_simd::STANDARD.encode_to_string(protobuf)
+}
+
+/// The length of the envelope of `protobuf_len` protobuf bytes.
+pub fn envelope_text_len(protobuf_len: usize) -> usize {
+    base64_simd::STANDARD.encoded_length(protobuf_len)
+}
+
+/// Appends the envelope of protobuf bytes to `out`: a reply body can take it in place, with no
+/// intermediate string.
+pub fn append_envelope_text(protobuf: &[u8], out: &mut Vec<u8>) {
+    base64_simd::STANDARD.encode_append(protobuf, out);
 }
 
 /// The [`Encrypted`] inside a base64 envelope.

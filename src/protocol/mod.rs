@@ -6,8 +6,10 @@ mod envelope;
 mod events;
 mod messages;
 
-pub use codec::{decode, encode, ErrorBody, Format};
-pub use envelope::{decode_envelope, encode_envelope};
+pub use codec::{decode, encode, encode_encrypt_response, ErrorBody, Format};
+pub use envelope::{
+    append_envelope_text, decode_envelope, encode_envelope, envelope_text, envelope_text_len,
+};
 pub use events::{
     event_subject, keyring_from_token, keyring_token, store_event_subject, DekCause, DekCreated,
     KekRolled, DEK_CREATED, EVENT_VERSION, KEK_ROLLED, MSG_ID, STORE_WIDE_TOKEN,

@@ -20,10 +20,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use futures::StreamExt as _;
 
-use crate::client::{request_headers, Client};
+use crate::client::{request_headers, Client, RawReply};
 use crate::error::{Error, Result};
 use crate::protocol::{self, DecryptRequest, EncryptRequest, Encrypted, Format, Method};
 
@@ -234,8 +233,13 @@ pub fn payload(bytes: usize) -> String {
 }
 
 /// Runs `case` against the service through `client`. `progress` is called about every 100 ms
-/// with the number of requests completed so far, and once at the end. For Decrypt, one payload
-/// is encrypted first (a failure there is an error) and that ciphertext is decrypted each time.
+/// with the number of requests completed so far, and once at the end.
+///
+/// Encrypt and Decrypt check one reply in full through the client before the clock starts
+/// (Decrypt first encrypts the payload it then decrypts each time); the timed requests then go
+/// out and come back exactly as the echo's do ([`Shape::send`]: the body encoded per request,
+/// the reply's error headers and length checked, its body not decoded), so that the ratio
+/// compares the responders rather than what the load generator does with their replies.
 pub async fn run_service_case(
     client: &Client,
     case: &BenchCase,
@@ -243,9 +247,11 @@ pub async fn run_service_case(
 ) -> Result<Samples> {
     let keyring: Arc<str> = Arc::from(case.keyring.as_str());
     let plaintext: Arc<str> = Arc::from(payload(case.payload_bytes));
-    match case.method {
+    let format = client.options().format;
+    let (method, data, reply_len) = match case.method {
         BenchMethod::ColdEncrypt => {
-            // A fresh name space per call, so that every round creates new keyrings.
+            // A fresh name space per call, so that every round creates new keyrings; every
+            // reply is decoded, as each is the first of its keyring.
             let prefix: Arc<str> = Arc::from(format!(
                 "{keyring}-{}",
                 hex::encode(rand::random::<[u8; 4]>())
@@ -258,40 +264,102 @@ pub async fn run_service_case(
                 let plaintext = plaintext.clone();
                 async move { client.encrypt(&keyring, &plaintext).await.map(drop) }
             };
-            run_workers(case, operation, progress).await
+            return run_workers(case, operation, progress).await;
         }
         BenchMethod::Encrypt => {
-            let client = client.clone();
-            let operation = move || {
-                let client = client.clone();
-                let keyring = keyring.clone();
-                let plaintext = plaintext.clone();
-                async move { client.encrypt(&keyring, &plaintext).await.map(drop) }
-            };
-            run_workers(case, operation, progress).await
+            let sealed = client.encrypt(&keyring, &plaintext).await?;
+            let envelope = protocol::decode_envelope(&sealed.encrypted)?;
+            if envelope.ciphertext.len() != case.payload_bytes + crate::crypto::TAG_LEN {
+                return Err(Error::internal(
+                    "encrypt returned an envelope of the wrong size",
+                ));
+            }
+            let reply_len = protocol::encode(format, &sealed).len();
+            (Method::Encrypt, plaintext, reply_len)
         }
         BenchMethod::Decrypt => {
             let sealed = client
                 .encrypt(&keyring, &plaintext)
                 .await
                 .map_err(|error| error.context("cannot encrypt the payload to decrypt"))?;
-            let encrypted: Arc<str> = Arc::from(sealed.encrypted);
-            let client = client.clone();
-            let operation = move || {
-                let client = client.clone();
-                let keyring = keyring.clone();
-                let encrypted = encrypted.clone();
-                let plaintext = plaintext.clone();
-                async move {
-                    let opened = client.decrypt(&keyring, &encrypted).await?;
-                    if opened.plaintext.as_str() != &*plaintext {
-                        return Err(Error::internal("decrypt returned a different plaintext"));
-                    }
-                    Ok(())
-                }
-            };
-            run_workers(case, operation, progress).await
+            let opened = client.decrypt(&keyring, &sealed.encrypted).await?;
+            if opened.plaintext.as_str() != &*plaintext {
+                return Err(Error::internal("decrypt returned a different plaintext"));
+            }
+            let reply_len = protocol::encode(format, &opened).len();
+            (Method::Decrypt, Arc::from(sealed.encrypted), reply_len)
         }
+    };
+    let shape = Shape {
+        nats: client.nats().clone(),
+        subject: Arc::from(client.subject(method)),
+        token: client.token().map(Arc::from),
+        format,
+        method: case.method,
+        keyring,
+        data,
+    };
+    run_workers(case, move || shape.clone().send(Some(reply_len)), progress).await
+}
+
+/// What a bench request sends: the same for the service and the echo.
+#[derive(Clone)]
+struct Shape {
+    nats: async_nats::Client,
+    subject: Arc<str>,
+    token: Option<Arc<str>>,
+    format: Format,
+    method: BenchMethod,
+    keyring: Arc<str>,
+    /// The plaintext (Encrypt) or the envelope (Decrypt).
+    data: Arc<str>,
+}
+
+impl Shape {
+    /// One request as a client sends it: the body encoded for this call, a fresh request id and
+    /// the token in the headers. The reply is a failure when it carries an error or is not
+    /// `reply_len` bytes long (as long as the request when `None`: the echo).
+    async fn send(self, reply_len: Option<usize>) -> Result<()> {
+        let body = match self.method {
+            BenchMethod::Encrypt | BenchMethod::ColdEncrypt => protocol::encode(
+                self.format,
+                &EncryptRequest {
+                    keyring: self.keyring.to_string(),
+                    data: self.data.to_string(),
+                },
+            ),
+            BenchMethod::Decrypt => protocol::encode(
+                self.format,
+                &DecryptRequest {
+                    keyring: self.keyring.to_string(),
+                    encrypted: self.data.to_string(),
+                },
+            ),
+        };
+        let expected_len = reply_len.unwrap_or(body.len());
+        let headers = request_headers(self.token.as_deref(), self.format);
+        let reply = self
+            .nats
+            .request_with_headers(self.subject.to_string(), headers, body)
+            .await
+            .map_err(|error| {
+                Error::unavailable(format!("request to {} failed: {error}", self.subject))
+            })?;
+        let reply = RawReply {
+            headers: reply.headers.unwrap_or_default(),
+            body: reply.payload,
+        };
+        if let Some(error) = reply.error() {
+            return Err(error);
+        }
+        if reply.body.len() != expected_len {
+            return Err(Error::internal(format!(
+                "reply from {} has {} bytes, expected {expected_len}",
+                self.subject,
+                reply.body.len()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -351,65 +419,20 @@ pub async fn run_echo_case(
     format: Format,
     progress: impl Fn(usize),
 ) -> Result<Samples> {
-    let nats = nats.clone();
-    let subject: Arc<str> = Arc::from(subject);
-    let token: Option<Arc<str>> = token.map(Arc::from);
-    let keyring: Arc<str> = Arc::from(case.keyring.as_str());
     let data: Arc<str> = match case.method {
         BenchMethod::Encrypt | BenchMethod::ColdEncrypt => Arc::from(payload(case.payload_bytes)),
         BenchMethod::Decrypt => Arc::from(stand_in_envelope(case.payload_bytes)),
     };
-    let method = case.method;
-    let operation = move || {
-        let nats = nats.clone();
-        let subject = subject.clone();
-        let token = token.clone();
-        let keyring = keyring.clone();
-        let data = data.clone();
-        async move {
-            let body = match method {
-                BenchMethod::Encrypt | BenchMethod::ColdEncrypt => protocol::encode(
-                    format,
-                    &EncryptRequest {
-                        keyring: keyring.to_string(),
-                        data: data.to_string(),
-                    },
-                ),
-                BenchMethod::Decrypt => protocol::encode(
-                    format,
-                    &DecryptRequest {
-                        keyring: keyring.to_string(),
-                        encrypted: data.to_string(),
-                    },
-                ),
-            };
-            let headers = request_headers(token.as_deref(), format);
-            echo_request(&nats, &subject, headers, body).await
-        }
+    let shape = Shape {
+        nats: nats.clone(),
+        subject: Arc::from(subject),
+        token: token.map(Arc::from),
+        format,
+        method: case.method,
+        keyring: Arc::from(case.keyring.as_str()),
+        data,
     };
-    run_workers(case, operation, progress).await
-}
-
-async fn echo_request(
-    nats: &async_nats::Client,
-    subject: &str,
-    headers: async_nats::HeaderMap,
-    body: Bytes,
-) -> Result<()> {
-    let expected_len = body.len();
-    let reply = nats
-        .request_with_headers(subject.to_owned(), headers, body)
-        .await
-        .map_err(|error| {
-            Error::unavailable(format!("echo request to {subject} failed: {error}"))
-        })?;
-    if reply.payload.len() != expected_len {
-        return Err(Error::internal(format!(
-            "echo reply has {} bytes, expected {expected_len}",
-            reply.payload.len()
-        )));
-    }
-    Ok(())
+    run_workers(case, move || shape.clone().send(None), progress).await
 }
 
 /// What workers measured: latencies of successful requests, failures, wall time.

@@ -336,3 +336,73 @@ fn the_benchs_service_and_echo_stop_when_the_bench_is_killed() {
     let left: Vec<_> = ringvaults.iter().filter(|(pid, _)| alive(*pid)).collect();
     assert!(left.is_empty(), "outlived the bench: {left:?}");
 }
+
+/// A stand-in Encrypt responder: a well-formed reply to the first request, then replies whose
+/// key id grows by one character each time, or error replies when `fail_later` is set.
+async fn flaky_encrypt_responder(
+    nats: async_nats::Client,
+    prefix: &str,
+    fail_later: bool,
+) -> tokio::task::JoinHandle<()> {
+    let mut requests = nats
+        .subscribe(Method::Encrypt.subject(prefix))
+        .await
+        .expect("subscribe");
+    nats.flush().await.expect("flush");
+    tokio::spawn(async move {
+        let dek = ringvault::crypto::Dek::generate();
+        let mut answered = 0usize;
+        while let Some(message) = requests.next().await {
+            let Some(reply) = message.reply else { continue };
+            let request: protocol::EncryptRequest =
+                protocol::decode(Format::Protobuf, &message.payload).expect("an encrypt request");
+            let envelope = dek.seal_envelope(request.data.as_bytes());
+            let mut headers = HeaderMap::new();
+            let body = if answered > 0 && fail_later {
+                headers.insert(protocol::SERVICE_ERROR_CODE, "500");
+                headers.insert(protocol::SERVICE_ERROR, "broken");
+                ErrorBody::from_error(&Error::internal("broken")).to_bytes()
+            } else {
+                let key_id = format!("{}{}", dek.id(), "x".repeat(answered));
+                protocol::encode_encrypt_response(Format::Protobuf, &envelope, &key_id)
+            };
+            answered += 1;
+            nats.publish_with_headers(reply, headers, body)
+                .await
+                .expect("reply");
+        }
+    })
+}
+
+#[tokio::test]
+async fn service_case_counts_replies_of_another_length_or_with_an_error_as_failures() {
+    let server = NatsServer::start().await;
+    let case = BenchCase {
+        method: BenchMethod::Encrypt,
+        requests: 20,
+        concurrency: 4,
+        payload_bytes: 100,
+        keyring: bench::DEFAULT_KEYRING.to_owned(),
+        credential: bench::Credential::StaticToken,
+    };
+    for (fail_later, expected) in [(false, "expected"), (true, "broken")] {
+        let prefix = format!("flaky{}", u8::from(fail_later));
+        let nats = async_nats::connect(server.url()).await.expect("connect");
+        let responder = flaky_encrypt_responder(nats.clone(), &prefix, fail_later).await;
+        let client = Client::new(
+            nats,
+            ClientOptions {
+                prefix,
+                ..ClientOptions::default()
+            },
+        );
+        let result = bench::run_service_case(&client, &case, |_| {})
+            .await
+            .expect("the first reply is well formed")
+            .summarize(&case);
+        assert_eq!(result.errors, 20, "{result:?}");
+        let first_error = result.first_error.unwrap_or_default();
+        assert!(first_error.contains(expected), "{first_error}");
+        responder.abort();
+    }
+}

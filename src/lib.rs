@@ -21,12 +21,14 @@
 //! - [`error`]: the one [`Error`] with a [`Kind`] that maps to wire codes.
 //! - [`client`]: a typed async client of the NATS API (retries, timeouts, service errors).
 //! - [`bench`](mod@bench): the load generator of `ringvault bench`, with an echo baseline.
+//! - `buffer` (internal): appending large payloads to buffers without glibc's slow copy case.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod actors;
 pub mod auth;
 pub mod bench;
+mod buffer;
 pub mod client;
 pub mod config;
 pub mod crypto;

@@ -26,10 +26,10 @@ use super::AuthHandle;
 use crate::auth::{AuditRecord, Principal, RateLimiter};
 use crate::error::{Error, Kind, Result};
 use crate::protocol::{
-    decode, encode, encode_encrypt_response, DecryptBulkRequest, DecryptBulkResponse,
-    DecryptRequest, DescribeKeyringRequest, DescribeKeyringResponse, EncryptBulkRequest,
-    EncryptBulkResponse, EncryptRequest, ErrorBody, Format, LivenessResponse, Method,
-    ReEncryptRequest, ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse,
+    decode, encode, encode_decrypt_response, encode_encrypt_response, DecryptBulkRequest,
+    DecryptBulkResponse, DecryptRequest, DescribeKeyringRequest, DescribeKeyringResponse,
+    EncryptBulkRequest, EncryptBulkResponse, EncryptRequest, ErrorBody, Format, LivenessResponse,
+    Method, ReEncryptRequest, ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse,
     AUTHORIZATION, CONTENT_TYPE, JSON_CONTENT_TYPE, REQUEST_ID, SERVICE_ERROR, SERVICE_ERROR_CODE,
 };
 use crate::rpc::{Decrypted, Sealed, Vault};
@@ -950,7 +950,7 @@ impl AuditedResponse for Decrypted {
         Some(&self.key_id)
     }
     fn into_body(self, format: Format) -> Bytes {
-        encode(format, &self.response)
+        encode_decrypt_response(format, &self.response)
     }
 }
 

@@ -110,7 +110,7 @@ pub fn seal_envelope_with_nonce(
     encode_key(3, WireType::LengthDelimited, &mut out);
     encode_varint(ciphertext_len as u64, &mut out);
     let plaintext_start = out.len();
-    out.extend_from_slice(plaintext);
+    crate::buffer::extend_from_slice(&mut out, plaintext);
     let tag = cipher
         .0
         .seal_in_place_separate_tag(

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::EncryptResponse;
+use super::{DecryptResponse, EncryptResponse};
 use crate::error::{Error, Kind, Result};
 
 /// The body format of one request; the reply uses the same.
@@ -95,6 +95,24 @@ pub fn encode_encrypt_response(format: Format, envelope: &[u8], key_id: &str) ->
     Bytes::from(body)
 }
 
+/// Encodes a Decrypt reply. In protobuf the plaintext is appended to the field's header with
+/// [`crate::buffer::extend_from_slice`]: a large plaintext written a few bytes into a fresh
+/// buffer is glibc's slow copy case on AMD Zen 3.
+pub fn encode_decrypt_response(format: Format, response: &DecryptResponse) -> Bytes {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+
+    let plaintext = response.plaintext.as_bytes();
+    if format == Format::Json || plaintext.is_empty() {
+        return encode(format, response);
+    }
+    let mut body =
+        Vec::with_capacity(1 + encoded_len_varint(plaintext.len() as u64) + plaintext.len());
+    encode_key(1, WireType::LengthDelimited, &mut body);
+    encode_varint(plaintext.len() as u64, &mut body);
+    crate::buffer::extend_from_slice(&mut body, plaintext);
+    Bytes::from(body)
+}
+
 /// The JSON body of an error reply: `{"code": "...", "message": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -177,6 +195,19 @@ mod tests {
             for format in [Format::Protobuf, Format::Json] {
                 proptest::prop_assert_eq!(
                     encode_encrypt_response(format, &envelope, &key_id),
+                    encode(format, &response)
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_decrypt_reply_is_the_encoded_response(plaintext in ".{0,300}") {
+            let response = DecryptResponse { plaintext };
+            for format in [Format::Protobuf, Format::Json] {
+                proptest::prop_assert_eq!(
+                    encode_decrypt_response(format, &response),
                     encode(format, &response)
                 );
             }

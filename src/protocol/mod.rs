@@ -6,7 +6,9 @@ mod envelope;
 mod events;
 mod messages;
 
-pub use codec::{decode, encode, encode_encrypt_response, ErrorBody, Format};
+pub use codec::{
+    decode, encode, encode_decrypt_response, encode_encrypt_response, ErrorBody, Format,
+};
 pub use envelope::{
     append_envelope_text, decode_envelope, encode_envelope, envelope_text, envelope_text_len,
 };

@@ -1,5 +1,5 @@
-//! Key types. Key bytes live in [`Zeroizing`] buffers and in AES key schedules that AWS-LC
-//! clears when freed (see [`aead`]); `Debug` shows ids only.
+//! Key types. Key bytes live in [`Zeroizing`] buffers and in AES key schedules that are
+//! overwritten when dropped (see [`aead`]); `Debug` shows ids only.
 
 use std::collections::HashMap;
 use std::fmt;

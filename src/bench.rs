@@ -274,6 +274,14 @@ pub async fn run_service_case(
                     "encrypt returned an envelope of the wrong size",
                 ));
             }
+            let opened = client.decrypt(&keyring, &sealed.encrypted).await?;
+            if opened.plaintext.as_str() != &*plaintext
+                || envelope.encryption_key_id != sealed.key_id
+            {
+                return Err(Error::internal(
+                    "encrypt returned an envelope that does not decrypt to the payload",
+                ));
+            }
             let reply_len = protocol::encode(format, &sealed).len();
             (Method::Encrypt, plaintext, reply_len)
         }

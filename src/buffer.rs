@@ -1,14 +1,16 @@
 //! Appending large byte slices to buffers at memory speed on every CPU.
 //!
-//! glibc copies blocks of 2 KiB and more with `rep movsb`, which on AMD Zen 3 (the benchmark
-//! machine) runs ~20× slower — 35 µs instead of 1.7 µs for 64 KiB — when the destination lies
-//! 1–31 bytes past the source modulo 4 KiB. Writing a payload behind a few bytes of protobuf
-//! header into a fresh buffer, from a source at the same offset in its own page, is exactly
-//! that case: the Encrypt hot path spent more time in this one copy than in AES-GCM. Copies
-//! below glibc's threshold use vector loops that have no such case and run just as fast, so
-//! large slices are appended in pieces under it.
+//! glibc copies blocks above ~2 KiB (2,112 bytes on CPUs with fast short `rep movsb`, such as
+//! AMD Zen 3) with `rep movsb`, which on the Zen 3 benchmark machine runs ~20× slower — 35 µs
+//! instead of 1.7 µs for 64 KiB — when the destination lies 1–31 bytes past the source modulo
+//! 4 KiB. Writing a payload behind a few bytes of protobuf header into a fresh buffer, from a
+//! source at the same offset in its own page, is exactly that case: the Encrypt hot path spent
+//! more time in this one copy than in AES-GCM. Copies below the threshold use vector loops
+//! that have no such case and run as fast, so large slices are appended in pieces under it.
+//! (`GLIBC_TUNABLES=glibc.cpu.x86_rep_movsb_threshold` can lower the threshold to 256 bytes on
+//! AVX2 machines, which would bring the slow case back for these pieces.)
 
-/// Pieces smaller than glibc's `rep movsb` threshold (2,048 bytes on AVX2 machines).
+/// Pieces smaller than glibc's default `rep movsb` threshold.
 const PIECE: usize = 1024;
 
 /// `destination.extend_from_slice(source)`, in pieces of [`PIECE`] bytes.

@@ -4,10 +4,15 @@
 //! The implementation is ring's AES-GCM, chosen for speed: on the benchmark machine (AMD Zen 3)
 //! it has a VAES/AVX2 code path that seals 64 KiB in ~12-16 µs where AWS-LC's AVX code took
 //! ~22-26 µs, and the Encrypt 64 KiB benchmark was short of its goal by about that much (see
-//! BENCHMARKS.md). ring keeps the expanded key inside the key value and offers no way to clear
-//! it, so [`Cipher`] overwrites that value in place with the schedule of the all-zero key when
-//! it is dropped ([`Cipher::wipe`]): a dropped DEK leaves no round keys behind. Nonces come from
+//! BENCHMARKS.md). ring keeps the expanded key (AES round keys, GHASH key) inside the key value
+//! and offers no way to clear it, so [`Cipher`] holds that value in a box of its own, where it
+//! stays from construction to drop, and overwrites it there with the all-zero key's schedule
+//! when dropped (`Cipher::wipe`). As with every Rust value, including the [`Zeroizing`] key
+//! bytes, copies made on the stack while the key was being built are not cleared; AWS-LC, which
+//! ringvault used before, builds its schedule on the heap and so leaves none. Nonces come from
 //! the thread-local CSPRNG ([`random_nonce`]).
+//!
+//! [`Zeroizing`]: zeroize::Zeroizing
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
@@ -20,21 +25,23 @@ pub const NONCE_LEN: usize = 12;
 pub const TAG_LEN: usize = 16;
 
 /// An AES-256-GCM key ready to seal and open; its expanded key is overwritten when dropped.
-pub struct Cipher(LessSafeKey);
+pub struct Cipher(Box<LessSafeKey>);
 
 impl Cipher {
     /// A cipher for a 32-byte key.
     pub fn new(key: &[u8; 32]) -> Self {
-        Self(expanded_key(key))
+        Self(Box::new(expanded_key(key)))
     }
 
-    /// Replaces the expanded key, where it lies, with that of the all-zero key. ring stores the
-    /// whole schedule (round keys and GHASH powers) inline in the key value, and an assignment
-    /// writes the new value over the old one's place; `black_box` keeps the store from being
-    /// dropped as dead before the memory is freed.
+    /// Replaces the expanded key, in its box, with that of the all-zero key: an assignment
+    /// writes the new value over the old one's place, and ring picks the same code path (and
+    /// so the same layout) for every key in a process. `black_box` keeps the store from being
+    /// removed as dead before the box is freed (best effort, as its documentation says: ring's
+    /// key does not implement `Zeroize`, and reaching its bytes otherwise needs `unsafe`, which
+    /// this crate forbids).
     fn wipe(&mut self) {
-        self.0 = expanded_key(&[0; 32]);
-        std::hint::black_box(&self.0);
+        *self.0 = expanded_key(&[0; 32]);
+        std::hint::black_box(&*self.0);
     }
 }
 

@@ -1,5 +1,5 @@
 //! Key types. Key bytes live in [`Zeroizing`] buffers and in AES key schedules that are
-//! overwritten when dropped (see [`aead`]); `Debug` shows ids only.
+//! overwritten when dropped (see [`aead`] for what that covers); `Debug` shows ids only.
 
 use std::collections::HashMap;
 use std::fmt;

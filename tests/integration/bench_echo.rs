@@ -337,36 +337,53 @@ fn the_benchs_service_and_echo_stop_when_the_bench_is_killed() {
     assert!(left.is_empty(), "outlived the bench: {left:?}");
 }
 
-/// A stand-in Encrypt responder: a well-formed reply to the first request, then replies whose
-/// key id grows by one character each time, or error replies when `fail_later` is set.
-async fn flaky_encrypt_responder(
+/// A stand-in service: Decrypt answers properly; Encrypt answers the first request properly,
+/// then with replies whose key id grows by one character each time, or with error replies when
+/// `fail_later` is set.
+async fn flaky_service(
     nats: async_nats::Client,
     prefix: &str,
     fail_later: bool,
 ) -> tokio::task::JoinHandle<()> {
-    let mut requests = nats
+    let encrypts = nats
         .subscribe(Method::Encrypt.subject(prefix))
+        .await
+        .expect("subscribe");
+    let decrypts = nats
+        .subscribe(Method::Decrypt.subject(prefix))
         .await
         .expect("subscribe");
     nats.flush().await.expect("flush");
     tokio::spawn(async move {
         let dek = ringvault::crypto::Dek::generate();
-        let mut answered = 0usize;
+        let mut encrypts_answered = 0usize;
+        let mut requests = futures::stream::select(encrypts, decrypts);
         while let Some(message) = requests.next().await {
             let Some(reply) = message.reply else { continue };
-            let request: protocol::EncryptRequest =
-                protocol::decode(Format::Protobuf, &message.payload).expect("an encrypt request");
-            let envelope = dek.seal_envelope(request.data.as_bytes());
             let mut headers = HeaderMap::new();
-            let body = if answered > 0 && fail_later {
-                headers.insert(protocol::SERVICE_ERROR_CODE, "500");
-                headers.insert(protocol::SERVICE_ERROR, "broken");
-                ErrorBody::from_error(&Error::internal("broken")).to_bytes()
+            let body = if message.subject.ends_with("Decrypt") {
+                let request: protocol::DecryptRequest =
+                    protocol::decode(Format::Protobuf, &message.payload)
+                        .expect("a decrypt request");
+                let envelope = protocol::decode_envelope(&request.encrypted).expect("an envelope");
+                let plaintext = String::from_utf8(dek.open(envelope).expect("opens")).unwrap();
+                protocol::encode(Format::Protobuf, &protocol::DecryptResponse { plaintext })
             } else {
-                let key_id = format!("{}{}", dek.id(), "x".repeat(answered));
-                protocol::encode_encrypt_response(Format::Protobuf, &envelope, &key_id)
+                let index = encrypts_answered;
+                encrypts_answered += 1;
+                if index > 0 && fail_later {
+                    headers.insert(protocol::SERVICE_ERROR_CODE, "500");
+                    headers.insert(protocol::SERVICE_ERROR, "broken");
+                    ErrorBody::from_error(&Error::internal("broken")).to_bytes()
+                } else {
+                    let request: protocol::EncryptRequest =
+                        protocol::decode(Format::Protobuf, &message.payload)
+                            .expect("an encrypt request");
+                    let envelope = dek.seal_envelope(request.data.as_bytes());
+                    let key_id = format!("{}{}", dek.id(), "x".repeat(index));
+                    protocol::encode_encrypt_response(Format::Protobuf, &envelope, &key_id)
+                }
             };
-            answered += 1;
             nats.publish_with_headers(reply, headers, body)
                 .await
                 .expect("reply");
@@ -388,7 +405,7 @@ async fn service_case_counts_replies_of_another_length_or_with_an_error_as_failu
     for (fail_later, expected) in [(false, "expected"), (true, "broken")] {
         let prefix = format!("flaky{}", u8::from(fail_later));
         let nats = async_nats::connect(server.url()).await.expect("connect");
-        let responder = flaky_encrypt_responder(nats.clone(), &prefix, fail_later).await;
+        let responder = flaky_service(nats.clone(), &prefix, fail_later).await;
         let client = Client::new(
             nats,
             ClientOptions {

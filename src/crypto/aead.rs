@@ -79,7 +79,7 @@ pub fn seal_with_nonce(
     time_ms: i64,
 ) -> Encrypted {
     let mut buffer = Vec::with_capacity(plaintext.len() + TAG_LEN);
-    buffer.extend_from_slice(plaintext);
+    crate::buffer::extend_from_slice(&mut buffer, plaintext);
     // Sealing only fails beyond GCM's 64 GiB message limit, impossible with payloads bounded
     // by the NATS max_payload.
     cipher

@@ -237,7 +237,7 @@ pub fn payload(bytes: usize) -> String {
 ///
 /// Encrypt and Decrypt check one reply in full through the client before the clock starts
 /// (Decrypt first encrypts the payload it then decrypts each time); the timed requests then go
-/// out and come back exactly as the echo's do ([`Shape::send`]: the body encoded per request,
+/// out and come back exactly as the echo's do (the body encoded per request,
 /// the reply's error headers and length checked, its body not decoded), so that the ratio
 /// compares the responders rather than what the load generator does with their replies.
 pub async fn run_service_case(

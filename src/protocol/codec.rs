@@ -95,9 +95,9 @@ pub fn encode_encrypt_response(format: Format, envelope: &[u8], key_id: &str) ->
     Bytes::from(body)
 }
 
-/// Encodes a Decrypt reply. In protobuf the plaintext is appended to the field's header with
-/// [`crate::buffer::extend_from_slice`]: a large plaintext written a few bytes into a fresh
-/// buffer is glibc's slow copy case on AMD Zen 3.
+/// Encodes a Decrypt reply. In protobuf the plaintext is appended to the field's header in
+/// pieces: a large plaintext written a few bytes into a fresh buffer in one copy is glibc's
+/// slow copy case on AMD Zen 3 (see `src/buffer.rs`).
 pub fn encode_decrypt_response(format: Format, response: &DecryptResponse) -> Bytes {
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 

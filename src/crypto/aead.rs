@@ -115,28 +115,17 @@ pub fn seal_envelope_with_nonce(
     nonce: [u8; NONCE_LEN],
     time_ms: i64,
 ) -> Vec<u8> {
-    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    use crate::protocol::fields;
 
     let ciphertext_len = plaintext.len() + TAG_LEN;
-    // Field keys of tags 2-5 are one byte each.
-    let capacity = 1
-        + 1
-        + NONCE_LEN
-        + 1
-        + encoded_len_varint(ciphertext_len as u64)
-        + ciphertext_len
-        + 1
-        + encoded_len_varint(key_id.len() as u64)
-        + key_id.len()
-        + 1
-        + encoded_len_varint(time_ms as u64);
+    let capacity = fields::length_delimited_len(2, NONCE_LEN)
+        + fields::length_delimited_len(3, ciphertext_len)
+        + fields::length_delimited_len(4, key_id.len())
+        + fields::int64_len(5, time_ms);
     let mut out = Vec::with_capacity(capacity);
     // Field 1, the algorithm, is AES-256-GCM = 0: absent, as proto3 leaves defaults out.
-    encode_key(2, WireType::LengthDelimited, &mut out);
-    encode_varint(NONCE_LEN as u64, &mut out);
-    out.extend_from_slice(&nonce);
-    encode_key(3, WireType::LengthDelimited, &mut out);
-    encode_varint(ciphertext_len as u64, &mut out);
+    fields::put_bytes_field(2, &nonce, &mut out);
+    fields::put_length_delimited_header(3, ciphertext_len, &mut out);
     let plaintext_start = out.len();
     crate::buffer::extend_from_slice(&mut out, plaintext);
     let tag = cipher
@@ -148,16 +137,8 @@ pub fn seal_envelope_with_nonce(
         )
         .expect("aes-256-gcm sealing of a bounded payload cannot fail");
     out.extend_from_slice(tag.as_ref());
-    if !key_id.is_empty() {
-        encode_key(4, WireType::LengthDelimited, &mut out);
-        encode_varint(key_id.len() as u64, &mut out);
-        out.extend_from_slice(key_id.as_bytes());
-    }
-    if time_ms != 0 {
-        encode_key(5, WireType::Varint, &mut out);
-        // int64 is written as the two's-complement u64, as prost does.
-        encode_varint(time_ms as u64, &mut out);
-    }
+    fields::put_bytes_field(4, key_id.as_bytes(), &mut out);
+    fields::put_int64_field(5, time_ms, &mut out);
     out
 }
 

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{DecryptResponse, EncryptResponse};
+use super::{fields, DecryptResponse, EncryptResponse};
 use crate::error::{Error, Kind, Result};
 
 /// The body format of one request; the reply uses the same.
@@ -64,8 +64,6 @@ where
 /// is written straight into the body, which on large payloads saves two copies of the envelope
 /// (the string, then the message) over building an [`EncryptResponse`] and encoding it.
 pub fn encode_encrypt_response(format: Format, envelope: &[u8], key_id: &str) -> Bytes {
-    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
-
     if format == Format::Json {
         let response = EncryptResponse {
             encrypted: super::envelope_text(envelope),
@@ -73,25 +71,16 @@ pub fn encode_encrypt_response(format: Format, envelope: &[u8], key_id: &str) ->
         };
         return encode(format, &response);
     }
-    // Both fields are strings that proto3 leaves out when empty; an envelope never is.
     let text_len = super::envelope_text_len(envelope.len());
     let mut body = Vec::with_capacity(
-        1 + encoded_len_varint(text_len as u64)
-            + text_len
-            + 1
-            + encoded_len_varint(key_id.len() as u64)
-            + key_id.len(),
+        fields::length_delimited_len(1, text_len) + fields::length_delimited_len(2, key_id.len()),
     );
+    // A string field is left out when empty; an envelope never is.
     if text_len > 0 {
-        encode_key(1, WireType::LengthDelimited, &mut body);
-        encode_varint(text_len as u64, &mut body);
+        fields::put_length_delimited_header(1, text_len, &mut body);
         super::append_envelope_text(envelope, &mut body);
     }
-    if !key_id.is_empty() {
-        encode_key(2, WireType::LengthDelimited, &mut body);
-        encode_varint(key_id.len() as u64, &mut body);
-        body.extend_from_slice(key_id.as_bytes());
-    }
+    fields::put_bytes_field(2, key_id.as_bytes(), &mut body);
     Bytes::from(body)
 }
 
@@ -99,17 +88,12 @@ pub fn encode_encrypt_response(format: Format, envelope: &[u8], key_id: &str) ->
 /// pieces: a large plaintext written a few bytes into a fresh buffer in one copy is glibc's
 /// slow copy case on AMD Zen 3 (see `src/buffer.rs`).
 pub fn encode_decrypt_response(format: Format, response: &DecryptResponse) -> Bytes {
-    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
-
-    let plaintext = response.plaintext.as_bytes();
-    if format == Format::Json || plaintext.is_empty() {
+    if format == Format::Json {
         return encode(format, response);
     }
-    let mut body =
-        Vec::with_capacity(1 + encoded_len_varint(plaintext.len() as u64) + plaintext.len());
-    encode_key(1, WireType::LengthDelimited, &mut body);
-    encode_varint(plaintext.len() as u64, &mut body);
-    crate::buffer::extend_from_slice(&mut body, plaintext);
+    let plaintext = response.plaintext.as_bytes();
+    let mut body = Vec::with_capacity(fields::length_delimited_len(1, plaintext.len()));
+    fields::put_bytes_field(1, plaintext, &mut body);
     Bytes::from(body)
 }
 

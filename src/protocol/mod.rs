@@ -4,6 +4,7 @@
 mod codec;
 mod envelope;
 mod events;
+pub(crate) mod fields;
 mod messages;
 
 pub use codec::{

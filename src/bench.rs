@@ -235,8 +235,8 @@ pub fn payload(bytes: usize) -> String {
 /// Runs `case` against the service through `client`. `progress` is called about every 100 ms
 /// with the number of requests completed so far, and once at the end.
 ///
-/// Encrypt and Decrypt check one reply in full through the client before the clock starts
-/// (Decrypt first encrypts the payload it then decrypts each time); the timed requests then go
+/// Encrypt and Decrypt first seal the payload and open it again through the client, checking
+/// both replies in full (Decrypt then decrypts that envelope each time); the timed requests go
 /// out and come back exactly as the echo's do (the body encoded per request,
 /// the reply's error headers and length checked, its body not decoded), so that the ratio
 /// compares the responders rather than what the load generator does with their replies.
@@ -266,36 +266,32 @@ pub async fn run_service_case(
             };
             return run_workers(case, operation, progress).await;
         }
-        BenchMethod::Encrypt => {
-            let sealed = client.encrypt(&keyring, &plaintext).await?;
-            let envelope = protocol::decode_envelope(&sealed.encrypted)?;
-            if envelope.ciphertext.len() != case.payload_bytes + crate::crypto::TAG_LEN {
-                return Err(Error::internal(
-                    "encrypt returned an envelope of the wrong size",
-                ));
-            }
-            let opened = client.decrypt(&keyring, &sealed.encrypted).await?;
-            if opened.plaintext.as_str() != &*plaintext
-                || envelope.encryption_key_id != sealed.key_id
-            {
-                return Err(Error::internal(
-                    "encrypt returned an envelope that does not decrypt to the payload",
-                ));
-            }
-            let reply_len = protocol::encode(format, &sealed).len();
-            (Method::Encrypt, plaintext, reply_len)
-        }
-        BenchMethod::Decrypt => {
+        BenchMethod::Encrypt | BenchMethod::Decrypt => {
             let sealed = client
                 .encrypt(&keyring, &plaintext)
                 .await
-                .map_err(|error| error.context("cannot encrypt the payload to decrypt"))?;
+                .map_err(|error| error.context("cannot encrypt the bench payload"))?;
+            let envelope = protocol::decode_envelope(&sealed.encrypted)?;
+            if envelope.ciphertext.len() != case.payload_bytes + crate::crypto::TAG_LEN
+                || envelope.encryption_key_id != sealed.key_id
+            {
+                return Err(Error::internal(
+                    "encrypt returned an envelope of the wrong size or key",
+                ));
+            }
             let opened = client.decrypt(&keyring, &sealed.encrypted).await?;
             if opened.plaintext.as_str() != &*plaintext {
-                return Err(Error::internal("decrypt returned a different plaintext"));
+                return Err(Error::internal(
+                    "decrypting the encrypted payload returned a different plaintext",
+                ));
             }
-            let reply_len = protocol::encode(format, &opened).len();
-            (Method::Decrypt, Arc::from(sealed.encrypted), reply_len)
+            if case.method == BenchMethod::Encrypt {
+                let reply_len = protocol::encode(format, &sealed).len();
+                (Method::Encrypt, plaintext, reply_len)
+            } else {
+                let reply_len = protocol::encode(format, &opened).len();
+                (Method::Decrypt, Arc::from(sealed.encrypted), reply_len)
+            }
         }
     };
     let shape = Shape {

@@ -272,16 +272,56 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn init_logging(config: &Config) {
+/// Logs go to stderr from a thread of their own: at the default level every request leaves an
+/// audit line, and a write to a slow pipe must not stall the runtime that serves requests. The
+/// lines of a burst leave in one write (the thread flushes whenever it has caught up). When
+/// more than [`LOG_BUFFERED_LINES`] wait, new lines are dropped and counted, never waited for;
+/// the audit records themselves also go out on NATS. Keep the guard until exit: dropping it
+/// writes what is left.
+fn init_logging(config: &Config) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let (writer, flush_on_drop) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFERED_LINES)
+        .thread_name("ringvault-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
+    let dropped = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer)
+        // Colour codes only for a person at a terminal, not in files and log pipelines.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if config.log.format == "json" {
         builder.json().init();
     } else {
         builder.init();
+    }
+    LogGuard {
+        flush_on_drop: Some(flush_on_drop),
+        dropped,
+    }
+}
+
+/// Log lines waiting for the log thread before new ones are dropped.
+const LOG_BUFFERED_LINES: usize = 128_000;
+
+/// Writes the waiting log lines when dropped, then says how many were dropped, if any.
+struct LogGuard {
+    flush_on_drop: Option<tracing_appender::non_blocking::WorkerGuard>,
+    dropped: tracing_appender::non_blocking::ErrorCounter,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        drop(self.flush_on_drop.take());
+        let dropped = self.dropped.dropped_lines();
+        if dropped > 0 {
+            eprintln!("warning: {dropped} log lines were dropped (stderr did not keep up)");
+        }
     }
 }
 
@@ -336,7 +376,7 @@ async fn serve(args: ConfigArgs, shutdown: impl std::future::Future<Output = ()>
         Ok(config) => config,
         Err(code) => return code,
     };
-    init_logging(&config);
+    let _log_guard = init_logging(&config);
     let result = async {
         let nats = connect_nats(&config).await?;
         tracing::info!(url = config.nats.url, "connected to nats");
@@ -850,7 +890,12 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
                     "RINGVAULT_AUTH_TOKEN_FILE",
                     dir.join("token").display().to_string(),
                 ),
-                ("RINGVAULT_LOG_LEVEL", "warn".to_owned()),
+                // Quiet unless the caller asks: at `info` every request also leaves an audit
+                // line, whose cost BENCHMARKS.md gives on its own.
+                (
+                    "RINGVAULT_LOG_LEVEL",
+                    std::env::var("RINGVAULT_LOG_LEVEL").unwrap_or_else(|_| "warn".to_owned()),
+                ),
                 (
                     "RINGVAULT_AUTH_JWT_JWKS_FILE",
                     jwks_file.display().to_string(),

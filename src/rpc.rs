@@ -208,8 +208,13 @@ impl Vault {
             .await?;
         let key_id = envelope.encryption_key_id.clone();
         let plaintext = dek.open(envelope)?;
-        let plaintext = String::from_utf8(plaintext)
-            .map_err(|_| Error::internal("decrypted plaintext is not valid utf-8"))?;
+        // Encrypt takes only text, so this envelope was sealed elsewhere; a reply's string
+        // field cannot carry it.
+        let plaintext = String::from_utf8(plaintext).map_err(|_| {
+            Error::invalid_argument(
+                "the envelope opens, but its plaintext is not utf-8 text, which decrypt cannot return",
+            )
+        })?;
         Ok((plaintext, key_id))
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::header::HeaderName;
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, PublishErrorKind};
 use bytes::Bytes;
 use futures::{FutureExt as _, StreamExt as _};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -580,13 +580,6 @@ async fn handle_request(
             (body, "ok")
         }
         Err(Failure { error, retry_after }) => {
-            if let Some(wait) = retry_after {
-                reply_headers.insert(RETRY_AFTER, retry_after_secs(wait).to_string().as_str());
-            }
-            let status = error.kind().status().to_string();
-            reply_headers.insert(SERVICE_ERROR_CODE, status.as_str());
-            reply_headers.insert(SERVICE_ERROR, header_safe(error.message()).as_str());
-            reply_headers.insert(CONTENT_TYPE, JSON_CONTENT_TYPE);
             if matches!(
                 error.kind(),
                 crate::Kind::AuthenticationRequired
@@ -601,7 +594,7 @@ async fn handle_request(
                 tracing::error!(method = method.name(), request_id, %error, "request failed");
             }
             (
-                ErrorBody::from_error(&error).to_bytes(),
+                error_body(&mut reply_headers, &error, retry_after),
                 error.kind().code(),
             )
         }
@@ -614,12 +607,39 @@ async fn handle_request(
             .increment(1);
     }
     request_metrics.duration.record(elapsed.as_secs_f64());
+    let body_len = body.len();
     let sent = context
         .nats
-        .publish_with_headers(reply_subject, reply_headers, body)
+        .publish_with_headers(reply_subject.clone(), reply_headers, body)
         .await;
+    let mut record = record;
     if let Err(error) = sent {
-        tracing::debug!(method = method.name(), request_id, %error, "reply not sent");
+        if error.kind() != PublishErrorKind::MaxPayloadExceeded {
+            tracing::debug!(method = method.name(), request_id, %error, "reply not sent");
+            return record;
+        }
+        // The caller would otherwise wait for its timeout (a bulk call of many small items, a
+        // JSON plaintext of escaped characters): it gets a small error reply instead.
+        let too_large = Error::new(
+            Kind::PayloadTooLarge,
+            format!(
+                "the reply would be {body_len} bytes, more than the nats server's max_payload; \
+                 send less per request"
+            ),
+        );
+        metrics::counter!("ringvault_requests_total", "method" => method.name(), "code" => too_large.kind().code())
+            .increment(1);
+        record = record.map(|record| record.failed(too_large.kind()));
+        let mut headers = HeaderMap::new();
+        headers.insert(REQUEST_ID_HEADER, request_id.as_str());
+        let body = error_body(&mut headers, &too_large, None);
+        if let Err(error) = context
+            .nats
+            .publish_with_headers(reply_subject, headers, body)
+            .await
+        {
+            tracing::debug!(method = method.name(), request_id, %error, "error reply not sent");
+        }
     }
     tracing::debug!(
         method = method.name(),
@@ -629,6 +649,18 @@ async fn handle_request(
         "request handled"
     );
     record
+}
+
+/// Sets the error headers of a reply (and `Retry-After` when given) and returns its JSON body.
+fn error_body(headers: &mut HeaderMap, error: &Error, retry_after: Option<Duration>) -> Bytes {
+    if let Some(wait) = retry_after {
+        headers.insert(RETRY_AFTER, retry_after_secs(wait).to_string().as_str());
+    }
+    let status = error.kind().status().to_string();
+    headers.insert(SERVICE_ERROR_CODE, status.as_str());
+    headers.insert(SERVICE_ERROR, header_safe(error.message()).as_str());
+    headers.insert(CONTENT_TYPE, JSON_CONTENT_TYPE);
+    ErrorBody::from_error(error).to_bytes()
 }
 
 /// A failed request: the error, and for `rate_limited` how long until a retry can pass (the

@@ -258,10 +258,17 @@ pub(crate) fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// A Unix timestamp as RFC 3339 (`2030-01-01T00:00:00Z`).
+/// A Unix timestamp as RFC 3339 (`2030-01-01T00:00:00Z`). The times come from tokens, so any
+/// `u64` is possible: past what RFC 3339 can write (the year 9999) they stay plain seconds.
 pub(crate) fn rfc3339(secs: u64) -> String {
+    if secs > LAST_RFC3339_SECOND {
+        return format!("{secs} s after the unix epoch");
+    }
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
+
+/// 9999-12-31T23:59:59Z, the last second RFC 3339 has a year for.
+const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
 
 /// The error of a failed `jsonwebtoken::decode` of `token` by `what` (`signed token`, `jwt`).
 /// Only an expiry is `token_expired`; everything else is `invalid_token`.
@@ -346,6 +353,17 @@ mod tests {
             Claims::from_json(&json, "tenant_id").unwrap().workspace,
             None
         );
+    }
+
+    #[test]
+    fn times_past_the_year_9999_are_written_as_seconds() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(LAST_RFC3339_SECOND), "9999-12-31T23:59:59Z");
+        assert_eq!(
+            rfc3339(LAST_RFC3339_SECOND + 1),
+            "253402300800 s after the unix epoch"
+        );
+        assert!(rfc3339(u64::MAX).starts_with("18446744073709551615 s"));
     }
 
     #[test]

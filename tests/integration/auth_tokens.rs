@@ -108,6 +108,22 @@ async fn signed_tokens_each_failure_mode_on_the_wire() {
         Err(Kind::InvalidToken)
     );
 
+    // Validly signed, valid only after the year 9999 (or at the end of u64): RFC 3339 has no
+    // such year, and writing the error must not panic the auth actor.
+    for nbf in [253_402_300_800, u64::MAX] {
+        let mut far = claims("ws_1", &["encrypt"]);
+        far.nbf = Some(nbf);
+        let far = new.issue(&far).unwrap();
+        let error = client
+            .with_token(Some(far))
+            .encrypt("ws_1/app", "x")
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), Kind::InvalidToken, "{error}");
+        assert!(error.message().contains(&nbf.to_string()), "{error}");
+    }
+    assert_eq!(kind_of(&client, &valid, "ws_1/app").await, Ok(()));
+
     let mut wrong_audience = claims("ws_1", &["encrypt"]);
     wrong_audience.aud = vec!["another-service".into()];
     let wrong_audience = new.issue(&wrong_audience).unwrap();

@@ -211,3 +211,53 @@ async fn two_instances_in_one_queue_group_decrypt_each_others_ciphertexts(env: T
     }
     first.shutdown().await.unwrap();
 }
+
+/// An envelope that opens to bytes that are not UTF-8 (sealed by another tool: Encrypt only
+/// takes text) cannot become a Decrypt reply's string field: `invalid_argument`, not `internal`.
+#[tokio::test]
+async fn an_envelope_of_bytes_that_are_not_utf8_is_invalid_argument() {
+    use ringvault::crypto::{Kek, MasterKeys};
+    use ringvault::keyring::{CachePolicy, KeyringStore, Keyrings};
+    use ringvault::storage::{ObjectStoreBackend, Storage, StoragePolicy};
+
+    let env = TestEnv::start().await;
+    let service = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    client
+        .encrypt("ws_1/bytes", "creates the key")
+        .await
+        .unwrap();
+
+    let master_keys = MasterKeys::new(Kek::parse(&env.master_key).unwrap(), []).unwrap();
+    let backend = ObjectStoreBackend::local(&env.store_path()).unwrap();
+    let storage = Storage::new(std::sync::Arc::new(backend), StoragePolicy::default());
+    let keyrings = Keyrings::new(
+        KeyringStore::new(storage, std::sync::Arc::new(master_keys)),
+        CachePolicy::default(),
+    );
+    let dek = keyrings.latest("ws_1/bytes").await.unwrap();
+    let text = ringvault::protocol::encode_envelope(&dek.seal(&[b'a', 0xff, 0xfe]));
+
+    let error = client.decrypt("ws_1/bytes", &text).await.unwrap_err();
+    assert_eq!(error.kind(), Kind::InvalidArgument, "{error}");
+    assert!(error.message().contains("utf-8"), "{error}");
+    service.shutdown().await.unwrap();
+}
+
+/// A reply larger than the nats-server's `max_payload` cannot be sent: the caller gets
+/// `payload_too_large` at once rather than waiting for its timeout. Many small bulk items
+/// pass the plaintext limit and still make such a reply (each envelope is ~130 bytes).
+#[tokio::test]
+async fn a_reply_over_max_payload_becomes_payload_too_large() {
+    let env = TestEnv::start().await;
+    let service = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    let items: HashMap<String, String> = (0..12_000)
+        .map(|index| (format!("item-{index:05}"), "x".to_owned()))
+        .collect();
+    let error = client.encrypt_bulk("ws_1/many", items).await.unwrap_err();
+    assert_eq!(error.kind(), Kind::PayloadTooLarge, "{error}");
+    assert!(error.message().contains("max_payload"), "{error}");
+    client.encrypt("ws_1/many", "still serving").await.unwrap();
+    service.shutdown().await.unwrap();
+}

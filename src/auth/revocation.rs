@@ -153,6 +153,17 @@ impl Revocations {
         added
     }
 
+    /// Whether `revocation` is in the set already.
+    pub fn contains(&self, revocation: &Revocation) -> bool {
+        let Some(digest) = revocation.digest() else {
+            return false;
+        };
+        match revocation.kind {
+            RevocationKind::Token => self.tokens.contains(&digest),
+            RevocationKind::Jti => self.jtis.contains(&digest),
+        }
+    }
+
     /// Whether the token with SHA-256 `digest` (and `jti`, if any) is revoked.
     pub fn is_revoked(&self, digest: &[u8; 32], jti: Option<&str>) -> bool {
         self.tokens.contains(digest)
@@ -279,14 +290,35 @@ pub(crate) async fn connect_nats(config: &Config) -> Result<async_nats::Client> 
         .map_err(|error| Error::unavailable(error.to_string()))
 }
 
-fn apply_message(revocations: &Revocations, payload: &[u8]) {
-    match serde_json::from_slice::<Revocation>(payload) {
-        Ok(revocation) => {
-            if revocations.insert(&revocation) {
-                tracing::info!(revocation = revocation.describe(), "credential revoked");
-            }
+/// Applies a revocation message. It is only a hint: anyone allowed to publish on the subject
+/// could send one, and each new entry grows the set and empties the verified-token cache, so
+/// it counts once the store holds the same revocation (`revoke` writes the store first).
+async fn apply_message(storage: &dyn ObjectStorage, revocations: &Revocations, payload: &[u8]) {
+    let Ok(revocation) = serde_json::from_slice::<Revocation>(payload) else {
+        tracing::warn!("ignoring a malformed revocation message");
+        return;
+    };
+    if revocations.contains(&revocation) {
+        return;
+    }
+    let key = revocation.object_key();
+    let stored = match bounded("reading a revocation", storage.get(&key)).await {
+        Ok(stored) => stored,
+        Err(error) => {
+            // The periodic re-read of the store picks it up if it is real.
+            tracing::warn!(%error, key, "revocations: cannot confirm a message in the store");
+            return;
         }
-        Err(_) => tracing::warn!("ignoring a malformed revocation message"),
+    };
+    let confirmed = stored
+        .and_then(|stored| serde_json::from_slice::<Revocation>(&stored.bytes).ok())
+        .is_some_and(|stored| stored.object_key() == key);
+    if !confirmed {
+        tracing::warn!(key, "ignoring a revocation message the store does not hold");
+        return;
+    }
+    if revocations.insert(&revocation) {
+        tracing::info!(revocation = revocation.describe(), "credential revoked");
     }
 }
 
@@ -354,7 +386,7 @@ pub(crate) async fn sync_forever(
         loop {
             tokio::select! {
                 message = subscriber.next() => match message {
-                    Some(message) => apply_message(&revocations, &message.payload),
+                    Some(message) => apply_message(&*backend, &revocations, &message.payload).await,
                     None => break,
                 },
                 _ = resync.tick() => load("periodic").await,
@@ -423,5 +455,30 @@ mod tests {
         assert_eq!(load_revocations(&store, &set).await.unwrap(), 1);
         assert!(set.is_revoked(&token_digest("a.b.c"), None));
         assert_eq!(load_revocations(&store, &set).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_revocation_message_counts_only_once_the_store_holds_it() {
+        let store = ObjectStoreBackend::in_memory();
+        let set = Revocations::new();
+        let revocation = &revocations_for("x.y.z")[0];
+        let message = serde_json::to_vec(revocation).unwrap();
+        apply_message(&store, &set, &message).await;
+        assert!(
+            !set.is_revoked(&token_digest("x.y.z"), None),
+            "a forged message"
+        );
+        assert_eq!(set.generation(), 0, "the token cache was not emptied");
+        store
+            .put(
+                &revocation.object_key(),
+                Bytes::from(message.clone()),
+                PutCondition::Overwrite,
+            )
+            .await
+            .unwrap();
+        apply_message(&store, &set, &message).await;
+        assert!(set.is_revoked(&token_digest("x.y.z"), None));
+        assert_eq!(set.generation(), 1);
     }
 }

@@ -408,8 +408,10 @@ impl Keyrings {
         })
     }
 
-    /// Installs `key_id` as the keyring's LATEST after another replica announced it, reading
-    /// it from storage unless cached. Does nothing for keyrings this process never used.
+    /// Another replica announced `key_id` as the keyring's LATEST. The announcement is only a
+    /// hint: anyone allowed to publish on the subject could send one (naming an older key, to
+    /// roll the keyring back), so LATEST is read again from storage, which alone decides. Does
+    /// nothing for keyrings this process never used, or when `key_id` is LATEST here already.
     pub async fn apply_new_latest(&self, name: &str, key_id: &str) -> Result<()> {
         let Some(ring) = self.shared.rings.get(name).map(|ring| ring.clone()) else {
             return Ok(());
@@ -417,10 +419,30 @@ impl Keyrings {
         if ring.cached_latest_id().as_deref() == Some(key_id) {
             return Ok(());
         }
-        // `dek` is the cached instance (or, if evicted meanwhile, the one just read).
-        let dek = self.dek(name, key_id).await?;
+        self.reload_latest(&ring).await?;
+        if ring.cached_latest_id().as_deref() != Some(key_id) {
+            tracing::warn!(
+                keyring = name,
+                key_id,
+                "a key event names a key that storage does not have as latest; storage wins"
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads LATEST from storage and caches it; if it has disappeared, the cached key stays
+    /// (until max-stale).
+    async fn reload_latest(&self, ring: &Arc<Keyring>) -> Result<()> {
         let _single_flight = ring.load_lock.lock().await;
-        set_latest(&ring, dek);
+        match self.shared.store.read_latest(&ring.name).await? {
+            Some(read) => {
+                self.install_latest(ring, read.dek);
+            }
+            None => tracing::warn!(
+                keyring = ring.name,
+                "latest disappeared from storage; serving the cached key until max-stale"
+            ),
+        }
         Ok(())
     }
 
@@ -473,21 +495,7 @@ impl Keyrings {
         let keyrings = self.clone();
         let ring = ring.clone();
         tokio::spawn(async move {
-            let result = async {
-                let _single_flight = ring.load_lock.lock().await;
-                match keyrings.shared.store.read_latest(&ring.name).await? {
-                    Some(read) => {
-                        keyrings.install_latest(&ring, read.dek);
-                    }
-                    None => tracing::warn!(
-                        keyring = ring.name,
-                        "latest disappeared from storage; serving the cached key until max-stale"
-                    ),
-                }
-                Ok::<_, Error>(())
-            }
-            .await;
-            if let Err(error) = result {
+            if let Err(error) = keyrings.reload_latest(&ring).await {
                 tracing::warn!(keyring = ring.name, %error, "background refresh of latest failed");
             }
             ring.refreshing.store(false, Ordering::Release);

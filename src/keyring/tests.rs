@@ -304,3 +304,27 @@ async fn two_instances_racing_first_use_leave_one_dek_object_per_keyring() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_key_event_naming_an_older_key_does_not_roll_latest_back() {
+    let (keyrings, _faults) = keyrings_with(CachePolicy::default());
+    let older = keyrings.latest("ws_1").await.unwrap();
+    let rotation = keyrings.rotate("ws_1").await.unwrap();
+    assert_ne!(rotation.dek.id(), older.id());
+    // A forged (or very late) event: the older key exists in storage, but is not LATEST there.
+    keyrings.apply_new_latest("ws_1", older.id()).await.unwrap();
+    assert_eq!(
+        keyrings.peek_latest("ws_1").unwrap().id(),
+        rotation.dek.id(),
+        "storage decides what LATEST is"
+    );
+    // An event for a key that does not exist at all changes nothing either.
+    keyrings
+        .apply_new_latest("ws_1", "dek_unknown")
+        .await
+        .unwrap();
+    assert_eq!(
+        keyrings.peek_latest("ws_1").unwrap().id(),
+        rotation.dek.id()
+    );
+}

@@ -18,39 +18,86 @@ pub enum Algorithm {
 
 /// A data encryption key in plaintext. Only ever built in memory, to be sealed or after opening;
 /// [`crate::crypto::Dek`] is the type the rest of ringvault holds.
-#[derive(Clone, PartialEq, prost::Message)]
-#[prost(skip_debug)]
+#[derive(Clone, PartialEq, Default)]
 pub struct DataEncryptionKey {
-    /// Opaque key id (`dek_…`).
-    #[prost(string, tag = "1")]
+    /// Opaque key id (`dek_…`); field 1.
     pub id: String,
-    /// Creation time, unix milliseconds.
-    #[prost(int64, tag = "2")]
+    /// Creation time, unix milliseconds; field 2.
     pub created_at: i64,
-    /// 32 key bytes.
-    #[prost(bytes = "vec", tag = "3")]
+    /// 32 key bytes; field 3.
     pub key: Vec<u8>,
 }
 
 /// The master key, as configured (base64 of these protobuf bytes).
-#[derive(Clone, PartialEq, prost::Message)]
-#[prost(skip_debug)]
+#[derive(Clone, PartialEq, Default)]
 pub struct KeyEncryptionKey {
-    /// Opaque key id (`kek_…`).
-    #[prost(string, tag = "1")]
+    /// Opaque key id (`kek_…`); field 1.
     pub id: String,
-    /// Creation time, unix milliseconds.
-    #[prost(int64, tag = "2")]
+    /// Creation time, unix milliseconds; field 2.
     pub created_at: i64,
-    /// 32 key bytes.
-    #[prost(bytes = "vec", tag = "3")]
+    /// 32 key bytes; field 3.
     pub key: Vec<u8>,
 }
 
 // Plaintext key messages wipe their key bytes when dropped and print no key bytes, so that a
-// temporary made while sealing or opening never leaves key material behind.
+// temporary made while sealing or opening never leaves key material behind. Their protobuf
+// code is written here rather than derived because prost's `bytes` decode passes the key
+// through a temporary buffer that it frees without wiping ([`merge_key`]); the bytes are what
+// prost writes and reads (tested against a derived twin).
 macro_rules! plaintext_key_message {
     ($name:ident) => {
+        impl prost::Message for $name {
+            fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+                use prost::encoding::{bytes as bytes_field, int64, string};
+                if !self.id.is_empty() {
+                    string::encode(1, &self.id, buf);
+                }
+                if self.created_at != 0 {
+                    int64::encode(2, &self.created_at, buf);
+                }
+                if !self.key.is_empty() {
+                    bytes_field::encode(3, &self.key, buf);
+                }
+            }
+
+            fn merge_field(
+                &mut self,
+                tag: u32,
+                wire_type: prost::encoding::WireType,
+                buf: &mut impl bytes::Buf,
+                ctx: prost::encoding::DecodeContext,
+            ) -> Result<(), prost::DecodeError> {
+                use prost::encoding::{int64, skip_field, string};
+                match tag {
+                    1 => string::merge(wire_type, &mut self.id, buf, ctx),
+                    2 => int64::merge(wire_type, &mut self.created_at, buf, ctx),
+                    3 => merge_key(wire_type, &mut self.key, buf, ctx),
+                    _ => skip_field(wire_type, tag, buf, ctx),
+                }
+            }
+
+            fn encoded_len(&self) -> usize {
+                use prost::encoding::{bytes as bytes_field, int64, string};
+                let mut len = 0;
+                if !self.id.is_empty() {
+                    len += string::encoded_len(1, &self.id);
+                }
+                if self.created_at != 0 {
+                    len += int64::encoded_len(2, &self.created_at);
+                }
+                if !self.key.is_empty() {
+                    len += bytes_field::encoded_len(3, &self.key);
+                }
+                len
+            }
+
+            fn clear(&mut self) {
+                self.id.clear();
+                self.created_at = 0;
+                zeroize::Zeroize::zeroize(&mut self.key);
+            }
+        }
+
         impl Drop for $name {
             fn drop(&mut self) {
                 zeroize::Zeroize::zeroize(&mut self.key);
@@ -70,6 +117,43 @@ macro_rules! plaintext_key_message {
 
 plaintext_key_message!(DataEncryptionKey);
 plaintext_key_message!(KeyEncryptionKey);
+
+/// Reads a key field (`bytes`, last one wins) straight from the input into a buffer of its own
+/// size, wiping the value it replaces. prost's `bytes` merge copies the field into a temporary
+/// first and frees it unwiped. An input in pieces (no caller of ours has one) or a short one
+/// goes to prost, for its copy or its error.
+fn merge_key(
+    wire_type: prost::encoding::WireType,
+    key: &mut Vec<u8>,
+    buf: &mut impl bytes::Buf,
+    ctx: prost::encoding::DecodeContext,
+) -> Result<(), prost::DecodeError> {
+    prost::encoding::check_wire_type(prost::encoding::WireType::LengthDelimited, wire_type)?;
+    let chunk = buf.chunk();
+    let mut after_len = chunk;
+    let contiguous = chunk.len() == buf.remaining();
+    let value = if contiguous {
+        let len = prost::encoding::decode_varint(&mut after_len)?;
+        usize::try_from(len)
+            .ok()
+            .and_then(|len| after_len.get(..len))
+    } else {
+        None
+    };
+    let Some(value) = value else {
+        let mut elsewhere = zeroize::Zeroizing::new(Vec::new());
+        prost::encoding::bytes::merge(wire_type, &mut *elsewhere, buf, ctx)?;
+        zeroize::Zeroize::zeroize(key);
+        *key = std::mem::take(&mut *elsewhere);
+        return Ok(());
+    };
+    let fresh = value.to_vec();
+    let consumed = chunk.len() - after_len.len() + value.len();
+    buf.advance(consumed);
+    zeroize::Zeroize::zeroize(key);
+    *key = fresh;
+    Ok(())
+}
 
 /// A DEK sealed by a KEK: the stored object at `keyring/<ring>/<id>` and `LATEST`.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -332,4 +416,102 @@ pub struct DescribeKeyringResponse {
     /// How many keys.
     #[prost(uint32, tag = "4")]
     pub count: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use prost::Message as _;
+
+    use super::{DataEncryptionKey, KeyEncryptionKey};
+
+    /// What prost derives for the key messages: the reference for the hand-written code.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct DerivedKeyMessage {
+        #[prost(string, tag = "1")]
+        id: String,
+        #[prost(int64, tag = "2")]
+        created_at: i64,
+        #[prost(bytes = "vec", tag = "3")]
+        key: Vec<u8>,
+    }
+
+    fn fields_of_dek(message: &DataEncryptionKey) -> (String, i64, Vec<u8>) {
+        (message.id.clone(), message.created_at, message.key.clone())
+    }
+
+    fn fields_of_kek(message: &KeyEncryptionKey) -> (String, i64, Vec<u8>) {
+        (message.id.clone(), message.created_at, message.key.clone())
+    }
+
+    fn fields_of_derived(message: &DerivedKeyMessage) -> (String, i64, Vec<u8>) {
+        (message.id.clone(), message.created_at, message.key.clone())
+    }
+
+    proptest! {
+        #[test]
+        fn key_messages_encode_as_prost_derives(
+            id in ".{0,40}",
+            created_at in any::<i64>(),
+            key in prop::collection::vec(any::<u8>(), 0..80),
+        ) {
+            let derived = DerivedKeyMessage { id: id.clone(), created_at, key: key.clone() };
+            let dek = DataEncryptionKey { id: id.clone(), created_at, key: key.clone() };
+            let kek = KeyEncryptionKey { id, created_at, key };
+            prop_assert_eq!(dek.encode_to_vec(), derived.encode_to_vec());
+            prop_assert_eq!(kek.encode_to_vec(), derived.encode_to_vec());
+            prop_assert_eq!(dek.encoded_len(), derived.encoded_len());
+        }
+
+        #[test]
+        fn key_messages_decode_as_prost_derives(
+            bytes in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..120),
+                // Well-formed messages, with repeated and unknown fields appended.
+                (".{0,20}", any::<i64>(), prop::collection::vec(any::<u8>(), 0..40),
+                 prop::collection::vec(any::<u8>(), 0..40))
+                    .prop_map(|(id, created_at, key, tail)| {
+                        let mut bytes = DerivedKeyMessage { id, created_at, key }.encode_to_vec();
+                        bytes.extend_from_slice(&tail);
+                        bytes
+                    }),
+            ],
+        ) {
+            let derived = DerivedKeyMessage::decode(bytes.as_slice());
+            let dek = DataEncryptionKey::decode(bytes.as_slice());
+            let kek = KeyEncryptionKey::decode(bytes.as_slice());
+            match &derived {
+                Ok(derived) => {
+                    prop_assert_eq!(fields_of_dek(dek.as_ref().unwrap()), fields_of_derived(derived));
+                    prop_assert_eq!(fields_of_kek(kek.as_ref().unwrap()), fields_of_derived(derived));
+                }
+                Err(_) => {
+                    prop_assert!(dek.is_err());
+                    prop_assert!(kek.is_err());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_repeated_key_field_keeps_the_last_value() {
+        let mut bytes = DerivedKeyMessage {
+            id: "dek_1".into(),
+            created_at: 5,
+            key: vec![1; 32],
+        }
+        .encode_to_vec();
+        bytes.extend(
+            DerivedKeyMessage {
+                key: vec![2; 32],
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        let dek = DataEncryptionKey::decode(bytes.as_slice()).unwrap();
+        assert_eq!(dek.key, vec![2; 32]);
+        assert_eq!(dek.id, "dek_1");
+        // A length past the end is prost's error, not a panic.
+        assert!(DataEncryptionKey::decode(&[0x1a, 0x40, 1, 2][..]).is_err());
+    }
 }

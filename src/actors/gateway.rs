@@ -656,11 +656,12 @@ fn error_body(headers: &mut HeaderMap, error: &Error, retry_after: Option<Durati
     if let Some(wait) = retry_after {
         headers.insert(RETRY_AFTER, retry_after_secs(wait).to_string().as_str());
     }
+    let body = ErrorBody::from_error(error);
     let status = error.kind().status().to_string();
     headers.insert(SERVICE_ERROR_CODE, status.as_str());
-    headers.insert(SERVICE_ERROR, header_safe(error.message()).as_str());
+    headers.insert(SERVICE_ERROR, header_safe(&body.message).as_str());
     headers.insert(CONTENT_TYPE, JSON_CONTENT_TYPE);
-    ErrorBody::from_error(error).to_bytes()
+    body.to_bytes()
 }
 
 /// A failed request: the error, and for `rate_limited` how long until a retry can pass (the

@@ -97,6 +97,9 @@ pub fn encode_decrypt_response(format: Format, response: &DecryptResponse) -> By
     Bytes::from(body)
 }
 
+/// The longest error message a reply carries, in characters (longer ones end in `…`).
+pub const MAX_ERROR_MESSAGE_CHARS: usize = 512;
+
 /// The JSON body of an error reply: `{"code": "...", "message": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -108,10 +111,17 @@ pub struct ErrorBody {
 
 impl ErrorBody {
     /// The body of `error`.
+    /// The message is cut at [`MAX_ERROR_MESSAGE_CHARS`]: some messages quote what the caller
+    /// sent (a bulk item's id, a token's `kid`, a mistyped JSON value), which has no other bound.
     pub fn from_error(error: &Error) -> Self {
+        let message = error.message();
+        let message = match message.char_indices().nth(MAX_ERROR_MESSAGE_CHARS) {
+            Some((cut, _)) => format!("{}…", &message[..cut]),
+            None => message.to_owned(),
+        };
         Self {
             code: error.kind().code().to_owned(),
-            message: error.message().to_owned(),
+            message,
         }
     }
 
@@ -196,6 +206,17 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn error_messages_quoting_the_caller_are_cut() {
+        let long = Error::invalid_argument(format!("item {:?} failed", "é".repeat(100_000)));
+        let body = ErrorBody::from_error(&long);
+        assert_eq!(body.message.chars().count(), MAX_ERROR_MESSAGE_CHARS + 1);
+        assert!(body.message.starts_with("item \"éé"));
+        assert!(body.message.ends_with('…'));
+        let short = Error::invalid_argument("bad base64");
+        assert_eq!(ErrorBody::from_error(&short).message, "bad base64");
     }
 
     #[test]

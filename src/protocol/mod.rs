@@ -9,6 +9,7 @@ mod messages;
 
 pub use codec::{
     decode, encode, encode_decrypt_response, encode_encrypt_response, ErrorBody, Format,
+    MAX_ERROR_MESSAGE_CHARS,
 };
 pub use envelope::{
     append_envelope_text, decode_envelope, encode_envelope, envelope_text, envelope_text_len,

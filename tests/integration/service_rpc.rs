@@ -261,3 +261,21 @@ async fn a_reply_over_max_payload_becomes_payload_too_large() {
     client.encrypt("ws_1/many", "still serving").await.unwrap();
     service.shutdown().await.unwrap();
 }
+
+/// An error that quotes what the caller sent stays short in the reply's header and body.
+#[tokio::test]
+async fn an_error_quoting_a_huge_item_id_is_cut() {
+    let env = TestEnv::start().await;
+    let service = env.service(&[]).await;
+    let client = env.client(Format::Json).await;
+    let items = HashMap::from([("x".repeat(200_000), "not an envelope".to_owned())]);
+    let error = client.decrypt_bulk("ws_1/cut", items).await.unwrap_err();
+    assert_eq!(error.kind(), Kind::InvalidArgument, "{error}");
+    assert!(error.message().contains("xxxx"), "{error}");
+    assert!(
+        error.message().chars().count() <= ringvault::protocol::MAX_ERROR_MESSAGE_CHARS + 1,
+        "{} chars",
+        error.message().len()
+    );
+    service.shutdown().await.unwrap();
+}

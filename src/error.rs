@@ -165,6 +165,15 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// The first `max` characters of `text` (all of it when shorter): for quoting what a caller
+/// sent, which has no other bound, in messages and records.
+pub(crate) fn first_chars(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => &text[..cut],
+        None => text,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

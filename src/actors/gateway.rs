@@ -844,9 +844,10 @@ fn audit(
     failure: Option<&Failure>,
 ) -> AuditRecord {
     let mut keyring = facts.keyring;
-    if let Some((cut, _)) = keyring.char_indices().nth(AUDIT_KEYRING_MAX) {
+    let kept = crate::error::first_chars(&keyring, AUDIT_KEYRING_MAX).len();
+    if kept < keyring.len() {
         // An oversized name must not stay allocated in the batch of records.
-        keyring.truncate(cut);
+        keyring.truncate(kept);
         keyring.shrink_to_fit();
     }
     let mut record = AuditRecord::new(request_id, principal, audit_action(method), keyring)

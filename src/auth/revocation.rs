@@ -269,16 +269,23 @@ pub async fn load_revocations(storage: &dyn ObjectStorage, into: &Revocations) -
         let Some(stored) = bounded("reading a revocation", storage.get(&key)).await? else {
             continue;
         };
-        match serde_json::from_slice::<Revocation>(&stored.bytes) {
-            Ok(revocation) if revocation.object_key() == key => {
+        match stored_revocation(&key, &stored.bytes) {
+            Some(revocation) => {
                 if into.insert(&revocation) {
                     added += 1;
                 }
             }
-            _ => tracing::warn!(key, "ignoring a malformed revocation object"),
+            None => tracing::warn!(key, "ignoring a malformed revocation object"),
         }
     }
     Ok(added)
+}
+
+/// The revocation in the object stored under `key`, if it is one and belongs at that key.
+fn stored_revocation(key: &str, bytes: &[u8]) -> Option<Revocation> {
+    serde_json::from_slice::<Revocation>(bytes)
+        .ok()
+        .filter(|revocation| revocation.object_key() == key)
 }
 
 use futures::FutureExt as _;
@@ -310,14 +317,11 @@ async fn apply_message(storage: &dyn ObjectStorage, revocations: &Revocations, p
             return;
         }
     };
-    let confirmed = stored
-        .and_then(|stored| serde_json::from_slice::<Revocation>(&stored.bytes).ok())
-        .is_some_and(|stored| stored.object_key() == key);
-    if !confirmed {
+    let Some(stored) = stored.and_then(|stored| stored_revocation(&key, &stored.bytes)) else {
         tracing::warn!(key, "ignoring a revocation message the store does not hold");
         return;
-    }
-    if revocations.insert(&revocation) {
+    };
+    if revocations.insert(&stored) {
         tracing::info!(revocation = revocation.describe(), "credential revoked");
     }
 }

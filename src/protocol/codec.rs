@@ -115,9 +115,11 @@ impl ErrorBody {
     /// sent (a bulk item's id, a token's `kid`, a mistyped JSON value), which has no other bound.
     pub fn from_error(error: &Error) -> Self {
         let message = error.message();
-        let message = match message.char_indices().nth(MAX_ERROR_MESSAGE_CHARS) {
-            Some((cut, _)) => format!("{}…", &message[..cut]),
-            None => message.to_owned(),
+        let kept = crate::error::first_chars(message, MAX_ERROR_MESSAGE_CHARS);
+        let message = if kept.len() < message.len() {
+            format!("{kept}…")
+        } else {
+            message.to_owned()
         };
         Self {
             code: error.kind().code().to_owned(),

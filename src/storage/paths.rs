@@ -66,17 +66,10 @@ pub fn validate_key_id(key_id: &str) -> Result<()> {
     if !valid {
         return Err(Error::invalid_argument(format!(
             "encryption key id {:?} is not a valid key id",
-            truncate(key_id, 64)
+            crate::error::first_chars(key_id, 64)
         )));
     }
     Ok(())
-}
-
-fn truncate(text: &str, max: usize) -> &str {
-    match text.char_indices().nth(max) {
-        Some((cut, _)) => &text[..cut],
-        None => text,
-    }
 }
 
 /// `keyring/<keyring>/<key_id>`; both parts must be valid.

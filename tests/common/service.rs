@@ -5,12 +5,25 @@ use std::time::Duration;
 
 use ringvault::client::{Client, ClientOptions};
 use ringvault::config::Config;
-use ringvault::crypto::Kek;
+use ringvault::crypto::{Kek, MasterKeys};
+use ringvault::keyring::{CachePolicy, KeyringStore, Keyrings};
 use ringvault::protocol::Format;
 use ringvault::server::Server;
+use ringvault::storage::{ObjectStoreBackend, Storage, StoragePolicy};
 use tempfile::TempDir;
 
 use super::{NatsServer, S3Server};
+
+/// The keyrings of a local-directory store at `root`, opened with `master_keys` as another
+/// process would (no service in between).
+pub fn local_keyrings(root: &Path, master_keys: MasterKeys) -> Keyrings {
+    let backend = ObjectStoreBackend::local(root).unwrap();
+    let storage = Storage::new(std::sync::Arc::new(backend), StoragePolicy::default());
+    Keyrings::new(
+        KeyringStore::new(storage, std::sync::Arc::new(master_keys)),
+        CachePolicy::default(),
+    )
+}
 
 /// The token every test service accepts (with every permission).
 pub const TOKEN: &str = "test-token-with-every-permission";

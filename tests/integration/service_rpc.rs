@@ -217,8 +217,6 @@ async fn two_instances_in_one_queue_group_decrypt_each_others_ciphertexts(env: T
 #[tokio::test]
 async fn an_envelope_of_bytes_that_are_not_utf8_is_invalid_argument() {
     use ringvault::crypto::{Kek, MasterKeys};
-    use ringvault::keyring::{CachePolicy, KeyringStore, Keyrings};
-    use ringvault::storage::{ObjectStoreBackend, Storage, StoragePolicy};
 
     let env = TestEnv::start().await;
     let service = env.service(&[]).await;
@@ -229,12 +227,7 @@ async fn an_envelope_of_bytes_that_are_not_utf8_is_invalid_argument() {
         .unwrap();
 
     let master_keys = MasterKeys::new(Kek::parse(&env.master_key).unwrap(), []).unwrap();
-    let backend = ObjectStoreBackend::local(&env.store_path()).unwrap();
-    let storage = Storage::new(std::sync::Arc::new(backend), StoragePolicy::default());
-    let keyrings = Keyrings::new(
-        KeyringStore::new(storage, std::sync::Arc::new(master_keys)),
-        CachePolicy::default(),
-    );
+    let keyrings = common::service::local_keyrings(&env.store_path(), master_keys);
     let dek = keyrings.latest("ws_1/bytes").await.unwrap();
     let text = ringvault::protocol::encode_envelope(&dek.seal(&[b'a', 0xff, 0xfe]));
 

@@ -2,30 +2,20 @@
 //! Vault bucket, and the master-key roll over it.
 
 use std::path::Path;
-use std::sync::Arc;
 
+use crate::common::service::local_keyrings;
 use prost::Message as _;
 use ringvault::crypto::{seal_with_nonce, Dek, Kek, MasterKeys};
-use ringvault::keyring::{roll_deks, CachePolicy, KeyringStore, Keyrings};
+use ringvault::keyring::{roll_deks, Keyrings};
 use ringvault::protocol::{
     decode_envelope, encode_envelope, Encrypted, EncryptedDataEncryptionKey,
 };
-use ringvault::storage::{ObjectStoreBackend, Storage, StoragePolicy};
 
 const VECTOR_MASTER_KEY: &str =
     "Cg1rZWtfVEVTVEtFSzAxEIDQlf+8MRogAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const VECTOR_STORED_DEK: &str = "0a0d64656b5f5445535444454b30311081d095ffbc311a6e120c0101010101010101010101011a487dce815003da3c238700235d535763c84abe1a242db20cfcd3fa25cfb92cd81684ff4864cabb741c6813c5ec0690b847b3dc723672c2bf260db1272e553d40bc95774be3e3993773220d6b656b5f544553544b454b30312882d095ffbc31";
 const VECTOR_HELLO: &str =
     "EgwCAgICAgICAgICAgIaFQVrWddDKJXEx3VtC+wQWZYT4astTSINZGVrX1RFU1RERUswMSiD0JX/vDE=";
-
-fn local_keyrings(root: &Path, master_keys: MasterKeys) -> Keyrings {
-    let backend = ObjectStoreBackend::local(root).unwrap();
-    let storage = Storage::new(Arc::new(backend), StoragePolicy::default());
-    Keyrings::new(
-        KeyringStore::new(storage, Arc::new(master_keys)),
-        CachePolicy::default(),
-    )
-}
 
 async fn decrypt(keyrings: &Keyrings, keyring: &str, text: &str) -> ringvault::Result<Vec<u8>> {
     let envelope = decode_envelope(text)?;

@@ -144,6 +144,13 @@ impl AuthHandle {
         if let Some(principal) = self.cached(&digest, generation) {
             return Ok(principal);
         }
+        // Boxed: the actor call's future is large, and every request's future would otherwise
+        // carry it for the few that miss the cache.
+        Box::pin(self.verify(token, digest)).await
+    }
+
+    /// Has the authenticator verify `token` and caches the principal it yields.
+    async fn verify(&self, token: &str, digest: [u8; 32]) -> Result<Arc<Principal>> {
         let owned = Zeroizing::new(token.to_owned());
         let (outcome, replied_revocations) = self
             .actor

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use async_nats::header::HeaderName;
+use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::{HeaderMap, PublishErrorKind};
 use bytes::Bytes;
 use futures::{FutureExt as _, StreamExt as _};
@@ -500,12 +500,38 @@ async fn serve_discovery(
     }
 }
 
-fn header(headers: Option<&HeaderMap>, name: HeaderName) -> Option<&str> {
-    headers?.get(name).map(|value| value.as_str())
+/// The request headers the gateway reads (the first value of each), found in one pass: a
+/// lookup by name hashes the name every time, and a request carries only a few headers.
+#[derive(Debug, Default)]
+struct RequestHeaders<'a> {
+    request_id: Option<&'a str>,
+    content_type: Option<&'a str>,
+    authorization: Option<&'a str>,
+    tenant_id: Option<&'a str>,
 }
 
-// Header names built once: looking a header up by `&str` validates and allocates the name on
-// every request.
+impl<'a> RequestHeaders<'a> {
+    fn read(headers: Option<&'a HeaderMap>) -> Self {
+        let mut found = Self::default();
+        for (name, values) in headers.into_iter().flat_map(HeaderMap::iter) {
+            let slot = if *name == REQUEST_ID_HEADER {
+                &mut found.request_id
+            } else if *name == CONTENT_TYPE_HEADER {
+                &mut found.content_type
+            } else if *name == AUTHORIZATION_HEADER {
+                &mut found.authorization
+            } else if *name == TENANT_ID_HEADER {
+                &mut found.tenant_id
+            } else {
+                continue;
+            };
+            *slot = values.first().map(HeaderValue::as_str);
+        }
+        found
+    }
+}
+
+// Header names built once: a name made from `&str` is validated and allocated each time.
 const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
 const CONTENT_TYPE_HEADER: HeaderName = HeaderName::from_static(CONTENT_TYPE);
 const AUTHORIZATION_HEADER: HeaderName = HeaderName::from_static(AUTHORIZATION);
@@ -547,17 +573,18 @@ async fn handle_request(
         );
         return None;
     };
-    let headers = request.headers.as_ref();
-    let request_id = header(headers, REQUEST_ID_HEADER)
+    let headers = RequestHeaders::read(request.headers.as_ref());
+    let request_id = headers
+        .request_id
         .filter(|id| usable_request_id(id))
         .map(str::to_owned)
         .unwrap_or_else(new_request_id);
-    let format = Format::from_content_type(header(headers, CONTENT_TYPE_HEADER));
+    let format = Format::from_content_type(headers.content_type);
     let (outcome, record) = AssertUnwindSafe(dispatch(
         context,
         method,
         format,
-        headers,
+        &headers,
         &request.payload,
         &request_id,
     ))
@@ -571,13 +598,12 @@ async fn handle_request(
     let mut reply_headers = HeaderMap::new();
     reply_headers.insert(REQUEST_ID_HEADER, request_id.as_str());
     let elapsed = started.elapsed();
-    context.stats[index].record(elapsed, outcome.as_ref().err().map(|f| &f.error));
-    let (body, code) = match outcome {
+    let (body, mut failure) = match outcome {
         Ok(body) => {
             if format == Format::Json {
                 reply_headers.insert(CONTENT_TYPE, JSON_CONTENT_TYPE);
             }
-            (body, "ok")
+            (body, None)
         }
         Err(Failure { error, retry_after }) => {
             if matches!(
@@ -595,52 +621,57 @@ async fn handle_request(
             }
             (
                 error_body(&mut reply_headers, &error, retry_after),
-                error.kind().code(),
+                Some(error),
             )
         }
     };
-    let request_metrics = &context.request_metrics[index];
-    if code == "ok" {
-        request_metrics.ok.increment(1);
-    } else {
-        metrics::counter!("ringvault_requests_total", "method" => method.name(), "code" => code)
-            .increment(1);
-    }
-    request_metrics.duration.record(elapsed.as_secs_f64());
     let body_len = body.len();
     let sent = context
         .nats
         .publish_with_headers(reply_subject.clone(), reply_headers, body)
         .await;
     let mut record = record;
-    if let Err(error) = sent {
-        if error.kind() != PublishErrorKind::MaxPayloadExceeded {
-            tracing::debug!(method = method.name(), request_id, %error, "reply not sent");
-            return record;
+    match sent {
+        Ok(()) => {}
+        Err(error) if error.kind() == PublishErrorKind::MaxPayloadExceeded => {
+            // The caller would otherwise wait for its timeout (a bulk call of many small
+            // items, a JSON plaintext of escaped characters): it gets a small error reply.
+            let too_large = Error::new(
+                Kind::PayloadTooLarge,
+                format!(
+                    "the reply would be {body_len} bytes, more than the nats server's \
+                     max_payload; send less per request"
+                ),
+            );
+            record = record.map(|record| record.failed(too_large.kind()));
+            let mut headers = HeaderMap::new();
+            headers.insert(REQUEST_ID_HEADER, request_id.as_str());
+            let body = error_body(&mut headers, &too_large, None);
+            if let Err(error) = context
+                .nats
+                .publish_with_headers(reply_subject, headers, body)
+                .await
+            {
+                tracing::debug!(method = method.name(), request_id, %error, "error reply not sent");
+            }
+            failure = Some(too_large);
         }
-        // The caller would otherwise wait for its timeout (a bulk call of many small items, a
-        // JSON plaintext of escaped characters): it gets a small error reply instead.
-        let too_large = Error::new(
-            Kind::PayloadTooLarge,
-            format!(
-                "the reply would be {body_len} bytes, more than the nats server's max_payload; \
-                 send less per request"
-            ),
-        );
-        metrics::counter!("ringvault_requests_total", "method" => method.name(), "code" => too_large.kind().code())
-            .increment(1);
-        record = record.map(|record| record.failed(too_large.kind()));
-        let mut headers = HeaderMap::new();
-        headers.insert(REQUEST_ID_HEADER, request_id.as_str());
-        let body = error_body(&mut headers, &too_large, None);
-        if let Err(error) = context
-            .nats
-            .publish_with_headers(reply_subject, headers, body)
-            .await
-        {
-            tracing::debug!(method = method.name(), request_id, %error, "error reply not sent");
+        Err(error) => {
+            tracing::debug!(method = method.name(), request_id, %error, "reply not sent");
         }
     }
+    // Counted once the reply's fate is known, so a reply refused as too large counts as that
+    // error and not also as ok.
+    context.stats[index].record(elapsed, failure.as_ref());
+    let request_metrics = &context.request_metrics[index];
+    let code = failure.as_ref().map_or("ok", |error| error.kind().code());
+    if failure.is_none() {
+        request_metrics.ok.increment(1);
+    } else {
+        metrics::counter!("ringvault_requests_total", "method" => method.name(), "code" => code)
+            .increment(1);
+    }
+    request_metrics.duration.record(elapsed.as_secs_f64());
     tracing::debug!(
         method = method.name(),
         request_id,
@@ -690,7 +721,7 @@ async fn dispatch(
     context: &RequestContext,
     method: Method,
     format: Format,
-    headers: Option<&HeaderMap>,
+    headers: &RequestHeaders<'_>,
     payload: &[u8],
     request_id: &str,
 ) -> (std::result::Result<Bytes, Failure>, Option<AuditRecord>) {
@@ -701,11 +732,7 @@ async fn dispatch(
         return (Ok(encode(format, &response)), None);
     }
     // Verifying a credential is not an audit event: a request that fails here leaves none.
-    let principal = match context
-        .auth
-        .authenticate(header(headers, AUTHORIZATION_HEADER))
-        .await
-    {
+    let principal = match context.auth.authenticate(headers.authorization).await {
         Ok(principal) => principal,
         Err(error) => return (Err(error.into()), None),
     };
@@ -729,12 +756,12 @@ async fn serve(
     context: &RequestContext,
     method: Method,
     format: Format,
-    headers: Option<&HeaderMap>,
+    headers: &RequestHeaders<'_>,
     payload: &[u8],
     principal: &Principal,
     facts: &mut AuditFacts,
 ) -> std::result::Result<Bytes, Failure> {
-    let principal = acting_principal(principal, header(headers, TENANT_ID_HEADER), facts)?;
+    let principal = acting_principal(principal, headers.tenant_id, facts)?;
     if let Some(limiter) = &context.rate_limiter {
         // One bucket per (effective) workspace; a principal bound to none has its own bucket
         // keyed by its subject (`*` cannot occur in a keyring, so no workspace collides).
@@ -766,16 +793,34 @@ async fn serve(
         )),
         Method::Encrypt => run(format, payload, facts, |r| vault.encrypt(principal, r)).await,
         Method::Decrypt => run(format, payload, facts, |r| vault.decrypt(principal, r)).await,
-        Method::ReEncrypt => run(format, payload, facts, |r| vault.reencrypt(principal, r)).await,
+        // Boxed: every request's future is as large as the largest method's, and these are
+        // neither the common ones nor cheap next to an allocation.
+        Method::ReEncrypt => {
+            Box::pin(run(format, payload, facts, |r| {
+                vault.reencrypt(principal, r)
+            }))
+            .await
+        }
         Method::EncryptBulk => {
-            run(format, payload, facts, |r| vault.encrypt_bulk(principal, r)).await
+            Box::pin(run(format, payload, facts, |r| {
+                vault.encrypt_bulk(principal, r)
+            }))
+            .await
         }
         Method::DecryptBulk => {
-            run(format, payload, facts, |r| vault.decrypt_bulk(principal, r)).await
+            Box::pin(run(format, payload, facts, |r| {
+                vault.decrypt_bulk(principal, r)
+            }))
+            .await
         }
-        Method::RotateKeyring => run(format, payload, facts, |r| vault.rotate(principal, r)).await,
+        Method::RotateKeyring => {
+            Box::pin(run(format, payload, facts, |r| vault.rotate(principal, r))).await
+        }
         Method::DescribeKeyring => {
-            run(format, payload, facts, |r| vault.describe(principal, r)).await
+            Box::pin(run(format, payload, facts, |r| {
+                vault.describe(principal, r)
+            }))
+            .await
         }
     };
     Ok(body?)
@@ -1009,4 +1054,32 @@ where
         facts.key_id = Some(key_id.to_owned());
     }
     Ok(response.into_body(format))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_headers_take_the_first_value_of_each_name_read() {
+        let mut map = HeaderMap::new();
+        map.append(AUTHORIZATION, "Bearer first");
+        map.append(AUTHORIZATION, "Bearer second");
+        map.insert(REQUEST_ID, "req-1");
+        map.insert(TENANT_ID, "ws_2");
+        map.insert("X-Other", "ignored");
+        let headers = RequestHeaders::read(Some(&map));
+        assert_eq!(headers.authorization, Some("Bearer first"));
+        assert_eq!(headers.request_id, Some("req-1"));
+        assert_eq!(headers.tenant_id, Some("ws_2"));
+        assert_eq!(headers.content_type, None);
+        // The same answers as looking each name up.
+        assert_eq!(
+            headers.authorization,
+            map.get(AUTHORIZATION).map(HeaderValue::as_str)
+        );
+
+        let none = RequestHeaders::read(None);
+        assert!(none.authorization.is_none() && none.request_id.is_none());
+    }
 }

@@ -263,7 +263,19 @@ impl KeyringRegistry {
         tracing::warn!(keyring = name, key_id, "could not apply a new latest key");
     }
 
+    /// Sends the keyring's actor `build`'s message and waits for the reply.
+    ///
+    /// Boxed: a call may spawn the actor, whose future is large, and the cache-hit paths that
+    /// await this one would otherwise carry that size in every request's future.
     async fn call<T, F>(&self, name: &str, build: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(RpcReplyPort<T>) -> KeyringMsg,
+    {
+        Box::pin(self.call_unboxed(name, build)).await
+    }
+
+    async fn call_unboxed<T, F>(&self, name: &str, build: F) -> Result<T>
     where
         T: Send + 'static,
         F: Fn(RpcReplyPort<T>) -> KeyringMsg,

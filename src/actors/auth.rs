@@ -5,10 +5,13 @@
 //! The cache never outlives what it caches: an entry holds the credential's expiry (`exp`
 //! plus leeway) and the revocation generation it was checked against, and is a miss once
 //! either has passed; the whole cache is cleared when the revocation set changes.
+//!
+//! Refusals are remembered briefly too ([`REFUSAL_MEMORY`]): a client that retries an expired
+//! or forged token in a loop costs the actor one verification per period, not one per request.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -18,10 +21,18 @@ use super::ActorSlot;
 use crate::auth::{
     bearer_token, fingerprint, token_digest, Authenticator, Principal, Revocations, Verified,
 };
-use crate::error::Result;
+use crate::error::{Error, Kind, Result};
 
 /// Bound of the verified-token cache; past it the cache starts over.
 const MAX_CACHED_TOKENS: usize = 100_000;
+
+/// How long a refused token is answered from memory. Long enough that a client retrying a bad
+/// token in a loop is refused without a signature check each time; short enough that a token
+/// refused only for now (an `nbf` just ahead, a key its identity provider has yet to publish in
+/// the JWKS) is accepted soon after it becomes good.
+pub const REFUSAL_MEMORY: Duration = Duration::from_secs(2);
+/// Bound of the refusal memory; past it the memory starts over.
+const MAX_REMEMBERED_REFUSALS: usize = 10_000;
 
 /// Messages of the [`AuthActor`].
 pub enum AuthMsg {
@@ -78,11 +89,18 @@ struct Cached {
     generation: u64,
 }
 
+/// A remembered refusal: the error the actor gave, until when it is repeated.
+struct Refused {
+    error: Error,
+    until: Instant,
+}
+
 /// The gateway's view of authentication.
 #[derive(Clone)]
 pub struct AuthHandle {
     actor: Arc<ActorSlot<AuthMsg>>,
     verified: Arc<DashMap<[u8; 32], Cached>>,
+    refused: Arc<DashMap<[u8; 32], Refused>>,
     revocations: Arc<OnceLock<Arc<Revocations>>>,
     seen_generation: Arc<AtomicU64>,
     call_timeout: Duration,
@@ -109,6 +127,7 @@ impl AuthHandle {
         Self {
             actor,
             verified: Arc::new(DashMap::new()),
+            refused: Arc::new(DashMap::new()),
             revocations: Arc::new(OnceLock::new()),
             seen_generation: Arc::new(AtomicU64::new(0)),
             call_timeout,
@@ -144,6 +163,9 @@ impl AuthHandle {
         if let Some(principal) = self.cached(&digest, generation) {
             return Ok(principal);
         }
+        if let Some(error) = self.remembered_refusal(&digest) {
+            return Err(error);
+        }
         // Boxed: the actor call's future is large, and every request's future would otherwise
         // carry it for the few that miss the cache.
         Box::pin(self.verify(token, digest)).await
@@ -175,6 +197,7 @@ impl AuthHandle {
                     code = error.kind().code(),
                     "credential refused"
                 );
+                self.remember_refusal(digest, &error);
                 return Err(error);
             }
         };
@@ -196,8 +219,103 @@ impl AuthHandle {
         Ok(principal)
     }
 
-    /// Forgets every verified token (after revocations or a change of sources).
+    /// The refusal of this token the actor gave within [`REFUSAL_MEMORY`], if any.
+    fn remembered_refusal(&self, digest: &[u8; 32]) -> Option<Error> {
+        let entry = self.refused.get(digest)?;
+        if Instant::now() < entry.until {
+            return Some(entry.error.clone());
+        }
+        drop(entry);
+        self.refused.remove(digest);
+        None
+    }
+
+    /// Remembers a refusal that the token itself earned (a bad signature, an expiry, a
+    /// revocation, an unknown source), not one that says the verifier could not answer.
+    fn remember_refusal(&self, digest: [u8; 32], error: &Error) {
+        if !matches!(error.kind(), Kind::InvalidToken | Kind::TokenExpired) {
+            return;
+        }
+        if self.refused.len() >= MAX_REMEMBERED_REFUSALS {
+            self.refused.clear();
+        }
+        self.refused.insert(
+            digest,
+            Refused {
+                error: error.clone(),
+                until: Instant::now() + REFUSAL_MEMORY,
+            },
+        );
+    }
+
+    /// Forgets every verified and refused token (after revocations or a change of sources).
     pub fn forget_verified(&self) {
         self.verified.clear();
+        self.refused.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{parse_grants, CredentialSource, StaticToken, StaticTokens};
+
+    async fn handle_over(tokens: Vec<StaticToken>) -> (AuthHandle, Arc<ActorSlot<AuthMsg>>) {
+        let (actor, _) = Actor::spawn(
+            None,
+            AuthActor,
+            Authenticator::new(StaticTokens::new(tokens)),
+        )
+        .await
+        .unwrap();
+        let slot = ActorSlot::new("auth actor");
+        slot.set(actor);
+        (AuthHandle::new(slot.clone(), Duration::from_secs(5)), slot)
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_is_answered_from_memory_until_the_memory_ends() {
+        let principal = Principal {
+            workspace: Some("ws_1".into()),
+            subject: "svc".into(),
+            source: CredentialSource::StaticToken,
+            permissions: parse_grants(&["encrypt"]).unwrap(),
+        };
+        let (handle, slot) = handle_over(vec![StaticToken::new("good", principal)]).await;
+        let refused = handle
+            .authenticate(Some("Bearer forged"))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.kind(), Kind::InvalidToken, "{refused}");
+        assert!(handle.authenticate(Some("Bearer good")).await.is_ok());
+
+        // Without the actor, only memory can answer: the refusal is repeated as it was, and
+        // the verified token still passes, while a token never seen cannot be checked.
+        slot.clear();
+        let again = handle
+            .authenticate(Some("Bearer forged"))
+            .await
+            .unwrap_err();
+        assert_eq!(again, refused);
+        assert!(handle.authenticate(Some("Bearer good")).await.is_ok());
+        let unseen = handle
+            .authenticate(Some("Bearer unseen"))
+            .await
+            .unwrap_err();
+        assert_eq!(unseen.kind(), Kind::Unavailable, "{unseen}");
+        // Not being able to check is not remembered as a refusal.
+        assert!(!handle.refused.contains_key(&token_digest("unseen")));
+
+        // Once its memory ends the refusal goes back to the verifier.
+        handle
+            .refused
+            .get_mut(&token_digest("forged"))
+            .unwrap()
+            .until = Instant::now();
+        let expired = handle
+            .authenticate(Some("Bearer forged"))
+            .await
+            .unwrap_err();
+        assert_eq!(expired.kind(), Kind::Unavailable, "{expired}");
     }
 }

@@ -1,6 +1,6 @@
 //! AuthActor: owns the credential sources and turns a bearer token into a [`Principal`].
 //! [`AuthHandle`] is what the gateway uses: a verified-token cache keyed by the token's SHA-256
-//! answers the hot path, and only a token not seen before goes to the actor.
+//! answers the hot path, and only a token not seen lately goes to the actor.
 //!
 //! The cache never outlives what it caches: an entry holds the credential's expiry (`exp`
 //! plus leeway) and the revocation generation it was checked against, and is a miss once
@@ -8,6 +8,8 @@
 //!
 //! Refusals are remembered briefly too ([`REFUSAL_MEMORY`]): a client that retries an expired
 //! or forged token in a loop costs the actor one verification per period, not one per request.
+//! Expired refusals leave when their token returns or when the memory fills up, so it stays
+//! within [`MAX_REMEMBERED_REFUSALS`] entries of at most a short message each.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -22,6 +24,7 @@ use crate::auth::{
     bearer_token, fingerprint, token_digest, Authenticator, Principal, Revocations, Verified,
 };
 use crate::error::{Error, Kind, Result};
+use crate::protocol::MAX_ERROR_MESSAGE_CHARS;
 
 /// Bound of the verified-token cache; past it the cache starts over.
 const MAX_CACHED_TOKENS: usize = 100_000;
@@ -31,8 +34,9 @@ const MAX_CACHED_TOKENS: usize = 100_000;
 /// refused only for now (an `nbf` just ahead, a key its identity provider has yet to publish in
 /// the JWKS) is accepted soon after it becomes good.
 pub const REFUSAL_MEMORY: Duration = Duration::from_secs(2);
-/// Bound of the refusal memory; past it the memory starts over.
-const MAX_REMEMBERED_REFUSALS: usize = 10_000;
+/// Bound of the refusal memory: when full, expired refusals leave, and if none has expired,
+/// the memory starts over.
+pub const MAX_REMEMBERED_REFUSALS: usize = 10_000;
 
 /// Messages of the [`AuthActor`].
 pub enum AuthMsg {
@@ -89,9 +93,11 @@ struct Cached {
     generation: u64,
 }
 
-/// A remembered refusal: the error the actor gave, until when it is repeated.
+/// A remembered refusal: the error the actor gave (its message cut as a reply would cut it, as
+/// some quote the token), until when it is repeated.
 struct Refused {
-    error: Error,
+    kind: Kind,
+    message: String,
     until: Instant,
 }
 
@@ -110,6 +116,7 @@ impl std::fmt::Debug for AuthHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthHandle")
             .field("cached", &self.verified.len())
+            .field("refused", &self.refused.len())
             .finish_non_exhaustive()
     }
 }
@@ -151,7 +158,11 @@ impl AuthHandle {
             return Some(entry.principal.clone());
         }
         drop(entry);
-        self.verified.remove(digest);
+        // Only if still stale: another request may have just cached it afresh.
+        self.verified.remove_if(digest, |_, entry| {
+            entry.valid_until.is_some_and(|until| now_secs() >= until)
+                || generation != Some(entry.generation)
+        });
         None
     }
 
@@ -173,6 +184,8 @@ impl AuthHandle {
 
     /// Has the authenticator verify `token` and caches the principal it yields.
     async fn verify(&self, token: &str, digest: [u8; 32]) -> Result<Arc<Principal>> {
+        // A refusal is remembered from when it was asked for, not from when the answer came.
+        let asked = Instant::now();
         let owned = Zeroizing::new(token.to_owned());
         let (outcome, replied_revocations) = self
             .actor
@@ -197,7 +210,7 @@ impl AuthHandle {
                     code = error.kind().code(),
                     "credential refused"
                 );
-                self.remember_refusal(digest, &error);
+                self.remember_refusal(digest, &error, asked);
                 return Err(error);
             }
         };
@@ -223,54 +236,68 @@ impl AuthHandle {
     fn remembered_refusal(&self, digest: &[u8; 32]) -> Option<Error> {
         let entry = self.refused.get(digest)?;
         if Instant::now() < entry.until {
-            return Some(entry.error.clone());
+            return Some(Error::new(entry.kind, entry.message.clone()));
         }
         drop(entry);
-        self.refused.remove(digest);
+        // Only if still expired: another request may have just remembered it afresh.
+        self.refused
+            .remove_if(digest, |_, refused| Instant::now() >= refused.until);
         None
     }
 
     /// Remembers a refusal that the token itself earned (a bad signature, an expiry, a
-    /// revocation, an unknown source), not one that says the verifier could not answer.
-    fn remember_refusal(&self, digest: [u8; 32], error: &Error) {
+    /// revocation, an unknown source): `invalid_token` and `token_expired`, never an error
+    /// saying that the verifier could not answer (`unavailable`, `internal`).
+    fn remember_refusal(&self, digest: [u8; 32], error: &Error, asked: Instant) {
         if !matches!(error.kind(), Kind::InvalidToken | Kind::TokenExpired) {
             return;
         }
         if self.refused.len() >= MAX_REMEMBERED_REFUSALS {
-            self.refused.clear();
+            let now = Instant::now();
+            self.refused.retain(|_, refused| now < refused.until);
+            if self.refused.len() >= MAX_REMEMBERED_REFUSALS {
+                self.refused.clear();
+            }
         }
+        let message = crate::error::first_chars(error.message(), MAX_ERROR_MESSAGE_CHARS);
         self.refused.insert(
             digest,
             Refused {
-                error: error.clone(),
-                until: Instant::now() + REFUSAL_MEMORY,
+                kind: error.kind(),
+                message: message.to_owned(),
+                until: asked + REFUSAL_MEMORY,
             },
         );
-    }
-
-    /// Forgets every verified and refused token (after revocations or a change of sources).
-    pub fn forget_verified(&self) {
-        self.verified.clear();
-        self.refused.clear();
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::auth::{parse_grants, CredentialSource, StaticToken, StaticTokens};
+    use base64::Engine as _;
 
-    async fn handle_over(tokens: Vec<StaticToken>) -> (AuthHandle, Arc<ActorSlot<AuthMsg>>) {
-        let (actor, _) = Actor::spawn(
-            None,
-            AuthActor,
-            Authenticator::new(StaticTokens::new(tokens)),
-        )
-        .await
-        .unwrap();
+    use super::*;
+    use crate::auth::{
+        parse_grants, CredentialSource, JwksSource, JwtVerifier, KeySet, StaticToken, StaticTokens,
+    };
+
+    async fn handle_over(
+        authenticator: Authenticator,
+    ) -> (AuthHandle, Arc<ActorSlot<AuthMsg>>, ActorRef<AuthMsg>) {
+        let (actor, _) = Actor::spawn(None, AuthActor, authenticator).await.unwrap();
         let slot = ActorSlot::new("auth actor");
-        slot.set(actor);
-        (AuthHandle::new(slot.clone(), Duration::from_secs(5)), slot)
+        slot.set(actor.clone());
+        (
+            AuthHandle::new(slot.clone(), Duration::from_secs(5)),
+            slot,
+            actor,
+        )
+    }
+
+    async fn refused(handle: &AuthHandle, token: &str) -> Error {
+        handle
+            .authenticate(Some(&format!("Bearer {token}")))
+            .await
+            .unwrap_err()
     }
 
     #[tokio::test]
@@ -281,30 +308,19 @@ mod tests {
             source: CredentialSource::StaticToken,
             permissions: parse_grants(&["encrypt"]).unwrap(),
         };
-        let (handle, slot) = handle_over(vec![StaticToken::new("good", principal)]).await;
-        let refused = handle
-            .authenticate(Some("Bearer forged"))
-            .await
-            .unwrap_err();
-        assert_eq!(refused.kind(), Kind::InvalidToken, "{refused}");
+        let tokens = StaticTokens::new(vec![StaticToken::new("good", principal)]);
+        let (handle, slot, actor) = handle_over(Authenticator::new(tokens)).await;
+        let first = refused(&handle, "forged").await;
+        assert_eq!(first.kind(), Kind::InvalidToken, "{first}");
         assert!(handle.authenticate(Some("Bearer good")).await.is_ok());
 
         // Without the actor, only memory can answer: the refusal is repeated as it was, and
         // the verified token still passes, while a token never seen cannot be checked.
         slot.clear();
-        let again = handle
-            .authenticate(Some("Bearer forged"))
-            .await
-            .unwrap_err();
-        assert_eq!(again, refused);
+        assert_eq!(refused(&handle, "forged").await, first);
         assert!(handle.authenticate(Some("Bearer good")).await.is_ok());
-        let unseen = handle
-            .authenticate(Some("Bearer unseen"))
-            .await
-            .unwrap_err();
+        let unseen = refused(&handle, "unseen").await;
         assert_eq!(unseen.kind(), Kind::Unavailable, "{unseen}");
-        // Not being able to check is not remembered as a refusal.
-        assert!(!handle.refused.contains_key(&token_digest("unseen")));
 
         // Once its memory ends the refusal goes back to the verifier.
         handle
@@ -312,10 +328,32 @@ mod tests {
             .get_mut(&token_digest("forged"))
             .unwrap()
             .until = Instant::now();
-        let expired = handle
-            .authenticate(Some("Bearer forged"))
-            .await
-            .unwrap_err();
+        let expired = refused(&handle, "forged").await;
         assert_eq!(expired.kind(), Kind::Unavailable, "{expired}");
+        actor.stop(None);
+    }
+
+    /// A verifier that cannot answer yet (no JWKS loaded) refuses with `unavailable`, which is
+    /// not remembered: the token passes as soon as the keys are there.
+    #[tokio::test]
+    async fn a_refusal_the_token_did_not_earn_is_not_remembered() {
+        let jwt = JwtVerifier::new(
+            JwksSource::Url("http://127.0.0.1:9/jwks.json".into()),
+            KeySet::default(),
+            Duration::from_secs(3600),
+            None,
+            None,
+            Duration::ZERO,
+            "tenant_id",
+        )
+        .unwrap();
+        let (handle, _slot, actor) =
+            handle_over(Authenticator::new(StaticTokens::default()).with_jwt(jwt)).await;
+        let part = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+        let token = format!("{}.{}.c2ln", part(r#"{"alg":"ES256"}"#), part("{}"));
+        let error = refused(&handle, &token).await;
+        assert_eq!(error.kind(), Kind::Unavailable, "{error}");
+        assert!(!handle.refused.contains_key(&token_digest(&token)));
+        actor.stop(None);
     }
 }

@@ -502,7 +502,9 @@ async fn serve_discovery(
 
 /// The request headers the gateway reads (the first value of each), found in one pass: a
 /// lookup by name hashes the name every time, and a request carries only a few headers.
-#[derive(Debug, Default)]
+///
+/// No `Debug`: it holds the bearer token.
+#[derive(Default)]
 struct RequestHeaders<'a> {
     request_id: Option<&'a str>,
     content_type: Option<&'a str>,

@@ -19,6 +19,9 @@ use crate::error::{Error, Kind, Result};
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 1 << 20;
+/// The most characters of a token's `kid` an error message quotes (a key id is short; a
+/// caller's may be anything).
+const MAX_QUOTED_KID_CHARS: usize = 64;
 
 /// Where the JWKS comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -386,8 +389,10 @@ impl JwtVerifier {
         };
         let set = self.keys.load();
         if set.is_empty() {
+            // The verifier cannot answer yet (the first fetch has not succeeded): not the
+            // token's fault, so not a refusal anyone should remember.
             return Err(Error::new(
-                Kind::InvalidToken,
+                Kind::Unavailable,
                 "jwt: no identity provider keys are loaded",
             ));
         }
@@ -404,7 +409,11 @@ impl JwtVerifier {
             return Err(Error::new(
                 Kind::InvalidToken,
                 match &header.kid {
-                    Some(kid) => format!("jwt: no {} key with kid {kid:?}", header.alg),
+                    Some(kid) => format!(
+                        "jwt: no {} key with kid {:?}",
+                        header.alg,
+                        crate::error::first_chars(kid, MAX_QUOTED_KID_CHARS)
+                    ),
                     None => format!("jwt: no {} key", header.alg),
                 },
             ));
@@ -586,6 +595,25 @@ mod tests {
         assert_eq!(
             verifier.verify(&token).unwrap_err().kind(),
             Kind::InvalidToken
+        );
+    }
+
+    #[test]
+    fn an_unknown_kid_is_refused_and_quoted_short() {
+        let keys = keys("ec-1", "ed-1");
+        let verifier = verifier(&serde_json::json!({"keys": [keys.ec.1]}));
+        let kid = "k".repeat(100_000);
+        let token = sign(Algorithm::ES256, Some(&kid), &claims(600), &keys.ec.0);
+        let error = verifier.verify(&token).unwrap_err();
+        assert_eq!(error.kind(), Kind::InvalidToken);
+        assert!(
+            error.message().contains(&"k".repeat(MAX_QUOTED_KID_CHARS)),
+            "{error}"
+        );
+        assert!(
+            error.message().len() < 200,
+            "{} bytes",
+            error.message().len()
         );
     }
 

@@ -25,6 +25,23 @@ pub fn local_keyrings(root: &Path, master_keys: MasterKeys) -> Keyrings {
     )
 }
 
+/// The `$SRV.STATS` entry of endpoint `name` (`Encrypt`, `EncryptBulk`, …) of the ringvault
+/// service on `nats`.
+pub async fn endpoint_stats(nats: &async_nats::Client, name: &str) -> serde_json::Value {
+    let stats = nats
+        .request("$SRV.STATS.ringvault", "".into())
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    stats["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|endpoint| endpoint["name"] == name)
+        .unwrap_or_else(|| panic!("no endpoint {name} in {stats}"))
+        .clone()
+}
+
 /// The token every test service accepts (with every permission).
 pub const TOKEN: &str = "test-token-with-every-permission";
 

@@ -284,17 +284,7 @@ async fn discovery_lists_every_endpoint_and_counts_requests() {
             "{subjects:?}"
         );
     }
-    let stats = nats
-        .request("$SRV.STATS.ringvault", "".into())
-        .await
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
-    let encrypt = stats["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|endpoint| endpoint["name"] == "Encrypt")
-        .unwrap();
+    let encrypt = common::service::endpoint_stats(&nats, "Encrypt").await;
     assert!(encrypt["num_requests"].as_u64().unwrap() >= 1, "{encrypt}");
 }
 

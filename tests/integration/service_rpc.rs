@@ -254,18 +254,7 @@ async fn a_reply_over_max_payload_becomes_payload_too_large() {
     client.encrypt("ws_1/many", "still serving").await.unwrap();
 
     // The endpoint's statistics count the call once, as the error it ended in.
-    let stats = client
-        .nats()
-        .request("$SRV.STATS.ringvault", "".into())
-        .await
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
-    let bulk = stats["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|endpoint| endpoint["name"] == "EncryptBulk")
-        .unwrap();
+    let bulk = common::service::endpoint_stats(client.nats(), "EncryptBulk").await;
     assert_eq!(bulk["num_requests"], 1, "{bulk}");
     assert_eq!(bulk["num_errors"], 1, "{bulk}");
     assert!(

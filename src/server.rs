@@ -208,6 +208,7 @@ impl Server {
             max_inflight: config.nats.max_inflight,
             subscriptions_per_method: config.nats.subscriptions_per_method,
             auth: AuthHandle::new(auth_slot.clone(), call_timeout),
+            policies: authenticator.policies(),
             vault,
             rate_limiter: RateLimiter::from_config(&config.auth.rate_limit).map(Arc::new),
         };

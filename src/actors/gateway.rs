@@ -23,7 +23,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::AuthHandle;
-use crate::auth::{AuditRecord, Principal, RateLimiter};
+use crate::auth::{AuditRecord, Policies, Principal, RateLimiter};
 use crate::error::{Error, Kind, Result};
 use crate::protocol::{
     decode, encode, encode_decrypt_response, encode_encrypt_response, DecryptBulkRequest,
@@ -63,6 +63,8 @@ pub struct GatewayArgs {
     pub subscriptions_per_method: usize,
     /// Authentication.
     pub auth: AuthHandle,
+    /// The policies, applied again to a principal acting for another workspace.
+    pub policies: Arc<Policies>,
     /// The operations.
     pub vault: Vault,
     /// Per-workspace rate limits, when `[auth.rate_limit]` is enabled.
@@ -113,8 +115,10 @@ impl EndpointStats {
         self.processing_nanos.fetch_add(nanos, Ordering::Relaxed);
         if let Some(error) = error {
             self.errors.fetch_add(1, Ordering::Relaxed);
+            // The code only: `$SRV.STATS` answers anyone on the nats account, and messages
+            // name subjects, keyrings and what callers sent.
             let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
-            *last = format!("{}:{}", error.kind().status(), error.message());
+            *last = format!("{}:{}", error.kind().status(), error.kind().code());
         }
     }
 }
@@ -122,6 +126,7 @@ impl EndpointStats {
 /// What every request task shares.
 struct RequestContext {
     auth: AuthHandle,
+    policies: Arc<Policies>,
     vault: Vault,
     nats: async_nats::Client,
     stats: Vec<EndpointStats>,
@@ -213,6 +218,7 @@ impl Actor for Gateway {
     ) -> Result<Self::State, ActorProcessingErr> {
         let context = Arc::new(RequestContext {
             auth: args.auth.clone(),
+            policies: args.policies.clone(),
             vault: args.vault.clone(),
             nats: args.nats.clone(),
             stats: Method::ALL
@@ -763,7 +769,7 @@ async fn serve(
     principal: &Principal,
     facts: &mut AuditFacts,
 ) -> std::result::Result<Bytes, Failure> {
-    let principal = acting_principal(principal, headers.tenant_id, facts)?;
+    let principal = acting_principal(principal, headers.tenant_id, &context.policies, facts)?;
     if let Some(limiter) = &context.rate_limiter {
         // One bucket per (effective) workspace; a principal bound to none has its own bucket
         // keyed by its subject (`*` cannot occur in a keyring, so no workspace collides).
@@ -830,10 +836,12 @@ async fn serve(
 
 /// The principal a request acts as: the authenticated one, or — with `X-Tenant-ID` naming
 /// another workspace — a copy bound to that workspace, which only a principal holding `admin`
-/// gets (recorded as `acting_for`). Naming its own workspace changes nothing.
+/// and reaching that workspace gets (recorded as `acting_for`), limited by that workspace's
+/// `policies` as well as its own. Naming its own workspace changes nothing.
 fn acting_principal<'a>(
     principal: &'a Principal,
     tenant: Option<&str>,
+    policies: &Policies,
     facts: &mut AuditFacts,
 ) -> Result<std::borrow::Cow<'a, Principal>> {
     let Some(tenant) = tenant.map(str::trim).filter(|tenant| !tenant.is_empty()) else {
@@ -848,14 +856,16 @@ fn acting_principal<'a>(
         return Err(Error::new(
             Kind::AccessDenied,
             format!(
-                "{} may not act for workspace {tenant:?}: {TENANT_ID} needs the admin permission",
+                "{} may not act for workspace {tenant:?}: {TENANT_ID} needs the admin \
+                 permission and a principal bound to no workspace, or to one that {tenant:?} \
+                 is in",
                 principal.subject
             ),
         ));
     }
     let mut acting = principal.clone();
     acting.workspace = Some(tenant.to_owned());
-    Ok(std::borrow::Cow::Owned(acting))
+    Ok(std::borrow::Cow::Owned(policies.apply(acting)))
 }
 
 /// What an audit record says about the request beyond the principal, gathered as it runs.

@@ -154,9 +154,19 @@ impl Claims {
             .filter(|sub| !sub.is_empty())
             .ok_or_else(|| invalid("has no sub claim"))?;
         let exp = number("exp")?.ok_or_else(|| invalid("has no exp claim"))?;
+        // Only an absent claim means "bound to no workspace" (every keyring): an empty one is
+        // what identity providers often send for a user without a tenant, and must not turn
+        // into the widest binding there is.
+        let workspace = string(workspace_claim)?;
+        if workspace
+            .as_deref()
+            .is_some_and(|workspace| workspace.trim().is_empty())
+        {
+            return Err(invalid(&format!("has an empty {workspace_claim:?} claim")));
+        }
         Ok(Claims {
             sub,
-            workspace: string(workspace_claim)?.filter(|workspace| !workspace.is_empty()),
+            workspace,
             scope: string("scope")?,
             permissions: list("permissions")?,
             roles: list("roles")?,
@@ -351,6 +361,23 @@ mod tests {
         assert_eq!(Claims::from_json(&json, "org").unwrap(), claims);
         assert_eq!(
             Claims::from_json(&json, "tenant_id").unwrap().workspace,
+            None
+        );
+    }
+
+    #[test]
+    fn an_empty_workspace_claim_is_refused_not_unbound() {
+        let claims = Claims::new("svc", Duration::from_secs(60));
+        for empty in ["", "  "] {
+            let mut json = claims.to_json("tenant_id");
+            json["tenant_id"] = Value::from(empty);
+            let error = Claims::from_json(&json, "tenant_id").unwrap_err();
+            assert_eq!(error.kind(), Kind::InvalidToken, "{error}");
+            assert!(error.message().contains("tenant_id"), "{error}");
+        }
+        let absent = claims.to_json("tenant_id");
+        assert_eq!(
+            Claims::from_json(&absent, "tenant_id").unwrap().workspace,
             None
         );
     }

@@ -173,6 +173,12 @@ impl Authenticator {
         self
     }
 
+    /// The policies every principal is limited by (for a principal acting for another
+    /// workspace, which that workspace's policies limit too).
+    pub fn policies(&self) -> Arc<Policies> {
+        self.policies.clone()
+    }
+
     /// Keeps the revocation set in sync with the store and NATS of `config` once
     /// [`Authenticator::start_background`] runs.
     pub fn with_revocation_sync(mut self, config: Config) -> Self {

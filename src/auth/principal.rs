@@ -166,9 +166,15 @@ impl Principal {
 
 impl Principal {
     /// Whether it may act for `workspace` (the `X-Tenant-ID` header): it holds `admin`
-    /// unscoped, or scoped by a pattern that matches the workspace name. Its own workspace
-    /// binding does not limit this: acting for another workspace is what `admin` allows.
+    /// unscoped, or scoped by a pattern that matches the workspace name, and its own binding
+    /// reaches that workspace: a principal bound to a workspace reaches only that workspace
+    /// and those below it, whatever its grants say.
     pub fn may_act_for(&self, workspace: &str) -> bool {
+        if let Some(own) = &self.workspace {
+            if !in_workspace(own, workspace) {
+                return false;
+            }
+        }
         self.permissions.iter().any(|grant| {
             grant.action == Action::Admin
                 && grant
@@ -227,8 +233,13 @@ mod tests {
         assert!(p.authorize(Action::Encrypt, "ws_a/x").is_ok());
         assert!(p.authorize(Action::Encrypt, "ws_ab").is_err());
         assert!(p.authorize(Action::Encrypt, "ws_b").is_err());
-        assert!(p.may_act_for("ws_b"));
-        assert!(!principal(Some("ws_a"), &["encrypt", "rotate"]).may_act_for("ws_b"));
+        // Acting for a workspace stays within the binding: below its own, not beside it.
+        assert!(!p.may_act_for("ws_b"));
+        assert!(!p.may_act_for("ws_ab"));
+        assert!(p.may_act_for("ws_a/team"));
+        assert!(!principal(Some("ws_a"), &["admin:ws_*"]).may_act_for("ws_ab"));
+        assert!(principal(None, &["admin"]).may_act_for("ws_b"));
+        assert!(!principal(Some("ws_a"), &["encrypt", "rotate"]).may_act_for("ws_a/team"));
         assert!(principal(None, &["admin:ws_*"]).may_act_for("ws_b"));
         assert!(!principal(None, &["admin:ws_c"]).may_act_for("ws_b"));
     }

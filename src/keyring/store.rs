@@ -96,7 +96,7 @@ impl KeyringStore {
     /// Makes a new DEK the keyring's LATEST, replacing `current` only if it is still LATEST
     /// (where the store supports conditional writes; with no `current`, only if LATEST is
     /// absent). A rotation that loses to a concurrent writer returns that writer's DEK
-    /// (`won: false`) and deletes its own.
+    /// (`won: false`) and leaves its own stored, unused.
     pub async fn rotate(&self, keyring: &str, current: Option<&LatestRead>) -> Result<Rotated> {
         self.write_new_latest(keyring, current).await
     }
@@ -140,15 +140,19 @@ impl KeyringStore {
                     won: true,
                 })
             }
+            // Our DEK object stays. "Lost" may be a retry that met our own write: a conditional
+            // put that landed but whose answer was lost (a 5xx, a dropped connection) is retried,
+            // by `Storage` and by the S3 client, and the retry finds LATEST taken. Meanwhile
+            // other replicas may have read our key as LATEST and sealed with it, so it must
+            // never be deleted; an unused DEK object costs a few hundred bytes.
             Err(StorageError::AlreadyExists { .. } | StorageError::Changed { .. }) => {
-                let latest = self.read_latest(keyring).await;
-                self.discard_unused(keyring, dek.id(), &latest).await;
-                let latest = latest?.ok_or_else(|| {
+                let latest = self.read_latest(keyring).await?.ok_or_else(|| {
                     Error::unavailable(format!("keyring {keyring:?} changed while being written"))
                 })?;
                 tracing::info!(
                     keyring,
                     key_id = latest.dek.id(),
+                    unused_key_id = dek.id(),
                     "another writer replaced latest first; using its key"
                 );
                 Ok(Rotated {
@@ -158,37 +162,6 @@ impl KeyringStore {
                 })
             }
             Err(error) => Err(error.into()),
-        }
-    }
-
-    /// Deletes the DEK object `key_id` that lost the race to become LATEST, as a best effort:
-    /// its random id was never handed out nor written as LATEST, so nothing can refer to it.
-    /// Kept (defensively) when the LATEST just read holds that very id. A failed delete is
-    /// logged and ignored: an unused DEK object is harmless.
-    async fn discard_unused(
-        &self,
-        keyring: &str,
-        key_id: &str,
-        latest: &Result<Option<LatestRead>>,
-    ) {
-        if let Ok(Some(latest)) = latest {
-            if latest.dek.id() == key_id {
-                return;
-            }
-        }
-        let key = dek_key(keyring, key_id);
-        match self.storage.delete(&key).await {
-            Ok(()) => {
-                tracing::debug!(keyring, key_id, "deleted the unused key that lost the race");
-            }
-            Err(error) => {
-                tracing::warn!(
-                    keyring,
-                    key_id,
-                    %error,
-                    "could not delete the unused key that lost the race; leaving it"
-                );
-            }
         }
     }
 

@@ -16,10 +16,15 @@ use ringvault::Kind;
 const SECRET: &str = "auth-wire-signing-secret-0123456789abcdef";
 
 fn token(subject: &str, workspace: &str, permissions: &[&str]) -> String {
+    token_in(subject, Some(workspace), permissions)
+}
+
+/// A signed token bound to `workspace`, or to none (every keyring).
+fn token_in(subject: &str, workspace: Option<&str>, permissions: &[&str]) -> String {
     let signer = SignedTokens::new(&[SECRET], "ringvault", None, Duration::ZERO, "tenant_id")
         .expect("signer");
     let mut claims = Claims::new(subject, Duration::from_secs(600));
-    claims.workspace = Some(workspace.to_owned());
+    claims.workspace = workspace.map(str::to_owned);
     claims.permissions = permissions.iter().map(|p| p.to_string()).collect();
     signer.issue(&claims).expect("token")
 }
@@ -137,10 +142,18 @@ async fn workspace_isolation_and_tenant_header() {
     assert!(ws_a.decrypt("ws_a/app", &sealed.encrypted).await.is_err());
     assert_eq!(kind(ws_a.encrypt("ws_a/app", "x").await), Ok(()));
 
-    // An admin bound to another workspace acts for ws_b with X-Tenant-ID, not without.
-    let admin = token("operator", "ops", &["admin"]);
-    let reply = raw_encrypt(&client, &admin, None, "ws_b/app", "x").await;
+    // An admin bound to a workspace stays in it: X-Tenant-ID cannot take it to another one
+    // (nor, with a pattern grant, to one whose name merely starts like its own).
+    let bound_admin = token("operator", "ops", &["admin"]);
+    for tenant in [None, Some("ws_b")] {
+        let reply = raw_encrypt(&client, &bound_admin, tenant, "ws_b/app", "x").await;
+        assert_eq!(reply.error().map(|e| e.kind()), Some(Kind::AccessDenied));
+    }
+    let prefix_admin = token("operator", "ws_1", &["admin:ws_1*"]);
+    let reply = raw_encrypt(&client, &prefix_admin, Some("ws_10"), "ws_10/app", "x").await;
     assert_eq!(reply.error().map(|e| e.kind()), Some(Kind::AccessDenied));
+    // An admin bound to no workspace acts for ws_b with X-Tenant-ID.
+    let admin = token_in("operator", None, &["admin"]);
     let reply = raw_encrypt(&client, &admin, Some("ws_b"), "ws_b/app", "x").await;
     assert!(reply.error().is_none(), "{:?}", reply.error());
     // Acting for ws_b, it is bound to ws_b.
@@ -158,6 +171,30 @@ async fn workspace_isolation_and_tenant_header() {
     assert!(reply.error().is_none(), "{:?}", reply.error());
 }
 
+/// An admin acting for a workspace is limited by that workspace's policies, as the
+/// workspace's own principals are.
+#[tokio::test(flavor = "multi_thread")]
+async fn acting_for_a_workspace_applies_its_policies() {
+    let env = TestEnv::start().await;
+    let mut config = env.config(&[("RINGVAULT_AUTH_SIGNING_SECRETS", SECRET)]);
+    config.auth.policies = vec![ringvault::config::PolicyConfig {
+        subject: String::new(),
+        workspace: "ws_capped".into(),
+        permissions: vec!["decrypt".into(), "encrypt:ws_capped/open/*".into()],
+    }];
+    let _service = common::service::start_server(&config).await;
+    let client = env.client(Format::Json).await;
+    let admin = token_in("operator", None, &["admin"]);
+
+    let capped = raw_encrypt(&client, &admin, Some("ws_capped"), "ws_capped/app", "x").await;
+    assert_eq!(capped.error().map(|e| e.kind()), Some(Kind::AccessDenied));
+    let open = raw_encrypt(&client, &admin, Some("ws_capped"), "ws_capped/open/a", "x").await;
+    assert!(open.error().is_none(), "{:?}", open.error());
+    // Another workspace, with no policy of its own, is not capped.
+    let other = raw_encrypt(&client, &admin, Some("ws_free"), "ws_free/app", "x").await;
+    assert!(other.error().is_none(), "{:?}", other.error());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn audit_records_on_nats() {
     let env = TestEnv::start().await;
@@ -171,7 +208,7 @@ async fn audit_records_on_nats() {
     let client = env.client(Format::Json).await;
     let ws_a_token = token("svc-a", "ws_a", ALL_BUT_ADMIN);
     let ws_a = client.with_token(Some(ws_a_token.clone()));
-    let admin_token = token("operator", "ops", &["admin"]);
+    let admin_token = token_in("operator", None, &["admin"]);
     const PLAINTEXT: &str = "the-plaintext-that-must-not-leak";
 
     // Not audited: liveness, and a failed authentication.
@@ -237,7 +274,8 @@ async fn audit_records_on_nats() {
 
     let acting = &json[3];
     assert_eq!(acting["subject"], "operator");
-    assert_eq!(acting["workspace"], "ops");
+    // Its own binding (none), and the workspace it acted for.
+    assert!(acting.get("workspace").is_none(), "{acting}");
     assert_eq!(acting["acting_for"], "ws_b");
     assert_eq!(acting["keyring"], "ws_b/app");
     assert_eq!(acting["outcome"], "ok");

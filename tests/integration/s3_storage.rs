@@ -293,7 +293,9 @@ async fn two_instances_racing_first_use_lose_no_key() {
             files.iter().any(|name| name == "LATEST"),
             "{ring}: {files:?}"
         );
-        // Each instance wrote at most one DEK, and every DEK handed out is stored.
+        // Each instance wrote at most one DEK, and every DEK handed out is stored. A DEK that
+        // lost the conditional write of LATEST stays too (unused): a "lost" write may be a
+        // retry that met its own landed write, read meanwhile by the other instance.
         assert!(deks.len() <= 2, "{ring}: {files:?}");
         for id in [a, b] {
             assert!(deks.contains(&id), "{ring}: {id} is not stored: {files:?}");
@@ -319,48 +321,6 @@ async fn two_instances_racing_first_use_lose_no_key() {
          LATEST through",
         race.rings.len()
     );
-}
-
-/// The writer that loses the conditional write of LATEST deletes the DEK object it wrote first
-/// (its random id was never handed out), so a keyring the instances really raced on ends with
-/// one DEK object and LATEST.
-///
-/// s3s-fs does not make create-if-absent atomic: when both instances' conditional writes of
-/// LATEST go through, both "win", each hands out its own DEK, and both DEKs are in use and must
-/// stay. So the strict check applies where the instances returned the same key id, and every
-/// keyring may hold at most two DEK objects (one per instance).
-#[tokio::test]
-async fn two_instances_racing_first_use_leave_one_dek_object_per_keyring() {
-    let race = race_first_use().await;
-    let bucket = race.env.store_path();
-    let mut extra = Vec::new();
-    let mut agreed = 0;
-    for (ring, a, b) in &race.rings {
-        let files = ring_files(&bucket, ring);
-        let deks = files.iter().filter(|name| *name != "LATEST").count();
-        assert!(
-            deks <= 2,
-            "{ring}: more DEK objects than instances: {files:?}"
-        );
-        if a != b {
-            continue;
-        }
-        agreed += 1;
-        if files.len() != 2 {
-            extra.push(format!("{ring} (in use: {a}): {files:?}"));
-        }
-    }
-    assert!(agreed > 0, "no keyring where the instances agreed");
-    assert!(
-        extra.is_empty(),
-        "{} of {agreed} keyrings hold an unused DEK object: {extra:#?}",
-        extra.len()
-    );
-    for (ring, a, b) in &race.rings {
-        if a == b {
-            assert_eq!(&assert_one_dek(&bucket, ring), a);
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

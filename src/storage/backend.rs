@@ -80,12 +80,15 @@ impl ObjectStoreBackend {
             key: root.display().to_string(),
             detail: error.to_string(),
         })?;
-        let store =
-            LocalFileSystem::new_with_prefix(root).map_err(|error| StorageError::Unavailable {
+        // fsync of each written file and its directory before a write returns: a key handed
+        // out must survive a power cut (object_store's default is not to sync).
+        let store = LocalFileSystem::new_with_prefix(root)
+            .map_err(|error| StorageError::Unavailable {
                 operation: "open",
                 key: root.display().to_string(),
                 detail: error.to_string(),
-            })?;
+            })?
+            .with_fsync(true);
         Ok(Self {
             store: Arc::new(store),
             description: format!("local:{}", root.display()),

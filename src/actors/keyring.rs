@@ -300,8 +300,9 @@ impl KeyringRegistry {
         if let Some(actor) = self.actors.get(name) {
             return Ok(actor.clone());
         }
-        // Validates the name before anything is spawned for it.
-        self.keyrings.keyring(name)?;
+        // Validates the name before anything is spawned for it (without caching an entry:
+        // the operation the actor runs does that once it has a key).
+        crate::storage::validate_keyring(name)?;
         let state = KeyringActorState {
             name: name.to_owned(),
             keyrings: self.keyrings.clone(),

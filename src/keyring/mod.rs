@@ -292,8 +292,28 @@ impl Keyrings {
         if let Some(dek) = self.cached_latest(name) {
             return Ok(dek);
         }
+        self.with_keyring(
+            name,
+            |ring| async move { self.load_latest(&ring, false).await },
+        )
+        .await
+    }
+
+    /// Runs `operation` on keyring `name` (validated, from the cache or new), then forgets the
+    /// keyring if it is left holding no key and no other request holds it: a lookup that found
+    /// nothing (an unknown key id, a storage error) must not leave an entry behind, or requests
+    /// naming ever new keyrings would grow the cache without bound.
+    async fn with_keyring<T, F, Fut>(&self, name: &str, operation: F) -> Result<T>
+    where
+        F: FnOnce(Arc<Keyring>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let ring = self.keyring(name)?;
-        self.load_latest(&ring, false).await
+        let result = operation(ring).await;
+        self.shared.rings.remove_if(name, |_, ring| {
+            ring.deks.is_empty() && Arc::strong_count(ring) == 1
+        });
+        result
     }
 
     /// The hot path of [`Keyrings::latest`]: the cached LATEST if it may be served (fresh, or
@@ -327,38 +347,45 @@ impl Keyrings {
     /// The keyring's current DEK read from storage now, whatever the cache holds. Other
     /// keyrings' caches are untouched.
     pub async fn latest_from_storage(&self, name: &str) -> Result<Arc<Dek>> {
-        let ring = self.keyring(name)?;
-        self.load_latest(&ring, true).await
+        self.with_keyring(
+            name,
+            |ring| async move { self.load_latest(&ring, true).await },
+        )
+        .await
     }
 
     /// The DEK `key_id` of the keyring, for opening. Unknown ids are `not_found`.
     pub async fn dek(&self, name: &str, key_id: &str) -> Result<Arc<Dek>> {
-        let ring = self.keyring(name)?;
-        if let Some(dek) = self.cached_dek(&ring, key_id) {
+        if let Some(dek) = self.cached_dek_of(name, key_id) {
             return Ok(dek);
         }
-        validate_key_id(key_id)?;
-        let _single_flight = ring.load_lock.lock().await;
-        if let Some(dek) = self.cached_dek(&ring, key_id) {
-            return Ok(dek);
-        }
-        let dek = self
-            .shared
-            .store
-            .read_dek(name, key_id)
-            .await?
-            .ok_or_else(|| {
-                Error::not_found(format!("key {key_id:?} not found in keyring {name:?}"))
-            })?;
-        Ok(self.insert_dek(&ring, dek))
+        self.with_keyring(name, |ring| async move {
+            validate_key_id(key_id)?;
+            let _single_flight = ring.load_lock.lock().await;
+            if let Some(dek) = self.cached_dek(&ring, key_id) {
+                return Ok(dek);
+            }
+            let dek = self
+                .shared
+                .store
+                .read_dek(name, key_id)
+                .await?
+                .ok_or_else(|| {
+                    Error::not_found(format!("key {key_id:?} not found in keyring {name:?}"))
+                })?;
+            Ok(self.insert_dek(&ring, dek))
+        })
+        .await
     }
 
     /// Makes a new DEK the keyring's LATEST.
     pub async fn rotate(&self, name: &str) -> Result<Rotation> {
-        let ring = self.keyring(name)?;
-        let _single_flight = ring.load_lock.lock().await;
-        let current = self.shared.store.read_latest(name).await?;
-        self.rotate_locked(&ring, current, DekCause::Manual).await
+        self.with_keyring(name, |ring| async move {
+            let _single_flight = ring.load_lock.lock().await;
+            let current = self.shared.store.read_latest(name).await?;
+            self.rotate_locked(&ring, current, DekCause::Manual).await
+        })
+        .await
     }
 
     /// Rotates the keyring if the LATEST that storage holds now is at least `max_age` old
@@ -366,19 +393,21 @@ impl Keyrings {
     /// the same age rotate once: the second sees the first's fresh LATEST, or loses the
     /// conditional write.
     pub async fn rotate_if_older(&self, name: &str, max_age: Duration) -> Result<Option<Rotation>> {
-        let ring = self.keyring(name)?;
-        let _single_flight = ring.load_lock.lock().await;
-        let Some(current) = self.shared.store.read_latest(name).await? else {
-            return Ok(None);
-        };
-        let age_ms = crate::crypto::now_ms().saturating_sub(current.dek.created_at());
-        if u128::try_from(age_ms).unwrap_or(0) < max_age.as_millis() {
-            self.install_latest(&ring, current.dek);
-            return Ok(None);
-        }
-        self.rotate_locked(&ring, Some(current), DekCause::Scheduled)
-            .await
-            .map(Some)
+        self.with_keyring(name, |ring| async move {
+            let _single_flight = ring.load_lock.lock().await;
+            let Some(current) = self.shared.store.read_latest(name).await? else {
+                return Ok(None);
+            };
+            let age_ms = crate::crypto::now_ms().saturating_sub(current.dek.created_at());
+            if u128::try_from(age_ms).unwrap_or(0) < max_age.as_millis() {
+                self.install_latest(&ring, current.dek);
+                return Ok(None);
+            }
+            self.rotate_locked(&ring, Some(current), DekCause::Scheduled)
+                .await
+                .map(Some)
+        })
+        .await
     }
 
     async fn rotate_locked(

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 
-use crate::auth::{bearer_token, SignedTokens};
+use crate::auth::{bearer_token, token_digest, Revocations, SignedTokens};
 use crate::error::Kind;
 
 /// Role that reads `/health`.
@@ -74,14 +74,21 @@ pub trait HealthSource: Send + Sync + 'static {
 #[derive(Clone)]
 struct HttpState {
     tokens: Arc<SignedTokens>,
+    /// The service's revocations: `ringvault token revoke` reaches role tokens too.
+    revocations: Arc<Revocations>,
     health: Arc<dyn HealthSource>,
     metrics: PrometheusHandle,
 }
 
 /// The router of the health and metrics endpoints.
-pub fn router(tokens: SignedTokens, health: Arc<dyn HealthSource>) -> Router {
+pub fn router(
+    tokens: SignedTokens,
+    revocations: Arc<Revocations>,
+    health: Arc<dyn HealthSource>,
+) -> Router {
     let state = HttpState {
         tokens: Arc::new(tokens),
+        revocations,
         health,
         metrics: metrics_handle(),
     };
@@ -135,7 +142,16 @@ fn authorize(state: &HttpState, headers: &HeaderMap, roles: &[&str]) -> Result<(
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok());
     let claims = bearer_token(authorization)
-        .and_then(|token| state.tokens.verify(token))
+        .and_then(|token| {
+            let claims = state.tokens.verify(token)?;
+            if state
+                .revocations
+                .is_revoked(&token_digest(token), claims.jti.as_deref())
+            {
+                return Err(crate::auth::revoked());
+            }
+            Ok(claims)
+        })
         .map_err(|error| {
             metrics::counter!("ringvault_auth_failures_total", "code" => error.kind().code())
                 .increment(1);

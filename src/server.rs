@@ -243,7 +243,8 @@ impl Server {
             ],
             keyrings: keyrings.clone(),
         };
-        let http = start_http(config, health).await?;
+        let revocations = args.authenticator.revocations().clone();
+        let http = start_http(config, health, revocations).await?;
         let (supervisor, _) = Actor::spawn(None, Supervisor, args)
             .await
             .map_err(|error| {
@@ -354,6 +355,7 @@ fn alive<M: ractor::Message>(slot: &Arc<ActorSlot<M>>) -> AliveCheck {
 async fn start_http(
     config: &Config,
     health: ServiceHealth,
+    revocations: Arc<crate::auth::Revocations>,
 ) -> Result<Option<HttpServer>, ServerError> {
     crate::http::metrics_handle();
     if config.http.listen.is_empty() {
@@ -372,7 +374,7 @@ async fn start_http(
     let address = listener
         .local_addr()
         .map_err(|error| ServerError::Internal(format!("http listener: {error}")))?;
-    let router = crate::http::router(tokens, Arc::new(health));
+    let router = crate::http::router(tokens, revocations, Arc::new(health));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(crate::http::serve(listener, router, async move {
         let _ = stopped.await;

@@ -183,3 +183,38 @@ async fn the_http_server_refuses_to_start_without_its_secret() {
         assert!(error.to_string().contains("http.token_secret"), "{error}");
     }
 }
+
+/// `ringvault token revoke` reaches role tokens too: a revoked one is refused within a second.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_role_token_is_refused() {
+    let env = TestEnv::start().await;
+    let settings = [
+        ("RINGVAULT_HTTP_LISTEN", "127.0.0.1:0"),
+        ("RINGVAULT_HTTP_TOKEN_SECRET", SECRET),
+    ];
+    let server = env.service(&settings).await;
+    let address = server.http_address().unwrap();
+    let hour = Duration::from_secs(3600);
+    let roles = ["runtime.health:read", "runtime.metrics:read"];
+    let revoked = role_token(SECRET, &roles, None, hour);
+    let kept = role_token(SECRET, &roles, None, hour);
+    assert_eq!(get(address, "/metrics", Some(&revoked)).await.0, 200);
+
+    let config = env.config(&settings);
+    let storage = ringvault::server::open_backend(&config).await.unwrap();
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    ringvault::auth::revoke(&*storage, &nats, &config.nats.prefix, &revoked)
+        .await
+        .unwrap();
+    assert!(
+        common::service::eventually(Duration::from_secs(1), || async {
+            get(address, "/metrics", Some(&revoked)).await.0 == 401
+        })
+        .await,
+        "the revoked role token still passes"
+    );
+    let (_, body) = get(address, "/metrics", Some(&revoked)).await;
+    assert!(body.contains("revoked"), "{body}");
+    assert_eq!(get(address, "/metrics", Some(&kept)).await.0, 200);
+    server.shutdown().await.unwrap();
+}

@@ -404,7 +404,7 @@ pub(crate) async fn sync_forever(
 }
 
 /// An error for a revoked credential.
-pub(crate) fn revoked() -> Error {
+pub fn revoked() -> Error {
     Error::new(Kind::InvalidToken, "token has been revoked")
 }
 

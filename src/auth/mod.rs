@@ -54,13 +54,13 @@ pub fn fingerprint(token: &str) -> String {
 /// The bearer token of an `Authorization` header value: a missing header is
 /// `authentication_required`; another scheme or an empty token is `invalid_token`.
 pub fn bearer_token(header: Option<&str>) -> Result<&str> {
-    let Some(value) = header else {
+    // An empty header is no credential at all, as a missing one is.
+    let Some(value) = header.map(str::trim).filter(|value| !value.is_empty()) else {
         return Err(Error::new(
             Kind::AuthenticationRequired,
             "missing Authorization header; send \"Authorization: Bearer <token>\"",
         ));
     };
-    let value = value.trim();
     let Some((scheme, token)) = value.split_once(' ') else {
         return Err(Error::new(
             Kind::InvalidToken,
@@ -330,10 +330,13 @@ mod tests {
 
     #[test]
     fn bearer_parsing() {
-        assert_eq!(
-            bearer_token(None).unwrap_err().kind(),
-            Kind::AuthenticationRequired
-        );
+        for missing in [None, Some(""), Some("  ")] {
+            assert_eq!(
+                bearer_token(missing).unwrap_err().kind(),
+                Kind::AuthenticationRequired,
+                "{missing:?}"
+            );
+        }
         assert_eq!(
             bearer_token(Some("Basic abc")).unwrap_err().kind(),
             Kind::InvalidToken

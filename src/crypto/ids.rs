@@ -18,7 +18,7 @@ fn random_id(prefix: &str) -> String {
 
 /// A new data encryption key id, `dek_` + 22 base62 characters.
 pub fn new_dek_id() -> String {
-    random_id("dek_")
+    random_id(crate::storage::DEK_ID_PREFIX)
 }
 
 /// A new master key id, `kek_` + 22 base62 characters.

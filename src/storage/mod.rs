@@ -25,8 +25,8 @@ pub use backend::{ObjectStoreBackend, S3Settings};
 #[cfg(any(test, feature = "test-hooks"))]
 pub use faults::{Faults, FaultyStorage};
 pub use paths::{
-    dek_key, keyring_of, latest_key, validate_key_id, validate_keyring, KEYRING_ROOT, LATEST,
-    MAX_KEYRING_LEN,
+    dek_key, keyring_of, latest_key, validate_key_id, validate_keyring, DEK_ID_PREFIX,
+    KEYRING_ROOT, LATEST, MAX_KEYRING_LEN,
 };
 
 use crate::error::Error;

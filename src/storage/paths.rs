@@ -6,6 +6,8 @@ use crate::error::{Error, Result};
 pub const KEYRING_ROOT: &str = "keyring/";
 /// Name of the object holding a byte copy of a keyring's newest DEK.
 pub const LATEST: &str = "LATEST";
+/// How every key id ringvault (and Vault) makes begins.
+pub const DEK_ID_PREFIX: &str = "dek_";
 /// Longest accepted keyring name, in bytes.
 pub const MAX_KEYRING_LEN: usize = 256;
 /// Longest accepted key id, in bytes.
@@ -43,10 +45,19 @@ pub fn validate_keyring(keyring: &str) -> Result<()> {
             char::from(bad)
         )));
     }
-    for segment in keyring.split('/') {
+    for (index, segment) in keyring.split('/').enumerate() {
         if segment.is_empty() || segment == "." || segment == ".." {
             return Err(Error::invalid_argument(format!(
                 "keyring {keyring:?} has an empty, \".\" or \"..\" segment"
+            )));
+        }
+        // `a/LATEST` and `a/dek_…` are where keyring `a` keeps its objects: as keyrings, their
+        // objects would sit below a file (a file store cannot have both), or the other way
+        // round, and keyring `a` could no longer be written.
+        if index > 0 && (segment == LATEST || segment.starts_with(DEK_ID_PREFIX)) {
+            return Err(Error::invalid_argument(format!(
+                "keyring {keyring:?} has a segment {segment:?}, which names an object of the \
+                 keyring above it ({LATEST} or a {DEK_ID_PREFIX}… key id)"
             )));
         }
     }
@@ -97,7 +108,22 @@ mod tests {
     fn keyring_rules() {
         let long = "a".repeat(257);
         for bad in [
-            "", "../x", "a/../b", "a//b", "/a", "a/", &long, "a\0b", "a b", ".", "a/./b", "é",
+            "",
+            "../x",
+            "a/../b",
+            "a//b",
+            "/a",
+            "a/",
+            &long,
+            "a\0b",
+            "a b",
+            ".",
+            "a/./b",
+            "é",
+            // Where keyring `a` keeps its objects.
+            "a/LATEST",
+            "a/dek_2VJbKzD9o4H1yf7mPb8bZq",
+            "a/b/dek_x",
         ] {
             assert!(validate_keyring(bad).is_err(), "accepted {bad:?}");
         }
@@ -108,6 +134,11 @@ mod tests {
             "org/team/project/keyring",
             "a:b",
             &longest,
+            // Only below a keyring do these names collide.
+            "LATEST",
+            "dek_like_a_key",
+            "a/latest",
+            "a/xdek_1",
         ] {
             assert!(validate_keyring(good).is_ok(), "refused {good:?}");
         }

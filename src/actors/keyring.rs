@@ -361,12 +361,25 @@ impl KeyringRegistry {
         idle.len()
     }
 
-    /// Stops every keyring actor (shutdown).
-    pub fn stop_all(&self) {
-        for entry in self.actors.iter() {
-            entry.value().stop(Some("shutdown".into()));
-        }
+    /// Stops every keyring actor (shutdown) and waits, up to `within`, for the operations
+    /// they are running (a rotation's writes) to finish.
+    pub async fn stop_all(&self, within: Duration) {
+        let actors: Vec<ActorRef<KeyringMsg>> = self
+            .actors
+            .iter()
+            .map(|entry| entry.value().clone())
+            .collect();
         self.actors.clear();
         self.names.clear();
+        let stopped = futures::future::join_all(
+            actors
+                .iter()
+                .map(|actor| actor.stop_and_wait(Some("shutdown".into()), Some(within))),
+        )
+        .await;
+        let late = stopped.iter().filter(|result| result.is_err()).count();
+        if late > 0 {
+            tracing::warn!(actors = late, "keyring actors still busy at shutdown");
+        }
     }
 }

@@ -42,6 +42,9 @@ pub enum StorageMsg {
 
 /// The most writes of different keys in flight at once; the mailbox waits beyond it.
 pub const MAX_CONCURRENT_WRITES: usize = 32;
+/// How long a stopping storage actor waits for its writes in flight (within the 10 s the
+/// supervisor gives it to stop).
+const WRITES_AT_STOP_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// The storage writer.
 pub struct StorageActor;
@@ -111,6 +114,22 @@ impl Actor for StorageActor {
             slots: Arc::new(Semaphore::new(MAX_CONCURRENT_WRITES)),
             keys: Arc::new(DashMap::new()),
         })
+    }
+
+    /// Waits for the writes in flight (each holds a slot until it has answered): at shutdown
+    /// the process must not exit under a write it acknowledged to no one yet.
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let all = u32::try_from(MAX_CONCURRENT_WRITES).unwrap_or(u32::MAX);
+        let finished =
+            tokio::time::timeout(WRITES_AT_STOP_TIMEOUT, state.slots.acquire_many(all)).await;
+        if finished.is_err() {
+            tracing::warn!("storage writes still in flight when the storage actor stopped");
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -360,6 +379,29 @@ mod tests {
         }
         assert_eq!(store.most_in_flight.load(Ordering::SeqCst), 8);
         actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_stopping_writer_waits_for_its_writes_in_flight() {
+        let store = gated();
+        let (storage, actor) = writer(store.clone()).await;
+        let write = tokio::spawn(async move {
+            storage
+                .put(
+                    "keyring/k/LATEST",
+                    Bytes::from("x"),
+                    PutCondition::Overwrite,
+                )
+                .await
+        });
+        wait_for(|| store.in_flight.load(Ordering::SeqCst) == 1).await;
+        let stopping = tokio::spawn(async move { actor.stop_and_wait(None, None).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!stopping.is_finished(), "stopped under a write in flight");
+        store.gate.add_permits(1);
+        write.await.unwrap().unwrap();
+        stopping.await.unwrap().unwrap();
+        assert!(store.get("keyring/k/LATEST").await.unwrap().is_some());
     }
 
     #[tokio::test]

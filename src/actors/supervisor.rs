@@ -25,6 +25,9 @@ use crate::storage::ObjectStorage;
 const IDLE_SWEEP_PERIOD: Duration = Duration::from_secs(30);
 /// How long shutdown waits for the gateway to drain.
 const DRAIN_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long shutdown waits for the keyring actors' running operations (a rotation's writes,
+/// each bounded by the storage timeout).
+const KEYRING_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// When to restart and when to give up.
 #[derive(Debug, Clone, Copy)]
@@ -199,7 +202,7 @@ impl Supervisor {
             tracing::error!(child = child.name(), failures = recent, %reason, "supervision gave up");
             state.args.fatal.send_replace(Some(message));
             state.stopping = true;
-            state.args.registry.stop_all();
+            state.args.registry.stop_all(KEYRING_STOP_TIMEOUT).await;
             myself.stop_children(Some("escalated".into()));
             myself.stop(Some("escalated".into()));
             return Ok(());
@@ -227,7 +230,8 @@ impl Supervisor {
             }
             gateway.stop(None);
         }
-        state.args.registry.stop_all();
+        // Before storage stops: a keyring actor may be writing a rotation.
+        state.args.registry.stop_all(KEYRING_STOP_TIMEOUT).await;
         if let Some(events) = state.args.events_slot.get() {
             let _ = events
                 .stop_and_wait(None, Some(Duration::from_secs(5)))

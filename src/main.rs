@@ -1156,8 +1156,18 @@ fn token_issue(args: TokenIssueArgs) -> u8 {
         eprintln!("error: --permissions: {}", error.message());
         return 64;
     }
+    // An empty --workspace (an unset variable in a script) must not mint a token for every
+    // keyring; leaving the option out does that.
+    if args
+        .workspace
+        .as_deref()
+        .is_some_and(|workspace| workspace.trim().is_empty())
+    {
+        eprintln!("error: --workspace is empty; leave it out for a token bound to no workspace");
+        return 64;
+    }
     let mut claims = Claims::new(args.subject.trim(), ttl);
-    claims.workspace = args.workspace.filter(|workspace| !workspace.is_empty());
+    claims.workspace = args.workspace.map(|workspace| workspace.trim().to_owned());
     claims.permissions = permissions;
     claims.roles = args
         .roles

@@ -355,7 +355,9 @@ impl KeyringRegistry {
         for name in &idle {
             if let Some((_, actor)) = self.actors.remove(name) {
                 self.names.remove(&actor.get_id());
-                actor.stop(Some("keyring evicted from cache".into()));
+                // Drained, not stopped: a call already queued (a first use whose keyring is not
+                // cached yet) is answered before the actor goes.
+                let _ = actor.drain();
             }
         }
         idle.len()
@@ -377,7 +379,15 @@ impl KeyringRegistry {
                 .map(|actor| actor.stop_and_wait(Some("shutdown".into()), Some(within))),
         )
         .await;
-        let late = stopped.iter().filter(|result| result.is_err()).count();
+        // An actor that had already drained and gone is not late.
+        let late = stopped
+            .iter()
+            .filter(|result| {
+                result
+                    .as_ref()
+                    .is_err_and(|error| !matches!(error, ractor::RactorErr::Messaging(_)))
+            })
+            .count();
         if late > 0 {
             tracing::warn!(actors = late, "keyring actors still busy at shutdown");
         }

@@ -25,9 +25,12 @@ use crate::storage::ObjectStorage;
 const IDLE_SWEEP_PERIOD: Duration = Duration::from_secs(30);
 /// How long shutdown waits for the gateway to drain.
 const DRAIN_CALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long shutdown waits for the keyring actors' running operations (a rotation's writes,
-/// each bounded by the storage timeout).
+/// How long shutdown waits for the keyring actors' running operations (a rotation's writes).
+/// With the default 5 s storage timeout a healthy store answers well within it; a failing one
+/// is not waited for past it.
 const KEYRING_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the storage actor (which waits for its writes in flight).
+const STORAGE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// When to restart and when to give up.
 #[derive(Debug, Clone, Copy)]
@@ -200,9 +203,15 @@ impl Supervisor {
                 policy.window
             );
             tracing::error!(child = child.name(), failures = recent, %reason, "supervision gave up");
-            state.args.fatal.send_replace(Some(message));
             state.stopping = true;
+            // What writes finishes first: the process exits once `fatal` is out.
             state.args.registry.stop_all(KEYRING_STOP_TIMEOUT).await;
+            if let Some(storage) = state.args.storage_slot.get() {
+                let _ = storage
+                    .stop_and_wait(None, Some(STORAGE_STOP_TIMEOUT))
+                    .await;
+            }
+            state.args.fatal.send_replace(Some(message));
             myself.stop_children(Some("escalated".into()));
             myself.stop(Some("escalated".into()));
             return Ok(());
@@ -243,7 +252,7 @@ impl Supervisor {
         // Storage goes last: every write a drained request started has finished.
         if let Some(storage) = state.args.storage_slot.get() {
             let _ = storage
-                .stop_and_wait(None, Some(Duration::from_secs(10)))
+                .stop_and_wait(None, Some(STORAGE_STOP_TIMEOUT))
                 .await;
         }
     }

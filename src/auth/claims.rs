@@ -158,10 +158,14 @@ impl Claims {
         // what identity providers often send for a user without a tenant, and must not turn
         // into the widest binding there is.
         let workspace = string(workspace_claim)?;
-        if workspace
-            .as_deref()
-            .is_some_and(|workspace| workspace.trim().is_empty())
-        {
+        let present_but_empty = match map.get(workspace_claim) {
+            Some(Value::Null) => true,
+            Some(_) => workspace
+                .as_deref()
+                .is_some_and(|text| text.trim().is_empty()),
+            None => false,
+        };
+        if present_but_empty {
             return Err(invalid(&format!("has an empty {workspace_claim:?} claim")));
         }
         Ok(Claims {
@@ -368,9 +372,9 @@ mod tests {
     #[test]
     fn an_empty_workspace_claim_is_refused_not_unbound() {
         let claims = Claims::new("svc", Duration::from_secs(60));
-        for empty in ["", "  "] {
+        for empty in [Value::from(""), Value::from("  "), Value::Null] {
             let mut json = claims.to_json("tenant_id");
-            json["tenant_id"] = Value::from(empty);
+            json["tenant_id"] = empty;
             let error = Claims::from_json(&json, "tenant_id").unwrap_err();
             assert_eq!(error.kind(), Kind::InvalidToken, "{error}");
             assert!(error.message().contains("tenant_id"), "{error}");

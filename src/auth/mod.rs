@@ -51,7 +51,7 @@ pub fn fingerprint(token: &str) -> String {
     hex::encode(&token_digest(token)[..4])
 }
 
-/// The bearer token of an `Authorization` header value: a missing header is
+/// The bearer token of an `Authorization` header value: a missing or empty header is
 /// `authentication_required`; another scheme or an empty token is `invalid_token`.
 pub fn bearer_token(header: Option<&str>) -> Result<&str> {
     // An empty header is no credential at all, as a missing one is.

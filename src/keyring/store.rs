@@ -87,8 +87,8 @@ impl KeyringStore {
     }
 
     /// Creates the keyring's first DEK: the DEK object first, then LATEST if still absent.
-    /// When another writer created LATEST first, its DEK is returned (`won: false`) and ours is
-    /// deleted (best effort: its random id was never handed out nor written as LATEST).
+    /// When another writer created LATEST first, its DEK is returned (`won: false`) and ours
+    /// stays stored, unused.
     pub async fn create_first(&self, keyring: &str) -> Result<Rotated> {
         self.write_new_latest(keyring, None).await
     }
@@ -149,16 +149,26 @@ impl KeyringStore {
                 let latest = self.read_latest(keyring).await?.ok_or_else(|| {
                     Error::unavailable(format!("keyring {keyring:?} changed while being written"))
                 })?;
-                tracing::info!(
-                    keyring,
-                    key_id = latest.dek.id(),
-                    unused_key_id = dek.id(),
-                    "another writer replaced latest first; using its key"
-                );
+                // A retry that met our own landed write: we did win, and must announce it.
+                let won = latest.dek.id() == dek.id();
+                if won {
+                    tracing::info!(
+                        keyring,
+                        key_id = dek.id(),
+                        "wrote a new latest key (on a retry)"
+                    );
+                } else {
+                    tracing::info!(
+                        keyring,
+                        key_id = latest.dek.id(),
+                        unused_key_id = dek.id(),
+                        "another writer replaced latest first; using its key"
+                    );
+                }
                 Ok(Rotated {
                     dek: latest.dek,
                     previous_key_id,
-                    won: false,
+                    won,
                 })
             }
             Err(error) => Err(error.into()),

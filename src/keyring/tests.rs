@@ -369,3 +369,27 @@ async fn lookups_that_find_nothing_cache_no_keyring() {
         dek.id()
     );
 }
+
+/// A conditional write of LATEST that landed but whose answer was lost is retried, and the
+/// retry finds LATEST taken — by our own key. That is a win: the key is used, and announced.
+#[tokio::test]
+async fn a_retry_that_meets_its_own_landed_latest_is_a_win() {
+    let (keyrings, faults) = keyrings_with(CachePolicy::default());
+    let first = keyrings.latest("ws_1").await.unwrap();
+    faults.lose_next_latest_answer.store(true, Ordering::SeqCst);
+    let rotation = keyrings.rotate("ws_1").await.unwrap();
+    assert!(rotation.won, "a rotation whose write landed is a win");
+    assert_ne!(rotation.dek.id(), first.id());
+    assert_eq!(
+        keyrings
+            .store()
+            .read_latest("ws_1")
+            .await
+            .unwrap()
+            .unwrap()
+            .dek
+            .id(),
+        rotation.dek.id()
+    );
+    assert!(!faults.lose_next_latest_answer.load(Ordering::SeqCst));
+}

@@ -20,6 +20,9 @@ pub struct Faults {
     pub calls: AtomicUsize,
     /// `put` calls made so far.
     pub puts: AtomicUsize,
+    /// The next put of a `LATEST` object is written, then answered with an error (an answer
+    /// lost after the write landed).
+    pub lose_next_latest_answer: AtomicBool,
 }
 
 impl Faults {
@@ -86,7 +89,17 @@ impl ObjectStorage for FaultyStorage {
         if self.faults.should_fail() {
             return Err(Self::injected("put", key));
         }
-        self.inner.put(key, bytes, condition).await
+        let written = self.inner.put(key, bytes, condition).await;
+        if written.is_ok()
+            && key.ends_with(super::LATEST)
+            && self
+                .faults
+                .lose_next_latest_answer
+                .swap(false, Ordering::SeqCst)
+        {
+            return Err(Self::injected("put", key));
+        }
+        written
     }
 
     fn list(&self, prefix: &str) -> BoxStream<'static, Result<String, StorageError>> {

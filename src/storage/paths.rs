@@ -18,7 +18,8 @@ fn allowed_byte(byte: u8) -> bool {
 }
 
 /// Checks a keyring name: 1–256 bytes of `[A-Za-z0-9_.:/-]`, no leading or trailing `/`,
-/// no empty, `.` or `..` segment.
+/// no empty, `.` or `..` segment, and below the first segment none that is `LATEST` or starts
+/// with `dek_` (the names of the objects of the keyring above).
 ///
 /// ```
 /// use ringvault::storage::validate_keyring;

@@ -446,3 +446,36 @@ fn short_signing_secrets_refuse_to_start() {
     .unwrap_err();
     assert!(error.to_string().contains("at least 32"), "{error}");
 }
+
+/// `ringvault token issue --workspace ""` (an unset variable in a script) is refused rather
+/// than minting a token for every keyring.
+#[test]
+fn token_issue_refuses_an_empty_workspace() {
+    let issue = |workspace: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
+            .args([
+                "token",
+                "issue",
+                "--subject",
+                "svc",
+                "--workspace",
+                workspace,
+            ])
+            .args(["--permissions", "encrypt", "--ttl", "1h"])
+            .env("RINGVAULT_AUTH_SIGNING_SECRETS", NEW)
+            .env_remove("RINGVAULT_CONFIG")
+            .output()
+            .unwrap()
+    };
+    for empty in ["", " "] {
+        let output = issue(empty);
+        assert_eq!(output.status.code(), Some(64), "{output:?}");
+        assert!(String::from_utf8_lossy(&output.stderr).contains("--workspace"));
+    }
+    let output = issue("ws_1");
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).matches('.').count(),
+        2
+    );
+}

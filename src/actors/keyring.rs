@@ -11,6 +11,7 @@
 //! retried (it may have done part of its work). One that fails is forgotten and respawned on
 //! next use; the registry stops the actors of keyrings the cache has evicted.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -134,6 +135,9 @@ pub struct KeyringRegistry {
     /// The keyring of each live actor, to forget one by id.
     names: Arc<DashMap<ActorId, String>>,
     supervisor: Arc<OnceLock<ActorCell>>,
+    /// Set by [`KeyringRegistry::stop_all`]: no actor is spawned after it (a scheduled
+    /// rotation or another replica's event would otherwise start work storage no longer takes).
+    stopped: Arc<AtomicBool>,
     call_timeout: Duration,
     hooks: Hooks,
     /// Cache hits, counted per request: handles registered once, not looked up by label.
@@ -158,6 +162,7 @@ impl KeyringRegistry {
             actors: Arc::new(DashMap::new()),
             names: Arc::new(DashMap::new()),
             supervisor: Arc::new(OnceLock::new()),
+            stopped: Arc::new(AtomicBool::new(false)),
             call_timeout,
             hooks,
             latest_hits: metrics::counter!("ringvault_cache_hits_total", "lookup" => "latest"),
@@ -300,6 +305,11 @@ impl KeyringRegistry {
         if let Some(actor) = self.actors.get(name) {
             return Ok(actor.clone());
         }
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(Error::unavailable(
+                "shutting down: keyring work is no longer taken",
+            ));
+        }
         // Validates the name before anything is spawned for it (without caching an entry:
         // the operation the actor runs does that once it has a key).
         crate::storage::validate_keyring(name)?;
@@ -366,6 +376,7 @@ impl KeyringRegistry {
     /// Stops every keyring actor (shutdown) and waits, up to `within`, for the operations
     /// they are running (a rotation's writes) to finish.
     pub async fn stop_all(&self, within: Duration) {
+        self.stopped.store(true, Ordering::Release);
         let actors: Vec<ActorRef<KeyringMsg>> = self
             .actors
             .iter()
@@ -391,5 +402,31 @@ impl KeyringRegistry {
         if late > 0 {
             tracing::warn!(actors = late, "keyring actors still busy at shutdown");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{Kek, MasterKeys};
+    use crate::keyring::{CachePolicy, KeyringStore};
+    use crate::storage::Storage;
+
+    #[tokio::test]
+    async fn after_stop_all_no_keyring_work_starts() {
+        let master_keys = Arc::new(MasterKeys::new(Kek::generate(), []).unwrap());
+        let keyrings = Keyrings::new(
+            KeyringStore::new(Storage::in_memory(), master_keys),
+            CachePolicy::default(),
+        );
+        let registry = KeyringRegistry::new(keyrings, Duration::from_secs(5), Hooks::default());
+        let before = registry.latest("ws_1").await.unwrap();
+        registry.stop_all(Duration::from_secs(5)).await;
+        // The cache still answers; nothing new is started.
+        assert_eq!(registry.latest("ws_1").await.unwrap().id(), before.id());
+        let error = registry.latest("ws_2").await.unwrap_err();
+        assert_eq!(error.kind(), crate::Kind::Unavailable, "{error}");
+        let error = registry.rotate("ws_1").await.unwrap_err();
+        assert_eq!(error.kind(), crate::Kind::Unavailable, "{error}");
     }
 }

@@ -37,6 +37,9 @@ use crate::storage::validate_keyring;
 
 /// How long a drain waits for the subscriptions to hand over what they had buffered.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a drain waits for the nats-server to confirm (a flush): longer means it is
+/// unreachable, and nothing more will arrive or leave.
+const DRAIN_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// The service name of the micro discovery protocol.
 const SERVICE_NAME: &str = "ringvault";
 /// The header an admin names the workspace it acts for with.
@@ -330,8 +333,10 @@ async fn drain(state: &mut GatewayState) {
     for task in state.discovery_loops.drain(..) {
         task.abort();
     }
-    if let Err(error) = state.nats.flush().await {
-        tracing::warn!(%error, "flushing the last replies failed");
+    match tokio::time::timeout(DRAIN_FLUSH_TIMEOUT, state.nats.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "flushing the last replies failed"),
+        Err(_) => tracing::warn!("flushing the last replies timed out: nats unreachable"),
     }
     tracing::info!("gateway drained: no request in flight");
 }
@@ -398,8 +403,18 @@ async fn serve_method(
                     tracing::warn!(method = method.name(), %error, "could not drain the subscription");
                     break;
                 }
-                if let Err(error) = context.nats.flush().await {
-                    tracing::warn!(method = method.name(), %error, "flush during drain failed");
+                // Unconfirmed (nats unreachable): no more requests can come, and waiting for
+                // the connection would hold the shutdown; finish what is in flight and stop.
+                match tokio::time::timeout(DRAIN_FLUSH_TIMEOUT, context.nats.flush()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(method = method.name(), %error, "nats unreachable while draining; not waiting for more requests");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!(method = method.name(), "nats did not confirm the drain in time; not waiting for more requests");
+                        break;
+                    }
                 }
                 continue;
             }

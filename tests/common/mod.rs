@@ -333,6 +333,12 @@ impl NatsServer {
     pub fn log(&self) -> String {
         read_log(&self.dir.path().join("nats-server.log"))
     }
+
+    /// Kills the server (as a crash would); returns once its port refuses connections.
+    pub async fn kill(&mut self) {
+        kill_group(&mut self.child);
+        wait_refuses(self.port, "nats-server").await;
+    }
 }
 
 impl Drop for NatsServer {

@@ -238,3 +238,25 @@ async fn sigterm_under_load_drains_every_request_and_exits_zero() {
         tally.ok, tally.stopped_by_no_responders
     );
 }
+
+/// With the nats-server gone (crashed, unreachable) nothing can arrive or be answered, so the
+/// drain does not wait for it: shutdown finishes in seconds, not after the drain timeouts.
+#[tokio::test]
+async fn shutdown_with_nats_gone_does_not_wait_for_it() {
+    let mut env = common::service::TestEnv::start().await;
+    let service = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    client.encrypt("ws_1/app", "before").await.unwrap();
+    env.nats.kill().await;
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(45), service.shutdown())
+        .await
+        .expect("shutdown hung with nats gone");
+    outcome.unwrap();
+    // The drain timeouts alone are 30 s and 60 s; a bounded flush makes it a few seconds.
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}

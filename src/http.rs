@@ -144,12 +144,9 @@ fn authorize(state: &HttpState, headers: &HeaderMap, roles: &[&str]) -> Result<(
     let claims = bearer_token(authorization)
         .and_then(|token| {
             let claims = state.tokens.verify(token)?;
-            if state
+            state
                 .revocations
-                .is_revoked(&token_digest(token), claims.jti.as_deref())
-            {
-                return Err(crate::auth::revoked());
-            }
+                .refuse_if_revoked(&token_digest(token), claims.jti.as_deref())?;
             Ok(claims)
         })
         .map_err(|error| {

@@ -22,8 +22,8 @@ pub use policy::{intersect, Policies, Policy};
 pub use principal::{in_workspace, parse_grants, Action, CredentialSource, Grant, Principal};
 pub use rate_limit::RateLimiter;
 pub use revocation::{
-    load_revocations, revocation_subject, revocations_for, revoke, revoked, Revocation,
-    RevocationKind, Revocations, REVOCATIONS_PREFIX,
+    load_revocations, revocation_subject, revocations_for, revoke, Revocation, RevocationKind,
+    Revocations, REVOCATIONS_PREFIX,
 };
 pub use signed::{SignedTokens, MIN_SECRET_BYTES};
 pub use static_tokens::{StaticToken, StaticTokens};
@@ -313,9 +313,8 @@ impl Authenticator {
                     format!("token {} is not valid", fingerprint(token)),
                 ));
             };
-        if self.revocations.is_revoked(&digest, jti.as_deref()) {
-            return Err(revocation::revoked());
-        }
+        self.revocations
+            .refuse_if_revoked(&digest, jti.as_deref())?;
         Ok(Verified {
             principal: self.policies.apply(principal),
             valid_until,

@@ -173,6 +173,14 @@ impl Revocations {
             })
     }
 
+    /// [`Revocations::is_revoked`] as the refusal a verifier returns.
+    pub fn refuse_if_revoked(&self, digest: &[u8; 32], jti: Option<&str>) -> Result<()> {
+        if self.is_revoked(digest, jti) {
+            return Err(Error::new(Kind::InvalidToken, "token has been revoked"));
+        }
+        Ok(())
+    }
+
     /// Increases whenever a revocation is added.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
@@ -401,11 +409,6 @@ pub(crate) async fn sync_forever(
             "revocations: subscription ended; subscribing again"
         );
     }
-}
-
-/// An error for a revoked credential.
-pub fn revoked() -> Error {
-    Error::new(Kind::InvalidToken, "token has been revoked")
 }
 
 #[cfg(test)]

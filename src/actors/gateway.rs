@@ -333,12 +333,22 @@ async fn drain(state: &mut GatewayState) {
     for task in state.discovery_loops.drain(..) {
         task.abort();
     }
-    match tokio::time::timeout(DRAIN_FLUSH_TIMEOUT, state.nats.flush()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::warn!(%error, "flushing the last replies failed"),
-        Err(_) => tracing::warn!("flushing the last replies timed out: nats unreachable"),
+    if let Err(reason) = flush_while_draining(&state.nats).await {
+        tracing::warn!(reason, "the last replies may not have left");
     }
     tracing::info!("gateway drained: no request in flight");
+}
+
+/// Flushes, waiting at most [`DRAIN_FLUSH_TIMEOUT`]: a drain must not wait for a nats-server
+/// that is gone. The error says why the flush was not confirmed.
+async fn flush_while_draining(nats: &async_nats::Client) -> std::result::Result<(), String> {
+    match tokio::time::timeout(DRAIN_FLUSH_TIMEOUT, nats.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(format!("nats flush failed: {error}")),
+        Err(_) => Err(format!(
+            "nats did not confirm a flush within {DRAIN_FLUSH_TIMEOUT:?}"
+        )),
+    }
 }
 
 /// Requests this replica still takes once a drain starts. The drain is first an
@@ -405,16 +415,9 @@ async fn serve_method(
                 }
                 // Unconfirmed (nats unreachable): no more requests can come, and waiting for
                 // the connection would hold the shutdown; finish what is in flight and stop.
-                match tokio::time::timeout(DRAIN_FLUSH_TIMEOUT, context.nats.flush()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => {
-                        tracing::warn!(method = method.name(), %error, "nats unreachable while draining; not waiting for more requests");
-                        break;
-                    }
-                    Err(_) => {
-                        tracing::warn!(method = method.name(), "nats did not confirm the drain in time; not waiting for more requests");
-                        break;
-                    }
+                if let Err(reason) = flush_while_draining(&context.nats).await {
+                    tracing::warn!(method = method.name(), reason, "not waiting for more requests");
+                    break;
                 }
                 continue;
             }

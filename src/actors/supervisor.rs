@@ -206,11 +206,7 @@ impl Supervisor {
             state.stopping = true;
             // What writes finishes first: the process exits once `fatal` is out.
             state.args.registry.stop_all(KEYRING_STOP_TIMEOUT).await;
-            if let Some(storage) = state.args.storage_slot.get() {
-                let _ = storage
-                    .stop_and_wait(None, Some(STORAGE_STOP_TIMEOUT))
-                    .await;
-            }
+            Self::stop_storage(state).await;
             state.args.fatal.send_replace(Some(message));
             myself.stop_children(Some("escalated".into()));
             myself.stop(Some("escalated".into()));
@@ -250,6 +246,11 @@ impl Supervisor {
             let _ = auth.stop_and_wait(None, Some(Duration::from_secs(5))).await;
         }
         // Storage goes last: every write a drained request started has finished.
+        Self::stop_storage(state).await;
+    }
+
+    /// Stops the storage actor once its writes in flight have finished.
+    async fn stop_storage(state: &SupervisorState) {
         if let Some(storage) = state.args.storage_slot.get() {
             let _ = storage
                 .stop_and_wait(None, Some(STORAGE_STOP_TIMEOUT))

@@ -271,8 +271,9 @@ impl Keyrings {
         self.shared.rings.len()
     }
 
-    /// The keyring `name`, validated, from the cache or new.
-    pub fn keyring(&self, name: &str) -> Result<Arc<Keyring>> {
+    /// The keyring `name`, validated, from the cache or new. Private: only
+    /// [`Keyrings::with_keyring`] calls it, which forgets the entry again if it stays empty.
+    fn keyring(&self, name: &str) -> Result<Arc<Keyring>> {
         if let Some(ring) = self.shared.rings.get(name) {
             return Ok(ring.clone());
         }

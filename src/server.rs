@@ -243,6 +243,9 @@ impl Server {
             ],
             keyrings: keyrings.clone(),
         };
+        // Before the HTTP endpoint takes role tokens: the revocations already stored are loaded
+        // (bounded), as the AuthActor would do later. Idempotent, so its own call does nothing.
+        args.authenticator.start_background().await;
         let revocations = args.authenticator.revocations().clone();
         let http = start_http(config, health, revocations).await?;
         let (supervisor, _) = Actor::spawn(None, Supervisor, args)

@@ -218,3 +218,45 @@ async fn a_revoked_role_token_is_refused() {
     assert_eq!(get(address, "/metrics", Some(&kept)).await.0, 200);
     server.shutdown().await.unwrap();
 }
+
+/// A role token revoked before the service starts is refused from the endpoint's first answer:
+/// the stored revocations load before the HTTP listener opens, not after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_token_revoked_before_start_is_refused_from_the_first_answer() {
+    // On S3 the storage actor's start (probing the store) takes long enough for the endpoint
+    // to be asked before the auth actor starts, had the endpoint opened first.
+    let env = TestEnv::start_s3().await;
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let settings = [
+        ("RINGVAULT_HTTP_LISTEN", listen.as_str()),
+        ("RINGVAULT_HTTP_TOKEN_SECRET", SECRET),
+    ];
+    let config = env.config(&settings);
+    let hour = Duration::from_secs(3600);
+    let roles = ["runtime.health:read", "runtime.metrics:read"];
+    let revoked = role_token(SECRET, &roles, None, hour);
+    let storage = ringvault::server::open_backend(&config).await.unwrap();
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    ringvault::auth::revoke(&*storage, &nats, &config.nats.prefix, &revoked)
+        .await
+        .unwrap();
+
+    let starting = tokio::spawn(async move { common::service::start_server(&config).await });
+    let address: std::net::SocketAddr = listen.parse().unwrap();
+    let mut answers_while_starting = Vec::new();
+    while !starting.is_finished() {
+        // Asked as soon as the listener accepts, while the rest of the service starts.
+        if tokio::net::TcpStream::connect(address).await.is_ok() {
+            answers_while_starting.push(get(address, "/metrics", Some(&revoked)).await.0);
+        } else {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+    let server = starting.await.unwrap();
+    assert!(
+        answers_while_starting.iter().all(|&status| status == 401),
+        "answers during start: {answers_while_starting:?}"
+    );
+    assert_eq!(get(address, "/metrics", Some(&revoked)).await.0, 401);
+    server.shutdown().await.unwrap();
+}

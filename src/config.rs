@@ -19,6 +19,11 @@ pub const DEFAULTS: &str = include_str!("../config/ringvault.toml");
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "RINGVAULT_";
 
+/// `RINGVAULT_*` variables that are not settings: the command line's own (the config file, and
+/// the client commands' server and token).
+pub const COMMAND_LINE_VARIABLES: [&str; 3] =
+    ["RINGVAULT_CONFIG", "RINGVAULT_URL", "RINGVAULT_TOKEN"];
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -120,10 +125,13 @@ pub struct S3Config {
     pub region: String,
     /// Bucket.
     pub bucket: String,
-    /// Access key id; empty: `AWS_ACCESS_KEY_ID`.
+    /// Access key id; empty: `AWS_ACCESS_KEY_ID`, else the AWS role providers.
     pub access_key_id: String,
     /// Secret; empty: `AWS_SECRET_ACCESS_KEY`.
     pub secret_access_key: String,
+    /// Session token of temporary credentials; empty: `AWS_SESSION_TOKEN` unless
+    /// `access_key_id` is set here.
+    pub session_token: String,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -402,7 +410,19 @@ impl Config {
             .into_iter()
             .filter(|(name, _)| name.starts_with(ENV_PREFIX))
             .collect();
-        apply_env(&mut merged, &mut Vec::new(), &env)?;
+        let applied = apply_env(&mut merged, &mut Vec::new(), &env)?;
+        // A misspelt name would otherwise leave its setting at the default without a word:
+        // `RINGVAULT_MASTERKEY_CURRENT` would have the service generate and use a dev key.
+        if let Some((name, _)) = env.iter().find(|(name, _)| {
+            !applied.contains(name) && !COMMAND_LINE_VARIABLES.contains(&name.as_str())
+        }) {
+            return Err(ConfigError::Env {
+                name: name.clone(),
+                reason: "no such setting (the settings and their variables are listed in \
+                         README.md, Configuration)"
+                    .to_owned(),
+            });
+        }
         let config: Config = toml::Value::Table(merged)
             .try_into()
             .map_err(|error: toml::de::Error| ConfigError::Parse(error.to_string()))?;
@@ -529,25 +549,27 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
 }
 
 /// Overrides every leaf of `table` that has a `RINGVAULT_<PATH>` variable, parsed as the
-/// leaf's type.
+/// leaf's type; returns the names of the variables applied.
 fn apply_env(
     table: &mut toml::Table,
     path: &mut Vec<String>,
     env: &[(String, String)],
-) -> Result<(), ConfigError> {
+) -> Result<Vec<String>, ConfigError> {
+    let mut applied = Vec::new();
     for (key, value) in table.iter_mut() {
         path.push(key.clone());
         if let toml::Value::Table(inner) = value {
-            apply_env(inner, path, env)?;
+            applied.extend(apply_env(inner, path, env)?);
         } else {
             let name = format!("{ENV_PREFIX}{}", path.join("_").to_uppercase());
             if let Some((_, text)) = env.iter().rev().find(|(candidate, _)| *candidate == name) {
                 *value = parse_env_value(&name, value, text)?;
+                applied.push(name);
             }
         }
         path.pop();
     }
-    Ok(())
+    Ok(applied)
 }
 
 fn parse_env_value(name: &str, like: &toml::Value, text: &str) -> Result<toml::Value, ConfigError> {
@@ -650,5 +672,30 @@ mod tests {
         let error =
             Config::from_sources(None, env(&[("RINGVAULT_NATS_PREFIX", "a.>")])).unwrap_err();
         assert!(error.to_string().contains("prefix"), "{error}");
+    }
+
+    #[test]
+    fn a_misspelt_variable_is_refused_rather_than_ignored() {
+        let error = Config::from_sources(None, env(&[("RINGVAULT_MASTERKEY_CURRENT", "AAAA")]))
+            .unwrap_err();
+        assert!(
+            matches!(&error, ConfigError::Env { name, .. } if name == "RINGVAULT_MASTERKEY_CURRENT"),
+            "{error}"
+        );
+        assert!(error.to_string().contains("no such setting"), "{error}");
+
+        // The command line's own variables and other programs' are not settings to check.
+        let config = Config::from_sources(
+            None,
+            env(&[
+                ("RINGVAULT_CONFIG", "/etc/ringvault.toml"),
+                ("RINGVAULT_URL", "nats://127.0.0.1:4222"),
+                ("RINGVAULT_TOKEN", "secret"),
+                ("AWS_REGION", "eu-west-1"),
+                ("RINGVAULT_STORAGE_S3_SESSION_TOKEN", "session"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.storage.s3.session_token, "session");
     }
 }

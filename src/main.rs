@@ -499,9 +499,10 @@ async fn announce_roll(config: &Config, kek_id: &str, report: &ringvault::keyrin
         time: ringvault::crypto::now_ms(),
     };
     let published = async {
+        // With the configured credentials: a secured NATS refuses an anonymous publisher.
         let nats = tokio::time::timeout(
             Duration::from_secs(3),
-            async_nats::connect(config.nats.url.as_str()),
+            server::connect_nats(config, "ringvault roll-deks"),
         )
         .await
         .map_err(|_| "timed out".to_owned())?

@@ -597,19 +597,13 @@ pub async fn open_backend(config: &Config) -> Result<Arc<dyn ObjectStorage>, Ser
         ),
         "s3" => {
             let s3 = &config.storage.s3;
-            let from_env = |value: &str, name: &str| {
-                if value.is_empty() {
-                    std::env::var(name).unwrap_or_default()
-                } else {
-                    value.to_owned()
-                }
-            };
             let settings = S3Settings {
                 endpoint: s3.endpoint.clone(),
                 region: s3.region.clone(),
                 bucket: s3.bucket.clone(),
-                access_key_id: from_env(&s3.access_key_id, "AWS_ACCESS_KEY_ID"),
-                secret_access_key: from_env(&s3.secret_access_key, "AWS_SECRET_ACCESS_KEY"),
+                access_key_id: s3.access_key_id.clone(),
+                secret_access_key: s3.secret_access_key.clone(),
+                session_token: s3.session_token.clone(),
                 conditional_writes: config.storage.conditional_writes,
             };
             Arc::new(

@@ -138,6 +138,7 @@ impl Actor for EventsActor {
             .await?;
         let registry = args.registry.clone();
         let replica = args.replica.clone();
+        let prefix = args.prefix.clone();
         let listener = tokio::spawn(async move {
             while let Some(message) = subscriber.next().await {
                 let event: DekCreated = match serde_json::from_slice(&message.payload) {
@@ -148,6 +149,16 @@ impl Actor for EventsActor {
                     }
                 };
                 if event.replica == replica {
+                    continue;
+                }
+                // NATS permissions are per subject: a publisher allowed one keyring's subject
+                // must not reach another keyring by naming it in the payload.
+                if message.subject.as_str() != event_subject(&prefix, &event.keyring, DEK_CREATED) {
+                    tracing::warn!(
+                        subject = %message.subject,
+                        keyring = event.keyring,
+                        "ignoring a key event whose subject is not its keyring's"
+                    );
                     continue;
                 }
                 tracing::debug!(

@@ -236,7 +236,9 @@ impl KeyringRegistry {
     }
 
     /// Applies another replica's new LATEST to a keyring this process caches; keyrings it
-    /// does not cache are left alone (they read storage on first use anyway).
+    /// does not cache are left alone (they read storage on first use anyway). Events for one
+    /// keyring are coalesced: one reload queued at a time, one per
+    /// [`crate::keyring::EVENT_RELOAD_INTERVAL`], and a reload always follows the last event.
     pub async fn apply_latest(&self, name: &str, key_id: &str) {
         if !self.keyrings.is_cached(name) {
             return;
@@ -248,12 +250,31 @@ impl KeyringRegistry {
         {
             return;
         }
+        let Some(wait) = self.keyrings.schedule_event_reload(name) else {
+            return;
+        };
+        if wait.is_zero() {
+            self.deliver_apply_latest(name, key_id).await;
+            return;
+        }
+        // Soon after the last reload: this one waits its turn, off the events listener.
+        let registry = self.clone();
+        let (name, key_id) = (name.to_owned(), key_id.to_owned());
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            registry.deliver_apply_latest(&name, &key_id).await;
+        });
+    }
+
+    /// Hands a scheduled reload for a key event to the keyring's actor.
+    async fn deliver_apply_latest(&self, name: &str, key_id: &str) {
         // A draining actor refuses the message; a fresh one takes it.
         for _ in 0..2 {
             let actor = match self.actor(name).await {
                 Ok(actor) => actor,
                 Err(error) => {
                     tracing::warn!(keyring = name, %error, "could not apply a new latest key");
+                    self.keyrings.cancel_event_reload(name);
                     return;
                 }
             };
@@ -266,6 +287,7 @@ impl KeyringRegistry {
             self.forget(actor.get_id());
         }
         tracing::warn!(keyring = name, key_id, "could not apply a new latest key");
+        self.keyrings.cancel_event_reload(name);
     }
 
     /// Sends the keyring's actor `build`'s message and waits for the reply.
@@ -428,5 +450,58 @@ mod tests {
         assert_eq!(error.kind(), crate::Kind::Unavailable, "{error}");
         let error = registry.rotate("ws_1").await.unwrap_err();
         assert_eq!(error.kind(), crate::Kind::Unavailable, "{error}");
+    }
+
+    /// A flood of key events naming made-up keys (anyone who may publish on the subject can
+    /// send them) costs a few storage reads, not one each; the real event in it still lands.
+    #[tokio::test]
+    async fn a_flood_of_key_events_is_coalesced_and_the_last_one_still_applies() {
+        use std::sync::atomic::Ordering;
+
+        let backend = Arc::new(crate::storage::ObjectStoreBackend::in_memory());
+        let (faulty, faults) = crate::storage::FaultyStorage::new(backend);
+        let storage = Storage::new(Arc::new(faulty), crate::storage::StoragePolicy::default());
+        let master_keys = Arc::new(MasterKeys::new(Kek::generate(), []).unwrap());
+        let store = KeyringStore::new(storage, master_keys);
+        let keyrings = Keyrings::new(store.clone(), CachePolicy::default());
+        let registry = KeyringRegistry::new(keyrings, Duration::from_secs(5), Hooks::default());
+        let first = registry.latest("ws_1").await.unwrap();
+        let other_replica = Keyrings::new(store, CachePolicy::default());
+
+        let reads_before = faults.calls.load(Ordering::SeqCst);
+        for n in 0..1_000 {
+            registry
+                .apply_latest("ws_1", &format!("dek_forged{n:06}"))
+                .await;
+        }
+        // The real rotation, announced amid the flood.
+        let rotated = other_replica.rotate("ws_1").await.unwrap();
+        let reads_of_the_rotation = faults.calls.load(Ordering::SeqCst) - reads_before;
+        for n in 0..1_000 {
+            registry
+                .apply_latest("ws_1", &format!("dek_forged{n:06}"))
+                .await;
+        }
+        registry.apply_latest("ws_1", rotated.dek.id()).await;
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while registry
+            .keyrings
+            .peek_latest("ws_1")
+            .is_none_or(|dek| dek.id() != rotated.dek.id())
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the real new key was not applied"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_ne!(first.id(), rotated.dek.id());
+        tokio::time::sleep(crate::keyring::EVENT_RELOAD_INTERVAL * 3).await;
+        let reads = faults.calls.load(Ordering::SeqCst) - reads_before;
+        assert!(
+            reads <= reads_of_the_rotation + 12,
+            "2,001 events cost {reads} storage calls ({reads_of_the_rotation} of them the rotation's)"
+        );
     }
 }

@@ -31,6 +31,22 @@ use crate::error::{Error, Result};
 use crate::protocol::DekCause;
 use crate::storage::{validate_key_id, validate_keyring};
 
+/// The least time between two reloads of one keyring's LATEST for key events. Anyone who may
+/// publish on the events subject can send them, each naming a new key id; without a bound each
+/// would be a storage read holding the keyring's load lock.
+pub const EVENT_RELOAD_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The guard of `mutex`; its sections here cannot panic, so a poisoned one is no broken state.
+fn lock_ignoring_poison<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How often a manual rotation writes a new LATEST when each write loses to a rewrite of the
+/// key it meant to replace.
+const MANUAL_ROTATION_ATTEMPTS: usize = 3;
+
 /// How long cached keys live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CachePolicy {
@@ -107,6 +123,10 @@ pub struct Keyring {
     deks: DashMap<String, CachedDek>,
     load_lock: tokio::sync::Mutex<()>,
     refreshing: AtomicBool,
+    /// A reload for key events is scheduled and has not started reading yet.
+    event_reload_scheduled: AtomicBool,
+    /// When the last reload for key events started.
+    last_event_reload: std::sync::Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -128,6 +148,8 @@ impl Keyring {
             deks: DashMap::with_shard_amount(2),
             load_lock: tokio::sync::Mutex::new(()),
             refreshing: AtomicBool::new(false),
+            event_reload_scheduled: AtomicBool::new(false),
+            last_event_reload: std::sync::Mutex::new(None),
         }
     }
 
@@ -379,12 +401,29 @@ impl Keyrings {
         .await
     }
 
-    /// Makes a new DEK the keyring's LATEST.
+    /// Makes a new DEK the keyring's LATEST: ours, or a concurrent writer's that also replaced
+    /// the key this call found. Never answers with the key it found.
     pub async fn rotate(&self, name: &str) -> Result<Rotation> {
         self.with_keyring(name, |ring| async move {
             let _single_flight = ring.load_lock.lock().await;
-            let current = self.shared.store.read_latest(name).await?;
-            self.rotate_locked(&ring, current, DekCause::Manual).await
+            for _ in 0..MANUAL_ROTATION_ATTEMPTS {
+                let current = self.shared.store.read_latest(name).await?;
+                let rotation = self.rotate_locked(&ring, current, DekCause::Manual).await?;
+                // A lost write whose winner still holds the old key replaced nothing: LATEST
+                // got a new version of the same key (`roll-deks` resealing it). Whoever asks
+                // for a rotation wants the old key retired, so that is no answer.
+                if rotation.won || rotation.previous_key_id.as_deref() != Some(rotation.dek.id()) {
+                    return Ok(rotation);
+                }
+                tracing::info!(
+                    keyring = name,
+                    key_id = rotation.dek.id(),
+                    "latest was rewritten with the same key during the rotation; rotating again"
+                );
+            }
+            Err(Error::unavailable(format!(
+                "keyring {name:?}: latest kept being rewritten during the rotation; try again"
+            )))
         })
         .await
     }
@@ -438,6 +477,30 @@ impl Keyrings {
         })
     }
 
+    /// Schedules one reload of a cached keyring's LATEST for a key event: the wait before it
+    /// may start (at most one per [`EVENT_RELOAD_INTERVAL`]), or `None` when the keyring is not
+    /// cached or a reload is scheduled already (it reads storage after this event arrived, so
+    /// it covers this event too). [`Keyrings::apply_new_latest`] is that reload;
+    /// [`Keyrings::cancel_event_reload`] gives the turn back if it cannot run.
+    pub fn schedule_event_reload(&self, name: &str) -> Option<Duration> {
+        let ring = self.shared.rings.get(name)?;
+        if ring.event_reload_scheduled.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let last = *lock_ignoring_poison(&ring.last_event_reload);
+        Some(last.map_or(Duration::ZERO, |last| {
+            EVENT_RELOAD_INTERVAL.saturating_sub(last.elapsed())
+        }))
+    }
+
+    /// A scheduled reload for key events that could not be delivered: the next event
+    /// schedules one again.
+    pub fn cancel_event_reload(&self, name: &str) {
+        if let Some(ring) = self.shared.rings.get(name) {
+            ring.event_reload_scheduled.store(false, Ordering::Release);
+        }
+    }
+
     /// Another replica announced `key_id` as the keyring's LATEST. The announcement is only a
     /// hint: anyone allowed to publish on the subject could send one (naming an older key, to
     /// roll the keyring back), so LATEST is read again from storage, which alone decides. Does
@@ -446,6 +509,10 @@ impl Keyrings {
         let Some(ring) = self.shared.rings.get(name).map(|ring| ring.clone()) else {
             return Ok(());
         };
+        // From here on, storage is read after any event that arrives: such an event needs a
+        // reload of its own.
+        ring.event_reload_scheduled.store(false, Ordering::Release);
+        *lock_ignoring_poison(&ring.last_event_reload) = Some(Instant::now());
         if ring.cached_latest_id().as_deref() == Some(key_id) {
             return Ok(());
         }

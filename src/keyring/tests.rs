@@ -393,3 +393,22 @@ async fn a_retry_that_meets_its_own_landed_latest_is_a_win() {
     );
     assert!(!faults.lose_next_latest_answer.load(Ordering::SeqCst));
 }
+
+/// `roll-deks` resealing LATEST (same key, new version) between a rotation's read and its
+/// conditional write makes the write lose, to the very key being replaced. A rotation asked
+/// for retires the old key all the same: it writes again, and never answers with the old key.
+#[tokio::test]
+async fn a_rotation_that_loses_to_a_reseal_of_the_old_key_rotates_again() {
+    let (keyrings, faults) = keyrings_with(CachePolicy::default());
+    let first = keyrings.latest("ws_1").await.unwrap();
+    faults
+        .reseal_latest_before_next_put
+        .store(true, Ordering::SeqCst);
+    let rotation = keyrings.rotate("ws_1").await.unwrap();
+    assert!(!faults.reseal_latest_before_next_put.load(Ordering::SeqCst));
+    assert!(rotation.won);
+    assert_ne!(rotation.dek.id(), first.id());
+    assert_eq!(rotation.previous_key_id.as_deref(), Some(first.id()));
+    let stored = keyrings.store().read_latest("ws_1").await.unwrap().unwrap();
+    assert_eq!(stored.dek.id(), rotation.dek.id());
+}

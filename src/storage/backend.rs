@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt as _;
-use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
@@ -31,6 +31,8 @@ pub struct S3Settings {
     pub access_key_id: String,
     /// Secret access key.
     pub secret_access_key: String,
+    /// Session token of temporary (STS) credentials.
+    pub session_token: String,
     /// Whether the store enforces `If-None-Match`/`If-Match` on PUT.
     pub conditional_writes: bool,
 }
@@ -97,40 +99,17 @@ impl ObjectStoreBackend {
         })
     }
 
-    /// An S3-compatible bucket with path-style addressing.
+    /// An S3-compatible bucket with path-style addressing. Credentials not in `settings` come
+    /// from the process's standard `AWS_*` variables, then from the usual AWS chain (web
+    /// identity, container role, instance profile).
     pub fn s3(settings: &S3Settings, request_timeout: Duration) -> Result<Self, StorageError> {
-        let mut builder = AmazonS3Builder::new()
-            .with_bucket_name(&settings.bucket)
-            .with_region(&settings.region)
-            .with_access_key_id(&settings.access_key_id)
-            .with_secret_access_key(&settings.secret_access_key)
-            .with_virtual_hosted_style_request(false)
-            .with_conditional_put(if settings.conditional_writes {
-                S3ConditionalPut::ETagMatch
-            } else {
-                S3ConditionalPut::Disabled
-            })
-            // ringvault retries inside its own time budget; the client's own retries are kept
-            // short so one slow attempt cannot eat the whole budget.
-            .with_retry(RetryConfig {
-                max_retries: 1,
-                retry_timeout: request_timeout,
-                ..RetryConfig::default()
-            })
-            .with_client_options(
-                ClientOptions::new()
-                    .with_timeout(request_timeout)
-                    .with_connect_timeout(request_timeout.min(Duration::from_secs(2)))
-                    .with_allow_http(settings.endpoint.starts_with("http://")),
-            );
-        if !settings.endpoint.is_empty() {
-            builder = builder.with_endpoint(&settings.endpoint);
-        }
-        let store = builder.build().map_err(|error| StorageError::Unavailable {
-            operation: "open",
-            key: settings.bucket.clone(),
-            detail: error.to_string(),
-        })?;
+        let store = s3_builder(settings, std::env::vars(), request_timeout)
+            .build()
+            .map_err(|error| StorageError::Unavailable {
+                operation: "open",
+                key: settings.bucket.clone(),
+                detail: error.to_string(),
+            })?;
         Ok(Self {
             store: Arc::new(store),
             description: format!("s3:{}", settings.bucket),
@@ -292,10 +271,173 @@ impl ObjectStorage for ObjectStoreBackend {
     }
 }
 
+/// The S3 client's builder: the standard `AWS_*` variables of `environment` first (what
+/// `AmazonS3Builder::from_env` reads: keys, session token, web identity, container
+/// credentials), then `settings` over them. A key pair configured in ringvault does not take
+/// the environment's session token, which belongs to the environment's keys; with no keys at
+/// all, none are set, so that object_store falls back to the role-based providers instead of
+/// signing with empty static keys.
+fn s3_builder(
+    settings: &S3Settings,
+    environment: impl IntoIterator<Item = (String, String)>,
+    request_timeout: Duration,
+) -> AmazonS3Builder {
+    let keys_configured = !settings.access_key_id.is_empty();
+    let mut builder = AmazonS3Builder::new();
+    for (name, value) in environment {
+        if !name.starts_with("AWS_") {
+            continue;
+        }
+        let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() else {
+            continue;
+        };
+        if keys_configured && key == AmazonS3ConfigKey::Token {
+            continue;
+        }
+        builder = builder.with_config(key, value);
+    }
+    for (key, value) in [
+        (AmazonS3ConfigKey::AccessKeyId, &settings.access_key_id),
+        (
+            AmazonS3ConfigKey::SecretAccessKey,
+            &settings.secret_access_key,
+        ),
+        (AmazonS3ConfigKey::Token, &settings.session_token),
+        (AmazonS3ConfigKey::Endpoint, &settings.endpoint),
+    ] {
+        if !value.is_empty() {
+            builder = builder.with_config(key, value);
+        }
+    }
+    let endpoint = builder
+        .get_config_value(&AmazonS3ConfigKey::Endpoint)
+        .unwrap_or_default();
+    builder
+        .with_bucket_name(&settings.bucket)
+        .with_region(&settings.region)
+        .with_virtual_hosted_style_request(false)
+        .with_conditional_put(if settings.conditional_writes {
+            S3ConditionalPut::ETagMatch
+        } else {
+            S3ConditionalPut::Disabled
+        })
+        // ringvault retries inside its own time budget; the client's own retries are kept
+        // short so one slow attempt cannot eat the whole budget.
+        .with_retry(RetryConfig {
+            max_retries: 1,
+            retry_timeout: request_timeout,
+            ..RetryConfig::default()
+        })
+        .with_client_options(
+            ClientOptions::new()
+                .with_timeout(request_timeout)
+                .with_connect_timeout(request_timeout.min(Duration::from_secs(2)))
+                .with_allow_http(endpoint.starts_with("http://")),
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures::TryStreamExt as _;
+
+    fn s3_config(
+        settings: &S3Settings,
+        environment: &[(&str, &str)],
+    ) -> impl Fn(AmazonS3ConfigKey) -> Option<String> {
+        let environment = environment
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()));
+        let builder = s3_builder(settings, environment, Duration::from_secs(5));
+        move |key| builder.get_config_value(&key)
+    }
+
+    #[test]
+    fn s3_credentials_come_from_the_environment_with_their_session_token() {
+        let settings = S3Settings {
+            bucket: "vault".into(),
+            region: "eu-west-1".into(),
+            ..S3Settings::default()
+        };
+        let value = s3_config(
+            &settings,
+            &[
+                ("AWS_ACCESS_KEY_ID", "ASIAENV"),
+                ("AWS_SECRET_ACCESS_KEY", "env-secret"),
+                ("AWS_SESSION_TOKEN", "env-session"),
+                ("AWS_ROLE_ARN", "arn:aws:iam::1:role/vault"),
+                ("HOME", "/root"),
+            ],
+        );
+        assert_eq!(
+            value(AmazonS3ConfigKey::AccessKeyId).as_deref(),
+            Some("ASIAENV")
+        );
+        assert_eq!(
+            value(AmazonS3ConfigKey::SecretAccessKey).as_deref(),
+            Some("env-secret")
+        );
+        assert_eq!(
+            value(AmazonS3ConfigKey::Token).as_deref(),
+            Some("env-session")
+        );
+        assert_eq!(
+            value(AmazonS3ConfigKey::RoleArn).as_deref(),
+            Some("arn:aws:iam::1:role/vault")
+        );
+        assert_eq!(value(AmazonS3ConfigKey::Bucket).as_deref(), Some("vault"));
+        assert_eq!(
+            value(AmazonS3ConfigKey::Region).as_deref(),
+            Some("eu-west-1")
+        );
+    }
+
+    #[test]
+    fn s3_without_any_keys_sets_none_so_the_role_providers_apply() {
+        let value = s3_config(&S3Settings::default(), &[]);
+        assert_eq!(value(AmazonS3ConfigKey::AccessKeyId), None);
+        assert_eq!(value(AmazonS3ConfigKey::SecretAccessKey), None);
+        assert_eq!(value(AmazonS3ConfigKey::Token), None);
+    }
+
+    #[test]
+    fn configured_s3_keys_replace_the_environment_s_and_drop_its_session_token() {
+        let settings = S3Settings {
+            endpoint: "http://127.0.0.1:9000".into(),
+            access_key_id: "configured".into(),
+            secret_access_key: "configured-secret".into(),
+            ..S3Settings::default()
+        };
+        let environment = [
+            ("AWS_ACCESS_KEY_ID", "ASIAENV"),
+            ("AWS_SECRET_ACCESS_KEY", "env-secret"),
+            ("AWS_SESSION_TOKEN", "env-session"),
+        ];
+        let value = s3_config(&settings, &environment);
+        assert_eq!(
+            value(AmazonS3ConfigKey::AccessKeyId).as_deref(),
+            Some("configured")
+        );
+        assert_eq!(
+            value(AmazonS3ConfigKey::SecretAccessKey).as_deref(),
+            Some("configured-secret")
+        );
+        assert_eq!(value(AmazonS3ConfigKey::Token), None);
+        assert_eq!(
+            value(AmazonS3ConfigKey::Endpoint).as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+
+        let with_token = S3Settings {
+            session_token: "configured-session".into(),
+            ..settings
+        };
+        let value = s3_config(&with_token, &environment);
+        assert_eq!(
+            value(AmazonS3ConfigKey::Token).as_deref(),
+            Some("configured-session")
+        );
+    }
 
     async fn exercise(backend: &ObjectStoreBackend) {
         assert!(backend.get("keyring/a/LATEST").await.unwrap().is_none());

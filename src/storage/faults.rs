@@ -23,6 +23,9 @@ pub struct Faults {
     /// The next put of a `LATEST` object is written, then answered with an error (an answer
     /// lost after the write landed).
     pub lose_next_latest_answer: AtomicBool,
+    /// Just before the next conditional put of a `LATEST` object, that object is written again
+    /// with its own bytes: a new version of the same key, as `roll-deks` resealing it makes.
+    pub reseal_latest_before_next_put: AtomicBool,
 }
 
 impl Faults {
@@ -88,6 +91,19 @@ impl ObjectStorage for FaultyStorage {
         self.faults.puts.fetch_add(1, Ordering::SeqCst);
         if self.faults.should_fail() {
             return Err(Self::injected("put", key));
+        }
+        if key.ends_with(super::LATEST)
+            && condition != PutCondition::Overwrite
+            && self
+                .faults
+                .reseal_latest_before_next_put
+                .swap(false, Ordering::SeqCst)
+        {
+            if let Some(current) = self.inner.get(key).await? {
+                self.inner
+                    .put(key, current.bytes, PutCondition::Overwrite)
+                    .await?;
+            }
         }
         let written = self.inner.put(key, bytes, condition).await;
         if written.is_ok()

@@ -278,15 +278,20 @@ pub struct NatsServer {
 impl NatsServer {
     /// Plain core NATS.
     pub async fn start() -> NatsServer {
-        Self::launch(false).await
+        Self::launch(false, None).await
     }
 
     /// NATS with JetStream enabled, storing under a temporary directory.
     pub async fn start_jetstream() -> NatsServer {
-        Self::launch(true).await
+        Self::launch(true, None).await
     }
 
-    async fn launch(jetstream: bool) -> NatsServer {
+    /// Core NATS that refuses clients without `token`.
+    pub async fn start_with_token(token: &str) -> NatsServer {
+        Self::launch(false, Some(token)).await
+    }
+
+    async fn launch(jetstream: bool, token: Option<&str>) -> NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("ringvault-nats-")
             .tempdir()
@@ -307,6 +312,9 @@ impl NatsServer {
                 if jetstream {
                     args.extend(["-js".to_string(), "-sd".to_string()]);
                     args.push(store.display().to_string());
+                }
+                if let Some(token) = token {
+                    args.extend(["--auth".to_string(), token.to_string()]);
                 }
                 args
             },

@@ -161,6 +161,71 @@ async fn a_rotation_on_one_replica_reaches_the_others_within_a_second() {
     }
 }
 
+/// A key event is applied only when its subject is its keyring's: NATS permissions are per
+/// subject, and a publisher allowed one keyring's subject must not reach another by naming it
+/// in the payload.
+#[tokio::test]
+async fn a_key_event_on_another_keyring_s_subject_is_ignored() {
+    let env = TestEnv::start().await;
+    let server = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    let first = client.encrypt("ws_target", "warm").await.unwrap();
+    // The key changes in storage without an announcement, as if its event were lost.
+    let master_keys = ringvault::crypto::MasterKeys::new(
+        ringvault::crypto::Kek::parse(&env.master_key).unwrap(),
+        [],
+    )
+    .unwrap();
+    let store = common::service::local_keyrings(&env.store_path(), master_keys);
+    let rotated = store.rotate("ws_target").await.unwrap();
+    assert_ne!(rotated.dek.id(), first.key_id);
+
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    let event = DekCreated {
+        version: ringvault::protocol::EVENT_VERSION,
+        keyring: "ws_target".into(),
+        key_id: rotated.dek.id().to_owned(),
+        previous_key_id: Some(first.key_id.clone()),
+        cause: DekCause::Manual,
+        time: 0,
+        replica: "elsewhere".into(),
+    };
+    let payload = serde_json::to_vec(&event).unwrap();
+    let on_subject = |keyring: &str| {
+        ringvault::protocol::event_subject("vault.v1", keyring, ringvault::protocol::DEK_CREATED)
+    };
+    nats.publish(on_subject("ws_other"), payload.clone().into())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    let applied = || {
+        server
+            .keyrings()
+            .peek_latest("ws_target")
+            .unwrap()
+            .id()
+            .to_owned()
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        applied(),
+        first.key_id,
+        "applied from another keyring's subject"
+    );
+
+    nats.publish(on_subject("ws_target"), payload.into())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            applied() == rotated.dek.id()
+        })
+        .await,
+        "the event on its own subject is applied"
+    );
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn scheduled_rotation_happens_once_across_two_replicas() {
     let env = TestEnv::start().await;
@@ -299,7 +364,14 @@ async fn roll_deks_publishes_kek_rolled_with_its_counts() {
     client.encrypt("ws_roll_b", "y").await.unwrap();
     server.shutdown().await.unwrap();
 
-    let watcher = async_nats::connect(env.nats.url()).await.unwrap();
+    // The announcement goes through a NATS that refuses anonymous clients: roll-deks connects
+    // with the configured credentials, as the service does.
+    const NATS_TOKEN: &str = "roll-deks-nats-token";
+    let secured = common::NatsServer::start_with_token(NATS_TOKEN).await;
+    let watcher = async_nats::ConnectOptions::with_token(NATS_TOKEN.into())
+        .connect(secured.url())
+        .await
+        .unwrap();
     let mut rolled = watcher
         .subscribe("vault.v1.events.%.kek.rolled")
         .await
@@ -308,7 +380,8 @@ async fn roll_deks_publishes_kek_rolled_with_its_counts() {
     let new_key = ringvault::crypto::Kek::generate();
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
         .arg("roll-deks")
-        .env("RINGVAULT_NATS_URL", env.nats.url())
+        .env("RINGVAULT_NATS_URL", secured.url())
+        .env("RINGVAULT_NATS_TOKEN", NATS_TOKEN)
         .env("RINGVAULT_STORAGE_PATH", env.store_path())
         .env("RINGVAULT_MASTER_KEY_CURRENT", new_key.to_base64().as_str())
         .env("RINGVAULT_MASTER_KEY_PREVIOUS", &env.master_key)

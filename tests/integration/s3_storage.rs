@@ -39,6 +39,7 @@ fn s3_settings(s3: &S3Server) -> S3Settings {
         access_key_id: s3.access_key().to_owned(),
         secret_access_key: s3.secret_key().to_owned(),
         conditional_writes: true,
+        ..S3Settings::default()
     }
 }
 

@@ -49,6 +49,8 @@ impl Service {
                 std::env::var("RINGVAULT_TEST_SERVICE_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            // The harness's own variable is no setting of the service, which refuses those.
+            .env_remove("RINGVAULT_TEST_SERVICE_LOG")
             .stdin(Stdio::null())
             .stdout(open_log())
             .stderr(open_log())

@@ -67,24 +67,73 @@ impl Drop for EventsState {
     }
 }
 
-/// Creates or updates the stream over `<prefix>.events.>`.
+/// Creates the stream over `<prefix>.events.>`, or brings an existing one's retention to the
+/// configured values. Of an existing stream only the retention, the deduplication window and
+/// (when none of its subjects covers them) the events' subjects change: its replicas, storage
+/// and the rest are the operator's, and an update from defaults would reset them (or fail,
+/// for the settings a stream cannot change).
 pub async fn ensure_stream(
     nats: &async_nats::Client,
     prefix: &str,
     stream: &EventStream,
 ) -> Result<(), async_nats::Error> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    use async_nats::jetstream::ErrorCode;
+
     let jetstream = async_nats::jetstream::new(nats.clone());
-    jetstream
-        .create_or_update_stream(async_nats::jetstream::stream::Config {
-            name: stream.name.clone(),
-            subjects: vec![format!("{prefix}.events.>")],
-            max_age: stream.max_age,
-            max_messages: stream.max_messages,
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        })
-        .await?;
+    let subject = format!("{prefix}.events.>");
+    let mut config = match jetstream.get_stream(&stream.name).await {
+        Ok(existing) => existing.cached_info().config.clone(),
+        Err(error)
+            if matches!(error.kind(), GetStreamErrorKind::JetStream(inner)
+                if inner.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            jetstream
+                .create_stream(async_nats::jetstream::stream::Config {
+                    name: stream.name.clone(),
+                    subjects: vec![subject],
+                    max_age: stream.max_age,
+                    max_messages: stream.max_messages,
+                    duplicate_window: EVENTS_DUPLICATE_WINDOW,
+                    ..Default::default()
+                })
+                .await?;
+            return Ok(());
+        }
+        Err(error) => return Err(error.into()),
+    };
+    if !config
+        .subjects
+        .iter()
+        .any(|pattern| subject_covers(pattern, &subject))
+    {
+        config.subjects.push(subject);
+    }
+    config.max_age = stream.max_age;
+    config.max_messages = stream.max_messages;
+    config.duplicate_window = EVENTS_DUPLICATE_WINDOW;
+    jetstream.update_stream(&config).await?;
     Ok(())
+}
+
+/// How long JetStream remembers a `Nats-Msg-Id` to drop a repeated event.
+const EVENTS_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Whether the NATS subject pattern `pattern` matches every subject `subject` (itself a
+/// pattern) matches: token by token, `*` covering any one token and a final `>` any rest.
+fn subject_covers(pattern: &str, subject: &str) -> bool {
+    let mut wanted = subject.split('.');
+    for token in pattern.split('.') {
+        if token == ">" {
+            return wanted.next().is_some();
+        }
+        match wanted.next() {
+            Some(">") | None => return false,
+            Some(other) if token == "*" || token == other => {}
+            Some(_) => return false,
+        }
+    }
+    wanted.next().is_none()
 }
 
 async fn publish(
@@ -245,5 +294,36 @@ fn cause_name(cause: DekCause) -> &'static str {
         DekCause::FirstUse => "first_use",
         DekCause::Manual => "manual",
         DekCause::Scheduled => "scheduled",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_covers;
+
+    #[test]
+    fn subject_patterns_cover_as_nats_matches_them() {
+        for (pattern, subject) in [
+            ("vault.v1.events.>", "vault.v1.events.>"),
+            ("vault.>", "vault.v1.events.>"),
+            (">", "vault.v1.events.>"),
+            ("vault.*.events.>", "vault.v1.events.>"),
+        ] {
+            assert!(
+                subject_covers(pattern, subject),
+                "{pattern} covers {subject}"
+            );
+        }
+        for (pattern, subject) in [
+            ("vault.v1.events.*", "vault.v1.events.>"),
+            ("vault.v1.events", "vault.v1.events.>"),
+            ("vault.v2.>", "vault.v1.events.>"),
+            ("other.>", "vault.v1.events.>"),
+        ] {
+            assert!(
+                !subject_covers(pattern, subject),
+                "{pattern} does not cover {subject}"
+            );
+        }
     }
 }

@@ -116,6 +116,63 @@ async fn with_jetstream_a_subscriber_that_was_away_replays_what_it_missed() {
     assert_eq!(missed[1].keyring, "ws_js_2");
 }
 
+/// A stream the operator made (here: in memory, with its own description and a subject
+/// covering the events') keeps what is theirs; ringvault only brings its retention to the configuration.
+#[tokio::test]
+async fn an_existing_event_stream_keeps_the_operator_s_settings() {
+    use async_nats::jetstream::stream::{Config, StorageType};
+
+    let env = TestEnv {
+        nats: common::NatsServer::start_jetstream().await,
+        ..TestEnv::start().await
+    };
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(nats);
+    jetstream
+        .create_stream(Config {
+            name: "OPS_EVENTS".into(),
+            subjects: vec!["vault.*.events.>".into()],
+            storage: StorageType::Memory,
+            description: Some("made by the operator".into()),
+            max_messages: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let server = env
+        .service(&[
+            ("RINGVAULT_EVENTS_JETSTREAM", "true"),
+            ("RINGVAULT_EVENTS_STREAM", "OPS_EVENTS"),
+            ("RINGVAULT_EVENTS_MAX_MESSAGES", "5000"),
+        ])
+        .await;
+    let mut stream = jetstream.get_stream("OPS_EVENTS").await.unwrap();
+    let config = stream.info().await.unwrap().config.clone();
+    assert_eq!(config.storage, StorageType::Memory);
+    assert_eq!(config.description.as_deref(), Some("made by the operator"));
+    assert_eq!(
+        config.subjects,
+        ["vault.*.events.>"],
+        "no overlapping subject added"
+    );
+    assert_eq!(
+        config.max_messages, 5000,
+        "retention follows the configuration"
+    );
+
+    let client = env.client(Format::Protobuf).await;
+    client.encrypt("ws_ops", "x").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let mut stream = stream.clone();
+            async move { stream.info().await.unwrap().state.messages >= 1 }
+        })
+        .await,
+        "the first-use event is captured"
+    );
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_rotation_on_one_replica_reaches_the_others_within_a_second() {
     let env = TestEnv::start().await;

@@ -31,7 +31,6 @@ pub struct RollReport {
 enum Outcome {
     Resealed,
     AlreadyCurrent,
-    Vanished,
 }
 
 impl RollReport {
@@ -40,7 +39,6 @@ impl RollReport {
         match outcome {
             Ok(Outcome::Resealed) => self.resealed += 1,
             Ok(Outcome::AlreadyCurrent) => self.already_current += 1,
-            Ok(Outcome::Vanished) => {}
             Err(error) => {
                 self.failed += 1;
                 self.failures.push((key, error.to_string()));
@@ -95,6 +93,16 @@ pub async fn roll_deks(
     Ok(report)
 }
 
+/// An object the listing named that a read then did not find. ringvault never deletes keyring
+/// objects, so this is no success to skip quietly: the object may still be sealed by the old
+/// master key (a name the store lists in one spelling and reads in another, or a deletion by
+/// someone else), and retiring that key would make it unreadable.
+fn listed_but_missing(key: &str) -> Error {
+    Error::not_found(format!(
+        "{key} was listed but not found when read; it was not re-sealed"
+    ))
+}
+
 fn decode(key: &str, bytes: &[u8]) -> Result<EncryptedDataEncryptionKey> {
     EncryptedDataEncryptionKey::decode(bytes).map_err(|error| {
         Error::internal(format!(
@@ -112,7 +120,7 @@ fn sealed_by_current(store: &KeyringStore, stored: &EncryptedDataEncryptionKey) 
 
 async fn reseal_dek_object(store: &KeyringStore, key: &str) -> Result<Outcome> {
     let Some(object) = store.storage().get(key).await? else {
-        return Ok(Outcome::Vanished);
+        return Err(listed_but_missing(key));
     };
     let stored = decode(key, &object.bytes)?;
     if sealed_by_current(store, &stored) {
@@ -132,7 +140,7 @@ async fn reseal_dek_object(store: &KeyringStore, key: &str) -> Result<Outcome> {
 
 async fn reseal_latest(store: &KeyringStore, key: &str) -> Result<Outcome> {
     let Some(latest) = store.storage().get(key).await? else {
-        return Ok(Outcome::Vanished);
+        return Err(listed_but_missing(key));
     };
     let stored = decode(key, &latest.bytes)?;
     if sealed_by_current(store, &stored) {

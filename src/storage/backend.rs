@@ -146,7 +146,7 @@ impl ObjectStoreBackend {
         .await
         .map_err(|error| locked(std::io::Error::other(error)))?
         .map_err(locked)?;
-        let path = Path::from(key);
+        let path = object_path(key);
         let current = match self.store.head(&path).await {
             Ok(meta) => Some(Version {
                 e_tag: meta.e_tag,
@@ -154,7 +154,7 @@ impl ObjectStoreBackend {
             }),
             // Gone is changed too.
             Err(object_store::Error::NotFound { .. }) => None,
-            Err(error) => return Err(unavailable("put", key, error)),
+            Err(error) => return Err(store_error("put", key, error)),
         };
         if current.as_ref() != Some(&expected) {
             return Err(StorageError::Changed {
@@ -165,26 +165,46 @@ impl ObjectStoreBackend {
             .put_opts(&path, bytes.into(), PutOptions::default())
             .await
             .map(|_| ())
-            .map_err(|error| unavailable("put", key, error))
+            .map_err(|error| store_error("put", key, error))
     }
 }
 
-fn unavailable(operation: &'static str, key: &str, error: object_store::Error) -> StorageError {
-    StorageError::Unavailable {
-        operation,
-        key: key.to_owned(),
-        detail: error.to_string(),
+/// The object at `key`, taken as written: a key the store listed (from a bucket another
+/// program filled) is addressed as listed. `Path::from` would percent-encode characters such as
+/// `#` or a space a second time and miss the object; ringvault's own keys read the same either
+/// way, and a key that is not a valid path as written is encoded as before.
+fn object_path(key: &str) -> Path {
+    Path::parse(key).unwrap_or_else(|_| Path::from(key))
+}
+
+/// A failed call as ringvault tells failures apart: refused for good (credentials,
+/// permissions) or unavailable (worth retrying within the budget).
+fn store_error(operation: &'static str, key: &str, error: object_store::Error) -> StorageError {
+    let key = key.to_owned();
+    let detail = error.to_string();
+    match error {
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => StorageError::Refused {
+            operation,
+            key,
+            detail,
+        },
+        _ => StorageError::Unavailable {
+            operation,
+            key,
+            detail,
+        },
     }
 }
 
 #[async_trait::async_trait]
 impl ObjectStorage for ObjectStoreBackend {
     async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError> {
-        let path = Path::from(key);
+        let path = object_path(key);
         let result = match self.store.get_opts(&path, GetOptions::default()).await {
             Ok(result) => result,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(error) => return Err(unavailable("get", key, error)),
+            Err(error) => return Err(store_error("get", key, error)),
         };
         let version = Version {
             e_tag: result.meta.e_tag.clone(),
@@ -193,7 +213,7 @@ impl ObjectStorage for ObjectStoreBackend {
         let bytes = result
             .bytes()
             .await
-            .map_err(|error| unavailable("get", key, error))?;
+            .map_err(|error| store_error("get", key, error))?;
         Ok(Some(Stored { bytes, version }))
     }
 
@@ -224,7 +244,7 @@ impl ObjectStorage for ObjectStoreBackend {
         };
         match self
             .store
-            .put_opts(&Path::from(key), bytes.into(), options)
+            .put_opts(&object_path(key), bytes.into(), options)
             .await
         {
             Ok(_) => Ok(()),
@@ -240,7 +260,7 @@ impl ObjectStorage for ObjectStoreBackend {
             ) => Err(StorageError::ConditionalUnsupported {
                 detail: error.to_string(),
             }),
-            Err(error) => Err(unavailable("put", key, error)),
+            Err(error) => Err(store_error("put", key, error)),
         }
     }
 
@@ -250,15 +270,15 @@ impl ObjectStorage for ObjectStoreBackend {
             .list(Some(&Path::from(prefix)))
             .map(move |item| {
                 item.map(|meta| meta.location.to_string())
-                    .map_err(|error| unavailable("list", &owned_prefix, error))
+                    .map_err(|error| store_error("list", &owned_prefix, error))
             })
             .boxed()
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
-        match self.store.delete(&Path::from(key)).await {
+        match self.store.delete(&object_path(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(error) => Err(unavailable("delete", key, error)),
+            Err(error) => Err(store_error("delete", key, error)),
         }
     }
 

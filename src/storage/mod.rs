@@ -63,6 +63,17 @@ pub enum StorageError {
         /// The store's own words, for logs only.
         detail: String,
     },
+    /// The store refused the call for good: our credentials or their permissions (401, 403).
+    /// Not retried, since the same call cannot succeed; the detail is for logs only.
+    #[error("storage {operation} of {key} was refused: {detail}")]
+    Refused {
+        /// `get`, `put`, `list` or `delete`.
+        operation: &'static str,
+        /// The object key or prefix.
+        key: String,
+        /// The store's own words, for logs only.
+        detail: String,
+    },
     /// The storage writer died while handling this write; it is being restarted. Not retried:
     /// the caller gets `unavailable` and may try again.
     #[error("storage {operation} of {key} was interrupted: the storage writer restarted")]
@@ -98,6 +109,9 @@ impl From<StorageError> for Error {
         match &error {
             StorageError::Unavailable { operation, key, .. } => {
                 Error::unavailable(format!("storage {operation} of {key} failed"))
+            }
+            StorageError::Refused { operation, key, .. } => {
+                Error::unavailable(format!("storage {operation} of {key} was refused"))
             }
             StorageError::Timeout { .. } | StorageError::Interrupted { .. } => {
                 Error::unavailable(error.to_string())
@@ -378,7 +392,9 @@ impl Storage {
             .record(started.elapsed().as_secs_f64());
         if matches!(
             result,
-            Err(StorageError::Unavailable { .. } | StorageError::Timeout { .. })
+            Err(StorageError::Unavailable { .. }
+                | StorageError::Refused { .. }
+                | StorageError::Timeout { .. })
         ) {
             metrics::counter!("ringvault_storage_errors_total", "operation" => operation)
                 .increment(1);

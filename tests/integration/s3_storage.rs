@@ -24,7 +24,8 @@ use ringvault::protocol::{
 };
 use ringvault::server::{Server, ServerError};
 use ringvault::storage::{
-    dek_key, latest_key, ObjectStoreBackend, PutCondition, S3Settings, Storage, StoragePolicy,
+    dek_key, latest_key, ObjectStoreBackend, PutCondition, S3Settings, Storage, StorageError,
+    StoragePolicy,
 };
 use ringvault::Kind;
 
@@ -53,6 +54,97 @@ fn direct_storage(s3: &S3Server) -> Storage {
             ..StoragePolicy::default()
         },
     )
+}
+
+/// A store that refuses our credentials refuses every call the same way: the call fails as
+/// `Refused` at once (and says so in the logs) instead of being retried until its budget runs out
+/// and reported as a timeout.
+#[tokio::test]
+async fn refused_credentials_are_not_retried_as_an_outage() {
+    let s3 = S3Server::start().await;
+    let settings = S3Settings {
+        secret_access_key: "not-the-secret".into(),
+        ..s3_settings(&s3)
+    };
+    let backend = ObjectStoreBackend::s3(&settings, Duration::from_secs(5)).unwrap();
+    let storage = Storage::new(
+        Arc::new(backend),
+        StoragePolicy {
+            timeout: Duration::from_secs(20),
+            ..StoragePolicy::default()
+        },
+    );
+    let got = storage.get("keyring/ws_1/LATEST").await.unwrap_err();
+    assert!(
+        matches!(
+            got,
+            StorageError::Refused {
+                operation: "get",
+                ..
+            }
+        ),
+        "{got:?}"
+    );
+    let put = storage
+        .put(
+            "keyring/ws_1/LATEST",
+            Bytes::from_static(b"x"),
+            PutCondition::IfAbsent,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            put,
+            StorageError::Refused {
+                operation: "put",
+                ..
+            }
+        ),
+        "{put:?}"
+    );
+    let caller_sees = ringvault::Error::from(put);
+    assert_eq!(caller_sees.kind(), Kind::Unavailable);
+    assert_no_secrets(&caller_sees, &s3);
+}
+
+/// An existing bucket may hold keyrings whose names ringvault would not accept (Unkey's Vault
+/// takes any string): the roll re-seals them too, or reports them as failed, never skips them.
+#[tokio::test]
+async fn roll_deks_accounts_for_objects_of_keyrings_ringvault_would_not_name() {
+    let s3 = S3Server::start().await;
+    let storage = direct_storage(&s3);
+    let old_kek = Kek::generate().to_base64().to_string();
+    let new_kek = Kek::generate().to_base64().to_string();
+    let keyrings = Keyrings::new(
+        KeyringStore::new(storage.clone(), master_keys(&old_kek, &[])),
+        CachePolicy::default(),
+    );
+    let dek = keyrings.latest("ws_plain").await.unwrap();
+    // The same sealed key under a keyring named with characters outside ringvault's rule.
+    let bucket = s3.bucket_dir();
+    let sealed = std::fs::read(bucket.join("keyring/ws_plain/LATEST")).unwrap();
+    let odd = bucket.join("keyring/ws#odd name");
+    std::fs::create_dir_all(&odd).unwrap();
+    std::fs::write(odd.join("LATEST"), &sealed).unwrap();
+    std::fs::write(odd.join(dek.id()), &sealed).unwrap();
+
+    let rolling = KeyringStore::new(storage.clone(), master_keys(&new_kek, &[&old_kek]));
+    let report = roll_deks(&rolling, |_| {}).await.unwrap();
+    eprintln!("{report:?}");
+    assert_eq!(report.scanned, 4, "{report:?}");
+    assert_eq!(report.resealed, 4, "{:?}", report.failures);
+    let new_kek_id = Kek::parse(&new_kek).unwrap().id().to_owned();
+    for path in [odd.join("LATEST"), odd.join(dek.id())] {
+        let stored =
+            EncryptedDataEncryptionKey::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
+        assert_eq!(
+            stored.encrypted.unwrap().encryption_key_id,
+            new_kek_id,
+            "{}",
+            path.display()
+        );
+    }
 }
 
 fn master_keys(current: &str, previous: &[&str]) -> Arc<MasterKeys> {

@@ -46,7 +46,12 @@ fn s3_settings(s3: &S3Server) -> S3Settings {
 
 /// A storage handle straight on the bucket, without a service.
 fn direct_storage(s3: &S3Server) -> Storage {
-    let backend = ObjectStoreBackend::s3(&s3_settings(s3), Duration::from_secs(10)).unwrap();
+    storage_with(&s3_settings(s3))
+}
+
+/// A storage handle on the bucket `settings` name, with those settings.
+fn storage_with(settings: &S3Settings) -> Storage {
+    let backend = ObjectStoreBackend::s3(settings, Duration::from_secs(10)).unwrap();
     Storage::new(
         Arc::new(backend),
         StoragePolicy {
@@ -62,18 +67,10 @@ fn direct_storage(s3: &S3Server) -> Storage {
 #[tokio::test]
 async fn refused_credentials_are_not_retried_as_an_outage() {
     let s3 = S3Server::start().await;
-    let settings = S3Settings {
+    let storage = storage_with(&S3Settings {
         secret_access_key: "not-the-secret".into(),
         ..s3_settings(&s3)
-    };
-    let backend = ObjectStoreBackend::s3(&settings, Duration::from_secs(5)).unwrap();
-    let storage = Storage::new(
-        Arc::new(backend),
-        StoragePolicy {
-            timeout: Duration::from_secs(20),
-            ..StoragePolicy::default()
-        },
-    );
+    });
     let got = storage.get("keyring/ws_1/LATEST").await.unwrap_err();
     assert!(
         matches!(
@@ -109,7 +106,7 @@ async fn refused_credentials_are_not_retried_as_an_outage() {
 }
 
 /// An existing bucket may hold keyrings whose names ringvault would not accept (Unkey's Vault
-/// takes any string): the roll re-seals them too, or reports them as failed, never skips them.
+/// takes any string): the roll re-seals them too, addressing each object as the store lists it.
 #[tokio::test]
 async fn roll_deks_accounts_for_objects_of_keyrings_ringvault_would_not_name() {
     let s3 = S3Server::start().await;

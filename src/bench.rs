@@ -341,7 +341,7 @@ impl Shape {
             ),
         };
         let expected_len = reply_len.unwrap_or(body.len());
-        let headers = request_headers(self.token.as_deref(), self.format);
+        let headers = request_headers(self.token.as_deref(), self.format)?;
         let reply = self
             .nats
             .request_with_headers(self.subject.to_string(), headers, body)

@@ -160,17 +160,23 @@ pub fn new_request_id() -> String {
 
 /// The headers a client with `token` and `format` sends: a fresh `X-Request-ID`,
 /// `Authorization: Bearer <token>` when there is a token, and `Content-Type: application/json`
-/// for JSON.
-pub fn request_headers(token: Option<&str>, format: Format) -> HeaderMap {
+/// for JSON. A token with a line break (a secret file's trailing newline kept) cannot be a
+/// header value: [`Kind::InvalidArgument`].
+pub fn request_headers(token: Option<&str>, format: Format) -> Result<HeaderMap> {
     let mut headers = HeaderMap::new();
     headers.insert(protocol::REQUEST_ID, new_request_id().as_str());
     if let Some(token) = token {
-        headers.insert(protocol::AUTHORIZATION, format!("Bearer {token}").as_str());
+        let value: async_nats::HeaderValue = format!("Bearer {token}").parse().map_err(|_| {
+            Error::invalid_argument(
+                "the bearer token contains a line break (a trailing newline from a file?)",
+            )
+        })?;
+        headers.insert(protocol::AUTHORIZATION, value);
     }
     if format == Format::Json {
         headers.insert(protocol::CONTENT_TYPE, protocol::JSON_CONTENT_TYPE);
     }
-    headers
+    Ok(headers)
 }
 
 /// Reads a success reply body in `format`; a body that does not decode is [`Kind::Internal`].
@@ -319,7 +325,7 @@ impl Client {
             Method::Liveness => None,
             _ => self.token(),
         };
-        let headers = request_headers(token, format);
+        let headers = request_headers(token, format)?;
         let body = protocol::encode(format, request);
         let reply = self.request_raw(method, headers, body).await?;
         if let Some(error) = reply.error() {
@@ -465,8 +471,17 @@ mod tests {
     }
 
     #[test]
+    fn a_token_with_a_line_break_is_an_error_not_a_panic() {
+        for token in ["t0k\n", "t0k\r\n", "t0\nk"] {
+            let error = request_headers(Some(token), Format::Protobuf).unwrap_err();
+            assert_eq!(error.kind(), Kind::InvalidArgument, "{token:?}");
+            assert!(!error.message().contains("t0"), "the token is not quoted");
+        }
+    }
+
+    #[test]
     fn json_format_sets_content_type_and_protobuf_does_not() {
-        let json = request_headers(Some("t0k"), Format::Json);
+        let json = request_headers(Some("t0k"), Format::Json).unwrap();
         assert_eq!(
             json.get(protocol::CONTENT_TYPE).map(|v| v.as_str()),
             Some(protocol::JSON_CONTENT_TYPE)
@@ -475,7 +490,7 @@ mod tests {
             json.get(protocol::AUTHORIZATION).map(|v| v.as_str()),
             Some("Bearer t0k")
         );
-        let protobuf = request_headers(None, Format::Protobuf);
+        let protobuf = request_headers(None, Format::Protobuf).unwrap();
         assert!(protobuf.get(protocol::CONTENT_TYPE).is_none());
         assert!(protobuf.get(protocol::AUTHORIZATION).is_none());
         let request_id = protobuf.get(protocol::REQUEST_ID).unwrap().as_str();

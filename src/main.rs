@@ -408,7 +408,11 @@ async fn roll(args: ConfigArgs) -> u8 {
         Err(code) => return code,
     };
     let setup = async {
-        let master_keys = server::load_master_keys(&config)?;
+        // Never a generated key here: re-sealing the store with a key made up on this machine
+        // (where the replicas' key file may not be) would lock every replica out of it.
+        let mut key_config = config.clone();
+        key_config.master_key.generate_if_missing = false;
+        let master_keys = server::load_master_keys(&key_config)?;
         let backend = server::open_backend(&config).await?;
         Ok::<_, ServerError>((master_keys, backend))
     }
@@ -554,7 +558,8 @@ fn input(argument: Option<String>) -> ringvault::Result<String> {
 
 fn client_token(args: &ClientArgs) -> Option<String> {
     if let Some(token) = &args.token {
-        return Some(token.clone());
+        // As the token file is read: a secret mounted from a file often ends in a newline.
+        return Some(token.trim().to_owned());
     }
     std::fs::read_to_string(&args.token_file)
         .ok()
@@ -1087,7 +1092,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
 async fn token_command(command: TokenCommand) -> u8 {
     match command {
         TokenCommand::Issue(args) => token_issue(args),
-        TokenCommand::Inspect(args) => token_inspect(args),
+        TokenCommand::Inspect(args) => token_inspect(args).await,
         TokenCommand::Revoke(args) => token_revoke(args).await,
     }
 }
@@ -1133,9 +1138,9 @@ fn token_issue(args: TokenIssueArgs) -> u8 {
         Err(code) => return code,
     };
     let ttl = match humantime::parse_duration(&args.ttl) {
-        Ok(ttl) if ttl >= Duration::from_secs(1) => ttl,
+        Ok(ttl) if (Duration::from_secs(1)..=MAX_TOKEN_TTL).contains(&ttl) => ttl,
         Ok(_) => {
-            eprintln!("error: --ttl must be at least 1s");
+            eprintln!("error: --ttl must be at least 1s and at most 10y (revoke a token rather than outlive it)");
             return 64;
         }
         Err(error) => {
@@ -1187,7 +1192,7 @@ fn token_issue(args: TokenIssueArgs) -> u8 {
                 ringvault::auth::fingerprint(&token),
                 claims.sub,
                 claims.jti.as_deref().unwrap_or("-"),
-                humantime::format_rfc3339_seconds(claims.expires_at())
+                claims.expires_at_text()
             );
             0
         }
@@ -1198,7 +1203,10 @@ fn token_issue(args: TokenIssueArgs) -> u8 {
     }
 }
 
-fn token_inspect(args: TokenInspectArgs) -> u8 {
+/// The longest `token issue --ttl`: ten years as `--ttl` counts them (`10y`, 365.25 days each).
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(10 * 31_557_600);
+
+async fn token_inspect(args: TokenInspectArgs) -> u8 {
     let config = match load_config(args.config.config.as_deref()) {
         Ok(config) => config,
         Err(code) => return code,
@@ -1207,13 +1215,37 @@ fn token_inspect(args: TokenInspectArgs) -> u8 {
         Ok(signer) => signer,
         Err(code) => return code,
     };
-    let claims = match signer.verify(args.token.trim()) {
+    let token = args.token.trim();
+    let claims = match signer.verify(token) {
         Ok(claims) => claims,
         Err(error) => {
             eprintln!("error: {error}");
             return 77;
         }
     };
+    // Valid means what the service would accept: the stored revocations decide too.
+    let revocations = ringvault::auth::Revocations::new();
+    let loaded = async {
+        let backend = server::open_backend(&config)
+            .await
+            .map_err(|error| error.to_string())?;
+        ringvault::auth::load_revocations(&*backend, &revocations)
+            .await
+            .map_err(|error| error.to_string())
+    }
+    .await;
+    if let Err(reason) = loaded {
+        eprintln!(
+            "error: cannot read the stored revocations, so the token's state is unknown: {reason}"
+        );
+        return 69;
+    }
+    if let Err(error) =
+        revocations.refuse_if_revoked(&ringvault::auth::token_digest(token), claims.jti.as_deref())
+    {
+        eprintln!("error: {error}");
+        return 77;
+    }
     let json = claims.to_json(signer.workspace_claim());
     println!(
         "{}",
@@ -1222,7 +1254,7 @@ fn token_inspect(args: TokenInspectArgs) -> u8 {
     let left = SignedTokens::time_left(&claims);
     println!(
         "expires at {} (in {})",
-        humantime::format_rfc3339_seconds(claims.expires_at()),
+        claims.expires_at_text(),
         humantime::format_duration(Duration::from_secs(left.as_secs()))
     );
     0

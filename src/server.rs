@@ -292,9 +292,18 @@ impl Server {
     /// Drains (stop taking requests, answer the ones in flight) and stops every actor,
     /// storage last.
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
-        if let Some(http) = self.http.take() {
+        if let Some(mut http) = self.http.take() {
             let _ = http.stop.send(());
-            let _ = http.task.await;
+            // Graceful shutdown waits for open connections, and a client that sent half a
+            // request (or nothing) keeps one open for as long as it likes: it must not hold
+            // the drain of the NATS requests, which matter more than a health probe.
+            if tokio::time::timeout(HTTP_SHUTDOWN_GRACE, &mut http.task)
+                .await
+                .is_err()
+            {
+                http.task.abort();
+                tracing::warn!("http connections still open at shutdown were closed");
+            }
         }
         if let Some(reason) = self.fatal.borrow().clone() {
             return Err(ServerError::Fatal(reason));
@@ -353,6 +362,9 @@ fn alive<M: ractor::Message>(slot: &Arc<ActorSlot<M>>) -> AliveCheck {
     let slot = slot.clone();
     Box::new(move || slot.get().is_some())
 }
+
+/// How long shutdown lets the health and metrics endpoint finish its open connections.
+const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Starts the health and metrics endpoint when `http.listen` is set.
 async fn start_http(

@@ -260,3 +260,29 @@ async fn a_role_token_revoked_before_start_is_refused_from_the_first_answer() {
     assert_eq!(get(address, "/metrics", Some(&revoked)).await.0, 401);
     server.shutdown().await.unwrap();
 }
+
+/// A client that opens a connection to the endpoint and sends half a request does not hold the
+/// shutdown: the endpoint gets a short grace, then its connections are closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_half_sent_http_request_does_not_hold_the_shutdown() {
+    let env = TestEnv::start().await;
+    let server = env
+        .service(&[
+            ("RINGVAULT_HTTP_LISTEN", "127.0.0.1:0"),
+            ("RINGVAULT_HTTP_TOKEN_SECRET", SECRET),
+        ])
+        .await;
+    let mut stalled = tokio::net::TcpStream::connect(server.http_address().unwrap())
+        .await
+        .unwrap();
+    stalled.write_all(b"G").await.unwrap();
+    // Let the endpoint take the connection and start reading the request.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(20), server.shutdown()).await;
+    assert!(
+        stopped.is_ok(),
+        "shutdown still waits for the half-sent request after 20 s"
+    );
+    stopped.unwrap().unwrap();
+    drop(stalled);
+}

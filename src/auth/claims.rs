@@ -204,9 +204,14 @@ impl Claims {
         grants
     }
 
-    /// When the token expires.
-    pub fn expires_at(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(self.exp)
+    /// When the token expires; `None` past what the system clock can represent.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        UNIX_EPOCH.checked_add(Duration::from_secs(self.exp))
+    }
+
+    /// The expiry in RFC 3339 (UTC), or in seconds after the epoch past the year 9999.
+    pub fn expires_at_text(&self) -> String {
+        rfc3339(self.exp)
     }
 }
 

@@ -185,10 +185,11 @@ impl SignedTokens {
 
     /// How long `claims` remain valid from now (zero when expired).
     pub fn time_left(claims: &Claims) -> Duration {
-        claims
-            .expires_at()
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO)
+        claims.expires_at().map_or(Duration::MAX, |expires_at| {
+            expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        })
     }
 }
 

@@ -479,3 +479,81 @@ fn token_issue_refuses_an_empty_workspace() {
         2
     );
 }
+
+/// Expiries far in the future are refused when issuing and shown, not panicked on, when
+/// inspecting a token minted elsewhere.
+#[test]
+fn token_expiries_past_the_clock_s_range_are_refused_or_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let ringvault = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
+            .args(args)
+            .current_dir(dir.path())
+            .env("RINGVAULT_AUTH_SIGNING_SECRETS", NEW)
+            .env_remove("RINGVAULT_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let issue = |ttl: &str| {
+        ringvault(&[
+            "token",
+            "issue",
+            "--subject",
+            "svc",
+            "--workspace",
+            "ws_1",
+            "--permissions",
+            "encrypt",
+            "--ttl",
+            ttl,
+        ])
+    };
+    let output = issue("10000y");
+    assert_eq!(output.status.code(), Some(64), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--ttl"));
+    assert!(output.stdout.is_empty(), "no token is printed: {output:?}");
+    assert!(issue("10y").status.success());
+
+    let mut claims = claims("ws_1", &["encrypt"]);
+    claims.exp = u64::MAX / 2;
+    let far = signer(NEW, "ringvault").issue(&claims).unwrap();
+    let output = ringvault(&["token", "inspect", &far]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("s after the unix epoch"),
+        "{output:?}"
+    );
+}
+
+/// `token inspect` answers as the service would: a revoked token is refused (exit 77) even
+/// though its signature and claims are good.
+#[tokio::test]
+async fn token_inspect_refuses_a_revoked_token() {
+    let env = TestEnv::start().await;
+    let config = env.config(&[("RINGVAULT_AUTH_SIGNING_SECRETS", NEW)]);
+    let storage = ringvault::server::open_backend(&config).await.unwrap();
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    let tokens = signer(NEW, "ringvault");
+    let revoked = tokens.issue(&claims("ws_1", &["encrypt"])).unwrap();
+    let kept = tokens.issue(&claims("ws_1", &["encrypt"])).unwrap();
+    ringvault::auth::revoke(&*storage, &nats, &config.nats.prefix, &revoked)
+        .await
+        .unwrap();
+    let inspect = |token: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
+            .args(["token", "inspect", token])
+            .env_remove("RINGVAULT_CONFIG")
+            .env("RINGVAULT_AUTH_SIGNING_SECRETS", NEW)
+            .env("RINGVAULT_STORAGE_PATH", env.store_path())
+            .output()
+            .unwrap()
+    };
+    let output = inspect(&revoked);
+    assert_eq!(output.status.code(), Some(77), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("revoked"),
+        "{output:?}"
+    );
+    let output = inspect(&kept);
+    assert!(output.status.success(), "{output:?}");
+}

@@ -39,7 +39,7 @@ async fn raw_encrypt(
     keyring: &str,
     data: &str,
 ) -> RawReply {
-    let mut headers = request_headers(Some(token), Format::Json);
+    let mut headers = request_headers(Some(token), Format::Json).unwrap();
     if let Some(tenant) = tenant {
         headers.insert("X-Tenant-ID", tenant);
     }

@@ -412,6 +412,35 @@ async fn discovery_lists_every_endpoint_and_counts_requests() {
     assert!(encrypt["num_requests"].as_u64().unwrap() >= 1, "{encrypt}");
 }
 
+/// A roll run where the current master key is missing (only `previous` configured, no key
+/// file) stops with a configuration error: it never makes up a key and re-seals the store with
+/// it, which would lock every replica out of the keys it does not hold in memory.
+#[test]
+fn roll_deks_never_generates_a_master_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
+        .arg("roll-deks")
+        .current_dir(dir.path())
+        .env_remove("RINGVAULT_CONFIG")
+        .env("RINGVAULT_NATS_URL", "nats://127.0.0.1:1")
+        .env("RINGVAULT_STORAGE_PATH", dir.path().join("store"))
+        .env(
+            "RINGVAULT_MASTER_KEY_PREVIOUS",
+            ringvault::crypto::Kek::generate().to_base64().as_str(),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("master key file"),
+        "{output:?}"
+    );
+    assert!(
+        !dir.path().join("data/master.key").exists(),
+        "roll-deks generated a master key"
+    );
+}
+
 #[tokio::test]
 async fn roll_deks_publishes_kek_rolled_with_its_counts() {
     let env = TestEnv::start().await;

@@ -281,7 +281,11 @@ const MAX_PLAINTEXT: usize = 1024;
 
 async fn raw(client: &Client, method: Method, format: Format, body: impl Into<Bytes>) -> RawReply {
     client
-        .request_raw(method, request_headers(Some(TOKEN), format), body.into())
+        .request_raw(
+            method,
+            request_headers(Some(TOKEN), format).unwrap(),
+            body.into(),
+        )
         .await
         .unwrap_or_else(|error| panic!("{method:?}: no reply: {error}"))
 }
@@ -877,7 +881,7 @@ async fn random_bodies_to_every_method_are_refused_cleanly() {
                 let reply = client
                     .request_raw(
                         method,
-                        request_headers(Some(TOKEN), format),
+                        request_headers(Some(TOKEN), format).unwrap(),
                         Bytes::from(body.clone()),
                     )
                     .await;

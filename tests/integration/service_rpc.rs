@@ -91,7 +91,7 @@ async fn every_rpc_round_trips_in_json(env: TestEnv) {
 async fn json_by_hand_uses_camel_case_and_accepts_snake_case(env: TestEnv) {
     let _server = env.service(&[]).await;
     let client = env.client(Format::Json).await;
-    let mut headers = ringvault::client::request_headers(Some(TOKEN), Format::Json);
+    let mut headers = ringvault::client::request_headers(Some(TOKEN), Format::Json).unwrap();
     headers.insert("X-Request-ID", "my-request-1");
     let reply = client
         .request_raw(
@@ -113,7 +113,7 @@ async fn json_by_hand_uses_camel_case_and_accepts_snake_case(env: TestEnv) {
     let reply = client
         .request_raw(
             Method::Decrypt,
-            ringvault::client::request_headers(Some(TOKEN), Format::Json),
+            ringvault::client::request_headers(Some(TOKEN), Format::Json).unwrap(),
             request.into(),
         )
         .await

@@ -204,7 +204,10 @@ impl Client {
             .connect(url)
             .await
             .map_err(|error| {
-                Error::unavailable(format!("cannot connect to nats at {url}: {error}"))
+                Error::unavailable(format!(
+                    "cannot connect to nats at {}: {error}",
+                    crate::config::redacted_url(url)
+                ))
             })?;
         Ok(Client::new(nats, options))
     }
@@ -468,6 +471,20 @@ mod tests {
             body: Bytes::from_static(br#"{"code":"teapot","message":"short and stout"}"#),
         };
         assert_eq!(reply.error().unwrap().kind(), Kind::Internal);
+    }
+
+    #[tokio::test]
+    async fn a_failed_connect_does_not_repeat_the_url_s_password() {
+        let options = ClientOptions {
+            timeout: Duration::from_secs(2),
+            ..ClientOptions::default()
+        };
+        let error = Client::connect("nats://svc:s3cret@127.0.0.1:1", options)
+            .await
+            .expect_err("nothing listens on port 1");
+        assert_eq!(error.kind(), Kind::Unavailable);
+        assert!(!error.message().contains("s3cret"), "{error}");
+        assert!(error.message().contains("***@127.0.0.1:1"), "{error}");
     }
 
     #[test]

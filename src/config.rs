@@ -19,6 +19,21 @@ pub const DEFAULTS: &str = include_str!("../config/ringvault.toml");
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "RINGVAULT_";
 
+/// `url` (one NATS URL or a comma-separated list) with any `user:password@` replaced by
+/// `***@`, for logs and error messages: NATS URLs may carry credentials.
+pub fn redacted_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| match (one.find("://"), one.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                format!("{}***{}", &one[..scheme_end + 3], &one[at..])
+            }
+            (None, Some(at)) => format!("***{}", &one[at..]),
+            _ => one.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// `RINGVAULT_*` variables that are not settings: the command line's own (the config file, and
 /// the client commands' server and token).
 pub const COMMAND_LINE_VARIABLES: [&str; 3] =
@@ -672,6 +687,23 @@ mod tests {
         let error =
             Config::from_sources(None, env(&[("RINGVAULT_NATS_PREFIX", "a.>")])).unwrap_err();
         assert!(error.to_string().contains("prefix"), "{error}");
+    }
+
+    #[test]
+    fn nats_urls_lose_their_credentials_in_logs() {
+        assert_eq!(
+            redacted_url("nats://127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
+        assert_eq!(
+            redacted_url("nats://svc:s3cret@nats.internal:4222"),
+            "nats://***@nats.internal:4222"
+        );
+        assert_eq!(
+            redacted_url("tls://t0k@a:4222,nats://b:4222"),
+            "tls://***@a:4222,nats://b:4222"
+        );
+        assert_eq!(redacted_url("user:pw@host:4222"), "***@host:4222");
     }
 
     #[test]

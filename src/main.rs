@@ -381,7 +381,10 @@ async fn serve(args: ConfigArgs, shutdown: impl std::future::Future<Output = ()>
     let _log_guard = init_logging(&config);
     let result = async {
         let nats = connect_nats(&config).await?;
-        tracing::info!(url = config.nats.url, "connected to nats");
+        tracing::info!(
+            url = ringvault::config::redacted_url(&config.nats.url),
+            "connected to nats"
+        );
         server::run(&config, nats, shutdown).await
     }
     .await;
@@ -478,9 +481,16 @@ async fn roll(args: ConfigArgs) -> u8 {
                 eprintln!("failed: {key}: {reason}");
             }
             announce_roll(&config, &kek_id, &report).await;
-            if report.failed > 0 {
+            // The exit code of the gravest failure: 70 (an object ringvault cannot read as a
+            // key) outranks 69 (the store failed; run again), as it needs more than a rerun.
+            if let Some(code) = report
+                .failures
+                .iter()
+                .map(|(_, error)| exit_code(error))
+                .max()
+            {
                 eprintln!("some objects were not re-sealed; fix the cause and run roll-deks again");
-                return 65;
+                return code;
             }
             0
         }
@@ -516,12 +526,12 @@ async fn announce_roll(config: &Config, kek_id: &str, report: &ringvault::keyrin
             .map_err(|error| error.to_string())
     }
     .await;
+    let url = ringvault::config::redacted_url(&config.nats.url);
     match published {
-        Ok(()) => eprintln!("published kek.rolled on {}", config.nats.url),
-        Err(error) => eprintln!(
-            "note: kek.rolled not published ({error}); nats at {} is not reachable",
-            config.nats.url
-        ),
+        Ok(()) => eprintln!("published kek.rolled on {url}"),
+        Err(error) => {
+            eprintln!("note: kek.rolled not published ({error}); nats at {url} is not reachable")
+        }
     }
 }
 
@@ -672,7 +682,8 @@ struct LocalSetup {
     nats: BenchNats,
     /// The service's configuration, as `RINGVAULT_*` variables.
     env: Vec<(&'static str, String)>,
-    dir: PathBuf,
+    /// Removed when dropped.
+    dir: tempfile::TempDir,
     jwt_key: BenchJwtKey,
 }
 
@@ -880,15 +891,22 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
         None => {
             let nats = BenchNats::start()?;
             let url = nats.url.clone();
-            let dir = std::env::temp_dir().join(format!("ringvault-bench-{}", std::process::id()));
+            // A fresh directory of our own (random name, mode 0700): a predictable name in a
+            // shared /tmp could be prepared by someone else, with links where the token goes.
+            let dir = tempfile::Builder::new()
+                .prefix("ringvault-bench-")
+                .tempdir()
+                .map_err(|error| {
+                    Error::unavailable(format!("cannot create the bench directory: {error}"))
+                })?;
+            let jwks_file = dir.path().join("jwks.json");
             let token = format!("bench-{}", hex::encode(rand::random::<[u8; 16]>()));
             let jwt_key = BenchJwtKey::generate()?;
-            let jwks_file = dir.join("jwks.json");
             let env = vec![
                 ("RINGVAULT_NATS_URL", nats.url.clone()),
                 (
                     "RINGVAULT_STORAGE_PATH",
-                    dir.join("store").display().to_string(),
+                    dir.path().join("store").display().to_string(),
                 ),
                 (
                     "RINGVAULT_MASTER_KEY_CURRENT",
@@ -896,7 +914,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
                 ),
                 (
                     "RINGVAULT_AUTH_TOKEN_FILE",
-                    dir.join("token").display().to_string(),
+                    dir.path().join("token").display().to_string(),
                 ),
                 // Quiet unless the caller asks: at `info` every request also leaves an audit
                 // line, whose cost BENCHMARKS.md gives on its own.
@@ -916,10 +934,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
                 // Room for the cold-keyring case's keys beside the others.
                 ("RINGVAULT_CACHE_MAX_ENTRIES", "20000".to_owned()),
             ];
-            std::fs::create_dir_all(&dir).map_err(|error| {
-                Error::unavailable(format!("cannot create {}: {error}", dir.display()))
-            })?;
-            std::fs::write(dir.join("token"), &token).map_err(|error| {
+            std::fs::write(dir.path().join("token"), &token).map_err(|error| {
                 Error::unavailable(format!("cannot write the bench token: {error}"))
             })?;
             std::fs::write(&jwks_file, jwt_key.jwks()).map_err(|error| {
@@ -1084,7 +1099,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
     }
     if let Some(setup) = local.take() {
         drop(setup.nats);
-        let _ = std::fs::remove_dir_all(setup.dir);
+        drop(setup.dir);
     }
     Ok(())
 }

@@ -656,7 +656,7 @@ pub async fn connect_nats(config: &Config, name: &str) -> Result<async_nats::Cli
         .map_err(|error| {
             ServerError::Unavailable(format!(
                 "cannot connect to nats at {}: {error}",
-                config.nats.url
+                crate::config::redacted_url(&config.nats.url)
             ))
         })
 }

@@ -67,13 +67,21 @@ impl RateLimiter {
         take(&mut bucket)
     }
 
-    /// Forgets buckets untouched for `idle` (they would be full again anyway); returns how
-    /// many were dropped. Call it now and then to bound memory.
+    /// Forgets buckets untouched for `idle` that have refilled to the burst by now (a new
+    /// bucket starts full, so forgetting one changes nothing); returns how many were dropped.
+    /// Call it now and then to bound memory.
     pub fn sweep(&self, idle: Duration) -> usize {
+        self.sweep_at(idle, Instant::now())
+    }
+
+    fn sweep_at(&self, idle: Duration, now: Instant) -> usize {
         let before = self.buckets.len();
-        let now = Instant::now();
-        self.buckets
-            .retain(|_, bucket| now.saturating_duration_since(bucket.updated) < idle);
+        self.buckets.retain(|_, bucket| {
+            let elapsed = now.saturating_duration_since(bucket.updated);
+            // Drained buckets stay however long they idle: with a burst above what `idle`
+            // refills, dropping one would hand its workspace a full burst early.
+            elapsed < idle || bucket.tokens + elapsed.as_secs_f64() * self.rate < self.burst
+        });
         before - self.buckets.len()
     }
 
@@ -131,7 +139,29 @@ mod tests {
         assert!(limiter.check("ws").is_ok());
         assert!(limiter.check("ws").is_err());
         assert_eq!(limiter.len(), 1);
-        assert_eq!(limiter.sweep(Duration::ZERO), 1);
+        assert_eq!(limiter.sweep(Duration::ZERO), 0, "drained: kept");
+        let refilled = Instant::now() + Duration::from_secs(2);
+        assert_eq!(limiter.sweep_at(Duration::ZERO, refilled), 1);
+        assert!(limiter.is_empty());
+    }
+
+    #[test]
+    fn a_sweep_keeps_buckets_that_have_not_refilled() {
+        let limiter = RateLimiter::new(1, 200);
+        let start = Instant::now();
+        for _ in 0..200 {
+            assert!(limiter.check_at("ws_a", start).is_ok());
+        }
+        // 61 s idle refills 61 of 200: the bucket is not full, so it stays.
+        let later = start + Duration::from_secs(61);
+        assert_eq!(limiter.sweep_at(Duration::from_secs(60), later), 0);
+        let allowed = (0..200)
+            .take_while(|_| limiter.check_at("ws_a", later).is_ok())
+            .count();
+        assert_eq!(allowed, 61, "the rate, not a fresh burst");
+        // Once full again it goes.
+        let full = later + Duration::from_secs(200);
+        assert_eq!(limiter.sweep_at(Duration::from_secs(60), full), 1);
         assert!(limiter.is_empty());
     }
 

@@ -24,8 +24,8 @@ pub struct RollReport {
     pub already_current: u64,
     /// Objects that could not be re-sealed (see `failures`).
     pub failed: u64,
-    /// Object key and reason of each failure.
-    pub failures: Vec<(String, String)>,
+    /// Object key and error of each failure.
+    pub failures: Vec<(String, Error)>,
 }
 
 enum Outcome {
@@ -41,7 +41,7 @@ impl RollReport {
             Ok(Outcome::AlreadyCurrent) => self.already_current += 1,
             Err(error) => {
                 self.failed += 1;
-                self.failures.push((key, error.to_string()));
+                self.failures.push((key, error));
             }
         }
     }

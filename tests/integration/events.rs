@@ -441,6 +441,33 @@ fn roll_deks_never_generates_a_master_key() {
     );
 }
 
+/// A roll that leaves objects behind exits with the code of its gravest failure (sysexits, as
+/// README lists them): here an object that is no key at all, `internal`.
+#[test]
+fn roll_deks_exits_with_the_code_of_its_gravest_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = dir.path().join("store/keyring/ws_1");
+    std::fs::create_dir_all(&ring).unwrap();
+    std::fs::write(ring.join("dek_garbage"), b"not protobuf \xff").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
+        .arg("roll-deks")
+        .current_dir(dir.path())
+        .env_remove("RINGVAULT_CONFIG")
+        .env("RINGVAULT_NATS_URL", "nats://127.0.0.1:1")
+        .env("RINGVAULT_STORAGE_PATH", dir.path().join("store"))
+        .env(
+            "RINGVAULT_MASTER_KEY_CURRENT",
+            ringvault::crypto::Kek::generate().to_base64().as_str(),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(70), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("dek_garbage"),
+        "{output:?}"
+    );
+}
+
 #[tokio::test]
 async fn roll_deks_publishes_kek_rolled_with_its_counts() {
     let env = TestEnv::start().await;

@@ -219,5 +219,8 @@ async fn roll_reports_objects_it_cannot_open() {
     let report = roll_deks(keyrings.store(), |_| {}).await.unwrap();
     assert_eq!(report.failed, 13, "{report:?}");
     assert_eq!(report.resealed, 0);
-    assert!(report.failures.iter().all(|(_, reason)| !reason.is_empty()));
+    assert!(report
+        .failures
+        .iter()
+        .all(|(_, error)| !error.message().is_empty()));
 }

@@ -2,6 +2,7 @@
 //! Stateless; [`super::Keyrings`] caches what it returns.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -30,6 +31,11 @@ pub struct Rotated {
     /// False when a concurrent writer replaced LATEST first and its DEK is returned instead.
     pub won: bool,
 }
+
+/// How many of a keyring's objects DescribeKeyring reads at once.
+pub const DESCRIBE_READS_AT_ONCE: usize = 16;
+/// The most time DescribeKeyring may take, listing and reads together.
+pub const DESCRIBE_BUDGET: Duration = Duration::from_secs(10);
 
 /// Reads and writes the DEK objects of keyrings, sealing and opening them with the master keys.
 #[derive(Clone, Debug)]
@@ -176,19 +182,43 @@ impl KeyringStore {
     }
 
     /// Every key of the keyring, oldest first, and the id of LATEST; read from the stored
-    /// objects' plaintext fields, without opening any.
+    /// objects' plaintext fields, without opening any. The objects are read
+    /// [`DESCRIBE_READS_AT_ONCE`] at a time, and the whole call within [`DESCRIBE_BUDGET`]: a
+    /// keyring rotated thousands of times must not hold a request (and its in-flight slot)
+    /// for as long as thousands of reads one after the other take.
     pub async fn describe(&self, keyring: &str) -> Result<(Vec<(String, i64)>, Option<String>)> {
+        tokio::time::timeout(DESCRIBE_BUDGET, self.describe_unbounded(keyring))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::unavailable(format!(
+                    "describing keyring {keyring:?} took longer than {DESCRIBE_BUDGET:?}"
+                )))
+            })
+    }
+
+    async fn describe_unbounded(
+        &self,
+        keyring: &str,
+    ) -> Result<(Vec<(String, i64)>, Option<String>)> {
+        use futures::{StreamExt as _, TryStreamExt as _};
+
         let prefix = format!("{}{keyring}/", crate::storage::KEYRING_ROOT);
-        let mut listing = self.storage.list(&prefix);
+        let listed: Vec<String> = self.storage.list(&prefix).try_collect().await?;
+        // Deeper keyrings (`<keyring>/x/…`) share the prefix; only direct children count.
+        let children = listed.into_iter().filter(|key| {
+            key.strip_prefix(&prefix)
+                .is_some_and(|leaf| !leaf.contains('/'))
+        });
+        let mut reads = futures::stream::iter(children)
+            .map(|key| async move {
+                let object = self.storage.get(&key).await?;
+                Ok::<_, Error>((key, object))
+            })
+            .buffer_unordered(DESCRIBE_READS_AT_ONCE);
         let mut keys = Vec::new();
         let mut latest_id = None;
-        while let Some(key) = futures::StreamExt::next(&mut listing).await {
-            let key = key?;
-            // Deeper keyrings (`<keyring>/x/…`) share the prefix; only direct children count.
-            let Some(leaf) = key.strip_prefix(&prefix).filter(|leaf| !leaf.contains('/')) else {
-                continue;
-            };
-            let Some(object) = self.storage.get(&key).await? else {
+        while let Some((key, object)) = reads.try_next().await? {
+            let Some(object) = object else {
                 continue;
             };
             let stored =
@@ -197,7 +227,7 @@ impl KeyringStore {
                         "object {key} is not an EncryptedDataEncryptionKey: {error}"
                     ))
                 })?;
-            if leaf == crate::storage::LATEST {
+            if key.rsplit('/').next() == Some(crate::storage::LATEST) {
                 latest_id = Some(stored.id);
             } else {
                 keys.push((stored.id, stored.created_at));

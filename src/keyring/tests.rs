@@ -412,3 +412,25 @@ async fn a_rotation_that_loses_to_a_reseal_of_the_old_key_rotates_again() {
     let stored = keyrings.store().read_latest("ws_1").await.unwrap().unwrap();
     assert_eq!(stored.dek.id(), rotation.dek.id());
 }
+
+/// DescribeKeyring reads a keyring's objects several at a time and still answers every key,
+/// oldest first, with the one LATEST names; a deeper keyring's objects are not its own.
+#[tokio::test]
+async fn describe_lists_every_key_of_a_long_rotated_keyring_in_order() {
+    let (keyrings, _) = keyrings_with(CachePolicy::default());
+    let mut ids = vec![keyrings.latest("ws_1").await.unwrap().id().to_owned()];
+    for _ in 0..40 {
+        ids.push(keyrings.rotate("ws_1").await.unwrap().dek.id().to_owned());
+    }
+    keyrings.latest("ws_1/deeper").await.unwrap();
+    let (keys, latest) = keyrings.store().describe("ws_1").await.unwrap();
+    assert_eq!(latest.as_deref(), ids.last().map(String::as_str));
+    let mut described: Vec<String> = keys.iter().map(|(id, _)| id.clone()).collect();
+    assert!(
+        keys.windows(2).all(|pair| pair[0].1 <= pair[1].1),
+        "oldest first"
+    );
+    described.sort();
+    ids.sort();
+    assert_eq!(described, ids);
+}

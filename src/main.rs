@@ -1155,7 +1155,7 @@ fn token_issue(args: TokenIssueArgs) -> u8 {
     let ttl = match humantime::parse_duration(&args.ttl) {
         Ok(ttl) if (Duration::from_secs(1)..=MAX_TOKEN_TTL).contains(&ttl) => ttl,
         Ok(_) => {
-            eprintln!("error: --ttl must be at least 1s and at most 10y (revoke a token rather than outlive it)");
+            eprintln!("error: --ttl must be at least 1s and at most 10y");
             return 64;
         }
         Err(error) => {

@@ -1,6 +1,7 @@
 //! AuthActor: owns the credential sources and turns a bearer token into a [`Principal`].
 //! [`AuthHandle`] is what the gateway uses: a verified-token cache keyed by the token's SHA-256
-//! answers the hot path, and only a token not seen lately goes to the actor.
+//! answers the hot path, and only a token not seen lately goes to the actor, which checks
+//! each in a task of its own (up to one per core at once) rather than one after another.
 //!
 //! The cache never outlives what it caches: an entry holds the credential's expiry (`exp`
 //! plus leeway) and the revocation generation it was checked against, and is a miss once
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
 use super::ActorSlot;
@@ -53,9 +55,16 @@ pub enum AuthMsg {
 /// The credential verifier.
 pub struct AuthActor;
 
+/// What the [`AuthActor`] holds: the credential sources, and the permits of the verifications
+/// running beside it.
+pub struct AuthState {
+    authenticator: Arc<Authenticator>,
+    verifying: Arc<Semaphore>,
+}
+
 impl Actor for AuthActor {
     type Msg = AuthMsg;
-    type State = Authenticator;
+    type State = AuthState;
     type Arguments = Authenticator;
 
     async fn pre_start(
@@ -66,21 +75,39 @@ impl Actor for AuthActor {
         // Once per authenticator: a restarted actor finds the JWKS refresh and the revocation
         // subscription already running.
         authenticator.start_background().await;
-        Ok(authenticator)
+        // At least two, so that one slow check never holds up the next even on one core.
+        let cores = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .max(2);
+        Ok(AuthState {
+            authenticator: Arc::new(authenticator),
+            verifying: Arc::new(Semaphore::new(cores)),
+        })
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         message: Self::Msg,
-        authenticator: &mut Self::State,
+        state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
             AuthMsg::Verify { token, reply } => {
-                let _ = reply.send((
-                    authenticator.verify_detailed(&token),
-                    authenticator.revocations().clone(),
-                ));
+                // A signature check is CPU work (tens of µs for ES256 or RS256). Done here,
+                // the actor would be one queue that every token not cached passes one at a
+                // time; instead each runs as a task of its own, up to one per core, and the
+                // actor waits for a permit only when that many are running.
+                let Ok(permit) = state.verifying.clone().acquire_owned().await else {
+                    return Ok(());
+                };
+                let authenticator = state.authenticator.clone();
+                tokio::spawn(async move {
+                    #[cfg(test)]
+                    tests::gate(&token).await;
+                    let verified = authenticator.verify_detailed(&token);
+                    let _ = reply.send((verified, authenticator.revocations().clone()));
+                    drop(permit);
+                });
             }
         }
         Ok(())
@@ -279,6 +306,58 @@ mod tests {
     use crate::auth::{
         parse_grants, CredentialSource, JwksSource, JwtVerifier, KeySet, StaticToken, StaticTokens,
     };
+
+    /// Tokens whose verification waits at a barrier first (only the tests that register them
+    /// see a difference): a verification that has to meet another one there can only finish
+    /// if the two run at the same time.
+    static GATES: std::sync::Mutex<Vec<(String, Arc<tokio::sync::Barrier>)>> =
+        std::sync::Mutex::new(Vec::new());
+
+    pub(super) async fn gate(token: &str) {
+        let gate = GATES
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(gated, _)| gated == token)
+            .map(|(_, barrier)| barrier.clone());
+        if let Some(barrier) = gate {
+            barrier.wait().await;
+        }
+    }
+
+    /// Two tokens that are not cached are verified side by side, not one after the other in
+    /// the actor: each waits for the other at a barrier before its check, which only both
+    /// running at once can pass.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tokens_not_cached_are_verified_side_by_side() {
+        let principal = |workspace: &str| Principal {
+            workspace: Some(workspace.into()),
+            subject: "svc".into(),
+            source: CredentialSource::StaticToken,
+            permissions: parse_grants(&["encrypt"]).unwrap(),
+        };
+        let tokens = StaticTokens::new(vec![
+            StaticToken::new("side-by-side-a", principal("ws_a")),
+            StaticToken::new("side-by-side-b", principal("ws_b")),
+        ]);
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        GATES.lock().unwrap().extend([
+            ("side-by-side-a".to_owned(), barrier.clone()),
+            ("side-by-side-b".to_owned(), barrier),
+        ]);
+        let (handle, _slot, _actor) = handle_over(Authenticator::new(tokens)).await;
+        let both = async {
+            tokio::join!(
+                handle.authenticate(Some("Bearer side-by-side-a")),
+                handle.authenticate(Some("Bearer side-by-side-b")),
+            )
+        };
+        let (a, b) = tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .expect("the two verifications ran one after the other");
+        assert_eq!(a.unwrap().workspace.as_deref(), Some("ws_a"));
+        assert_eq!(b.unwrap().workspace.as_deref(), Some("ws_b"));
+    }
 
     async fn handle_over(
         authenticator: Authenticator,

@@ -39,6 +39,25 @@ pub fn redacted_url(url: &str) -> String {
 pub const COMMAND_LINE_VARIABLES: [&str; 3] =
     ["RINGVAULT_CONFIG", "RINGVAULT_URL", "RINGVAULT_TOKEN"];
 
+/// Whether `name` has the shape of the variables Kubernetes gives every pod for each Service
+/// of its namespace (a Service `ringvault` brings `RINGVAULT_SERVICE_HOST`,
+/// `RINGVAULT_SERVICE_PORT[_<name>]`, `RINGVAULT_PORT` and `RINGVAULT_PORT_<n>_TCP[_PROTO|_PORT|_ADDR]`).
+/// No setting has that shape, and refusing them would stop a pod beside such a Service.
+fn is_kubernetes_service_link(name: &str) -> bool {
+    if name.ends_with("_SERVICE_HOST") || name.contains("_SERVICE_PORT") || name.ends_with("_PORT")
+    {
+        return true;
+    }
+    name.split("_PORT_").skip(1).any(|rest| {
+        let mut parts = rest.split('_');
+        let number = parts.next().unwrap_or_default();
+        let protocol = parts.next().unwrap_or_default();
+        !number.is_empty()
+            && number.bytes().all(|byte| byte.is_ascii_digit())
+            && matches!(protocol, "TCP" | "UDP" | "SCTP")
+    })
+}
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -429,7 +448,9 @@ impl Config {
         // A misspelt name would otherwise leave its setting at the default without a word:
         // `RINGVAULT_MASTERKEY_CURRENT` would have the service generate and use a dev key.
         if let Some((name, _)) = env.iter().find(|(name, _)| {
-            !applied.contains(name) && !COMMAND_LINE_VARIABLES.contains(&name.as_str())
+            !applied.contains(name)
+                && !COMMAND_LINE_VARIABLES.contains(&name.as_str())
+                && !is_kubernetes_service_link(name)
         }) {
             return Err(ConfigError::Env {
                 name: name.clone(),
@@ -716,7 +737,8 @@ mod tests {
         );
         assert!(error.to_string().contains("no such setting"), "{error}");
 
-        // The command line's own variables and other programs' are not settings to check.
+        // The command line's own variables, Kubernetes' service links and other programs'
+        // are not settings to check.
         let config = Config::from_sources(
             None,
             env(&[
@@ -725,6 +747,14 @@ mod tests {
                 ("RINGVAULT_TOKEN", "secret"),
                 ("AWS_REGION", "eu-west-1"),
                 ("RINGVAULT_STORAGE_S3_SESSION_TOKEN", "session"),
+                ("RINGVAULT_SERVICE_HOST", "10.0.0.11"),
+                ("RINGVAULT_SERVICE_PORT", "9464"),
+                ("RINGVAULT_SERVICE_PORT_METRICS", "9464"),
+                ("RINGVAULT_PORT", "tcp://10.0.0.11:9464"),
+                ("RINGVAULT_PORT_9464_TCP", "tcp://10.0.0.11:9464"),
+                ("RINGVAULT_PORT_9464_TCP_ADDR", "10.0.0.11"),
+                ("RINGVAULT_NATS_SERVICE_HOST", "10.0.0.12"),
+                ("RINGVAULT_NATS_PORT_4222_TCP_PROTO", "tcp"),
             ]),
         )
         .unwrap();

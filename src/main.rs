@@ -1238,7 +1238,17 @@ async fn token_inspect(args: TokenInspectArgs) -> u8 {
             return 77;
         }
     };
-    // Valid means what the service would accept: the stored revocations decide too.
+    // Valid means what the service would accept: the stored revocations decide too. A file
+    // store that is not there is not an empty one (run from another directory, the default
+    // relative path names nothing), and opening it would create it.
+    if config.storage.backend == "file" && !config.storage.path.exists() {
+        eprintln!(
+            "error: no store at {}, so the token's revocation is unknown; run inspect with the \
+             service's configuration",
+            config.storage.path.display()
+        );
+        return 69;
+    }
     let revocations = ringvault::auth::Revocations::new();
     let loaded = async {
         let backend = server::open_backend(&config)
@@ -1246,14 +1256,19 @@ async fn token_inspect(args: TokenInspectArgs) -> u8 {
             .map_err(|error| error.to_string())?;
         ringvault::auth::load_revocations(&*backend, &revocations)
             .await
-            .map_err(|error| error.to_string())
+            .map_err(|error| error.to_string())?;
+        Ok::<_, String>(backend.describe())
     }
     .await;
-    if let Err(reason) = loaded {
-        eprintln!(
-            "error: cannot read the stored revocations, so the token's state is unknown: {reason}"
-        );
-        return 69;
+    match loaded {
+        Ok(store) => eprintln!("revocations checked in {store}"),
+        Err(reason) => {
+            eprintln!(
+                "error: cannot read the stored revocations, so the token's state is unknown: \
+                 {reason}"
+            );
+            return 69;
+        }
     }
     if let Err(error) =
         revocations.refuse_if_revoked(&ringvault::auth::token_digest(token), claims.jti.as_deref())

@@ -301,8 +301,9 @@ impl Server {
                 .await
                 .is_err()
             {
+                // Stops accepting; the connections' own tasks end with the runtime.
                 http.task.abort();
-                tracing::warn!("http connections still open at shutdown were closed");
+                tracing::warn!("stopped waiting for http connections still open at shutdown");
             }
         }
         if let Some(reason) = self.fatal.borrow().clone() {

@@ -35,6 +35,8 @@ use crate::storage::{validate_key_id, validate_keyring};
 /// publish on the events subject can send them, each naming a new key id; without a bound each
 /// would be a storage read holding the keyring's load lock.
 pub const EVENT_RELOAD_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a scheduled reload for key events may take to start before it counts as lost.
+pub const EVENT_RELOAD_LOST_AFTER: Duration = Duration::from_secs(5);
 
 /// The guard of `mutex`; its sections here cannot panic, so a poisoned one is no broken state.
 fn lock_ignoring_poison<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -123,10 +125,16 @@ pub struct Keyring {
     deks: DashMap<String, CachedDek>,
     load_lock: tokio::sync::Mutex<()>,
     refreshing: AtomicBool,
-    /// A reload for key events is scheduled and has not started reading yet.
-    event_reload_scheduled: AtomicBool,
-    /// When the last reload for key events started.
-    last_event_reload: std::sync::Mutex<Option<Instant>>,
+    /// The reloads for key events: scheduled, and last started.
+    event_reload: std::sync::Mutex<EventReload>,
+}
+
+/// When a keyring's reload for key events was scheduled (and has not started reading yet),
+/// and when the last one started.
+#[derive(Debug, Default, Clone, Copy)]
+struct EventReload {
+    scheduled: Option<Instant>,
+    last_started: Option<Instant>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -148,8 +156,7 @@ impl Keyring {
             deks: DashMap::with_shard_amount(2),
             load_lock: tokio::sync::Mutex::new(()),
             refreshing: AtomicBool::new(false),
-            event_reload_scheduled: AtomicBool::new(false),
-            last_event_reload: std::sync::Mutex::new(None),
+            event_reload: std::sync::Mutex::new(EventReload::default()),
         }
     }
 
@@ -481,15 +488,22 @@ impl Keyrings {
     /// may start (at most one per [`EVENT_RELOAD_INTERVAL`]), or `None` when the keyring is not
     /// cached or a reload is scheduled already (it reads storage after this event arrived, so
     /// it covers this event too). [`Keyrings::apply_new_latest`] is that reload;
-    /// [`Keyrings::cancel_event_reload`] gives the turn back if it cannot run.
+    /// [`Keyrings::cancel_event_reload`] gives the turn back if it cannot run. A scheduled
+    /// reload that never started within [`EVENT_RELOAD_LOST_AFTER`] (its message lost with a
+    /// failed actor) no longer holds events back.
     pub fn schedule_event_reload(&self, name: &str) -> Option<Duration> {
         let ring = self.shared.rings.get(name)?;
-        if ring.event_reload_scheduled.swap(true, Ordering::AcqRel) {
+        let mut reload = lock_ignoring_poison(&ring.event_reload);
+        let now = Instant::now();
+        if reload
+            .scheduled
+            .is_some_and(|at| now.saturating_duration_since(at) < EVENT_RELOAD_LOST_AFTER)
+        {
             return None;
         }
-        let last = *lock_ignoring_poison(&ring.last_event_reload);
-        Some(last.map_or(Duration::ZERO, |last| {
-            EVENT_RELOAD_INTERVAL.saturating_sub(last.elapsed())
+        reload.scheduled = Some(now);
+        Some(reload.last_started.map_or(Duration::ZERO, |last| {
+            EVENT_RELOAD_INTERVAL.saturating_sub(now.saturating_duration_since(last))
         }))
     }
 
@@ -497,31 +511,32 @@ impl Keyrings {
     /// schedules one again.
     pub fn cancel_event_reload(&self, name: &str) {
         if let Some(ring) = self.shared.rings.get(name) {
-            ring.event_reload_scheduled.store(false, Ordering::Release);
+            lock_ignoring_poison(&ring.event_reload).scheduled = None;
         }
     }
 
-    /// Another replica announced `key_id` as the keyring's LATEST. The announcement is only a
-    /// hint: anyone allowed to publish on the subject could send one (naming an older key, to
-    /// roll the keyring back), so LATEST is read again from storage, which alone decides. Does
-    /// nothing for keyrings this process never used, or when `key_id` is LATEST here already.
+    /// Reloads LATEST for key events, another replica having announced `key_id` as the
+    /// keyring's LATEST. The announcement is only a hint: anyone allowed to publish on the
+    /// subject could send one (naming an older key, to roll the keyring back), so LATEST is
+    /// read again from storage, which alone decides. It is read even when `key_id` is cached
+    /// as LATEST already: events coalesced into this reload may have named a newer key.
+    /// Does nothing for keyrings this process never used.
     pub async fn apply_new_latest(&self, name: &str, key_id: &str) -> Result<()> {
         let Some(ring) = self.shared.rings.get(name).map(|ring| ring.clone()) else {
             return Ok(());
         };
         // From here on, storage is read after any event that arrives: such an event needs a
         // reload of its own.
-        ring.event_reload_scheduled.store(false, Ordering::Release);
-        *lock_ignoring_poison(&ring.last_event_reload) = Some(Instant::now());
-        if ring.cached_latest_id().as_deref() == Some(key_id) {
-            return Ok(());
-        }
+        *lock_ignoring_poison(&ring.event_reload) = EventReload {
+            scheduled: None,
+            last_started: Some(Instant::now()),
+        };
         self.reload_latest(&ring).await?;
         if ring.cached_latest_id().as_deref() != Some(key_id) {
-            tracing::warn!(
+            tracing::debug!(
                 keyring = name,
                 key_id,
-                "a key event names a key that storage does not have as latest; storage wins"
+                "a key event named a key that storage does not have as latest; storage wins"
             );
         }
         Ok(())

@@ -434,3 +434,36 @@ async fn describe_lists_every_key_of_a_long_rotated_keyring_in_order() {
     ids.sort();
     assert_eq!(described, ids);
 }
+
+/// Events coalesced into one scheduled reload may name a newer key than the one it was
+/// scheduled for, even when that one got cached meanwhile (a refresh): the reload reads storage
+/// all the same, and the newest key is what ends up cached.
+#[tokio::test(start_paused = true)]
+async fn a_coalesced_reload_reads_storage_even_when_its_own_key_is_cached() {
+    let (keyrings, _) = keyrings_with(CachePolicy::default());
+    keyrings.latest("ws_1").await.unwrap();
+    let other = Keyrings::new(keyrings.store().clone(), CachePolicy::default());
+    // A reload just ran, so the next one waits its turn.
+    keyrings.apply_new_latest("ws_1", "dek_any").await.unwrap();
+    let first = other.rotate("ws_1").await.unwrap().dek;
+    assert!(keyrings.schedule_event_reload("ws_1").unwrap() > Duration::ZERO);
+    // Meanwhile a refresh caches that key, and a second rotation's event is coalesced.
+    keyrings.latest_from_storage("ws_1").await.unwrap();
+    let second = other.rotate("ws_1").await.unwrap().dek;
+    assert_eq!(keyrings.schedule_event_reload("ws_1"), None, "coalesced");
+    // The scheduled reload, for the first event's key.
+    keyrings.apply_new_latest("ws_1", first.id()).await.unwrap();
+    assert_eq!(keyrings.peek_latest("ws_1").unwrap().id(), second.id());
+}
+
+/// A scheduled reload whose message was lost (its actor failed) holds later events back only
+/// for a while.
+#[tokio::test(start_paused = true)]
+async fn a_reload_scheduled_but_never_started_stops_holding_events_back() {
+    let (keyrings, _) = keyrings_with(CachePolicy::default());
+    keyrings.latest("ws_1").await.unwrap();
+    assert_eq!(keyrings.schedule_event_reload("ws_1"), Some(Duration::ZERO));
+    assert_eq!(keyrings.schedule_event_reload("ws_1"), None);
+    tokio::time::advance(EVENT_RELOAD_LOST_AFTER).await;
+    assert_eq!(keyrings.schedule_event_reload("ws_1"), Some(Duration::ZERO));
+}

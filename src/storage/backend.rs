@@ -291,10 +291,11 @@ impl ObjectStorage for ObjectStoreBackend {
     }
 }
 
-/// The S3 client's builder: the standard `AWS_*` variables of `environment` first (what
-/// `AmazonS3Builder::from_env` reads: keys, session token, web identity, container
-/// credentials), then `settings` over them. A key pair configured in ringvault does not take
-/// the environment's session token, which belongs to the environment's keys; with no keys at
+/// The S3 client's builder: the standard AWS credential variables of `environment` first
+/// (keys, session token, web identity and role, container and instance credentials; nothing
+/// else of `AWS_*`, so an `AWS_ENDPOINT` meant for another program cannot redirect the store),
+/// then `settings` over them. A key pair configured in ringvault does not take the
+/// environment's session token, which belongs to the environment's keys; with no keys at
 /// all, none are set, so that object_store falls back to the role-based providers instead of
 /// signing with empty static keys.
 fn s3_builder(
@@ -302,6 +303,8 @@ fn s3_builder(
     environment: impl IntoIterator<Item = (String, String)>,
     request_timeout: Duration,
 ) -> AmazonS3Builder {
+    use AmazonS3ConfigKey as Key;
+
     let keys_configured = !settings.access_key_id.is_empty();
     let mut builder = AmazonS3Builder::new();
     for (name, value) in environment {
@@ -311,7 +314,22 @@ fn s3_builder(
         let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() else {
             continue;
         };
-        if keys_configured && key == AmazonS3ConfigKey::Token {
+        let credential = matches!(
+            key,
+            Key::AccessKeyId
+                | Key::SecretAccessKey
+                | Key::Token
+                | Key::WebIdentityTokenFile
+                | Key::RoleArn
+                | Key::RoleSessionName
+                | Key::StsEndpoint
+                | Key::ContainerCredentialsRelativeUri
+                | Key::ContainerCredentialsFullUri
+                | Key::ContainerAuthorizationTokenFile
+                | Key::MetadataEndpoint
+                | Key::ImdsV1Fallback
+        );
+        if !credential || (keys_configured && key == Key::Token) {
             continue;
         }
         builder = builder.with_config(key, value);
@@ -386,8 +404,14 @@ mod tests {
                 ("AWS_SECRET_ACCESS_KEY", "env-secret"),
                 ("AWS_SESSION_TOKEN", "env-session"),
                 ("AWS_ROLE_ARN", "arn:aws:iam::1:role/vault"),
+                ("AWS_ENDPOINT", "http://elsewhere:9000"),
                 ("HOME", "/root"),
             ],
+        );
+        assert_eq!(
+            value(AmazonS3ConfigKey::Endpoint),
+            None,
+            "only credentials come from the environment"
         );
         assert_eq!(
             value(AmazonS3ConfigKey::AccessKeyId).as_deref(),

@@ -489,6 +489,7 @@ fn token_expiries_past_the_clock_s_range_are_refused_or_shown() {
         std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
             .args(args)
             .current_dir(dir.path())
+            .env("RINGVAULT_STORAGE_PATH", dir.path())
             .env("RINGVAULT_AUTH_SIGNING_SECRETS", NEW)
             .env_remove("RINGVAULT_CONFIG")
             .output()
@@ -556,4 +557,19 @@ async fn token_inspect_refuses_a_revoked_token() {
     );
     let output = inspect(&kept);
     assert!(output.status.success(), "{output:?}");
+
+    // Where there is no store, nothing says the token is not revoked.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
+        .args(["token", "inspect", &kept])
+        .current_dir(elsewhere.path())
+        .env_remove("RINGVAULT_CONFIG")
+        .env("RINGVAULT_AUTH_SIGNING_SECRETS", NEW)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(69), "{output:?}");
+    assert!(
+        !elsewhere.path().join("data").exists(),
+        "inspect created a store"
+    );
 }

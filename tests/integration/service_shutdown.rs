@@ -44,13 +44,13 @@ impl Service {
             .env("RINGVAULT_MASTER_KEY_GENERATE_IF_MISSING", "false")
             .env("RINGVAULT_AUTH_TOKEN_FILE", &token_file)
             .env("RINGVAULT_AUTH_GENERATE_TOKEN_IF_MISSING", "false")
+            // TEST_SERVICE_LOG, not RINGVAULT_…: every child inherits the environment, and the
+            // service refuses RINGVAULT_ variables that name no setting.
             .env(
                 "RINGVAULT_LOG_LEVEL",
-                std::env::var("RINGVAULT_TEST_SERVICE_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("TEST_SERVICE_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
-            // The harness's own variable is no setting of the service, which refuses those.
-            .env_remove("RINGVAULT_TEST_SERVICE_LOG")
             .stdin(Stdio::null())
             .stdout(open_log())
             .stderr(open_log())

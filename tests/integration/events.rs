@@ -412,24 +412,31 @@ async fn discovery_lists_every_endpoint_and_counts_requests() {
     assert!(encrypt["num_requests"].as_u64().unwrap() >= 1, "{encrypt}");
 }
 
+/// `ringvault roll-deks` on the file store under `dir/store`, with NATS unreachable (the
+/// announcement is only a note), the master key given as `key_variable` (`…_CURRENT` or
+/// `…_PREVIOUS`) and run from `dir`.
+fn roll_deks_in(dir: &std::path::Path, key_variable: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
+        .arg("roll-deks")
+        .current_dir(dir)
+        .env_remove("RINGVAULT_CONFIG")
+        .env("RINGVAULT_NATS_URL", "nats://127.0.0.1:1")
+        .env("RINGVAULT_STORAGE_PATH", dir.join("store"))
+        .env(
+            key_variable,
+            ringvault::crypto::Kek::generate().to_base64().as_str(),
+        )
+        .output()
+        .unwrap()
+}
+
 /// A roll run where the current master key is missing (only `previous` configured, no key
 /// file) stops with a configuration error: it never makes up a key and re-seals the store with
 /// it, which would lock every replica out of the keys it does not hold in memory.
 #[test]
 fn roll_deks_never_generates_a_master_key() {
     let dir = tempfile::tempdir().unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
-        .arg("roll-deks")
-        .current_dir(dir.path())
-        .env_remove("RINGVAULT_CONFIG")
-        .env("RINGVAULT_NATS_URL", "nats://127.0.0.1:1")
-        .env("RINGVAULT_STORAGE_PATH", dir.path().join("store"))
-        .env(
-            "RINGVAULT_MASTER_KEY_PREVIOUS",
-            ringvault::crypto::Kek::generate().to_base64().as_str(),
-        )
-        .output()
-        .unwrap();
+    let output = roll_deks_in(dir.path(), "RINGVAULT_MASTER_KEY_PREVIOUS");
     assert_eq!(output.status.code(), Some(64), "{output:?}");
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("master key file"),
@@ -449,18 +456,7 @@ fn roll_deks_exits_with_the_code_of_its_gravest_failure() {
     let ring = dir.path().join("store/keyring/ws_1");
     std::fs::create_dir_all(&ring).unwrap();
     std::fs::write(ring.join("dek_garbage"), b"not protobuf \xff").unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
-        .arg("roll-deks")
-        .current_dir(dir.path())
-        .env_remove("RINGVAULT_CONFIG")
-        .env("RINGVAULT_NATS_URL", "nats://127.0.0.1:1")
-        .env("RINGVAULT_STORAGE_PATH", dir.path().join("store"))
-        .env(
-            "RINGVAULT_MASTER_KEY_CURRENT",
-            ringvault::crypto::Kek::generate().to_base64().as_str(),
-        )
-        .output()
-        .unwrap();
+    let output = roll_deks_in(dir.path(), "RINGVAULT_MASTER_KEY_CURRENT");
     assert_eq!(output.status.code(), Some(70), "{output:?}");
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("dek_garbage"),

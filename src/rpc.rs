@@ -8,10 +8,10 @@ use crate::auth::{Action, Principal};
 use crate::crypto::validate_envelope;
 use crate::error::{Error, Kind, Result};
 use crate::protocol::{
-    decode_envelope, envelope_text, DecryptBulkRequest, DecryptBulkResponse, DecryptRequest,
-    DecryptResponse, DescribeKeyringRequest, DescribeKeyringResponse, EncryptBulkRequest,
-    EncryptBulkResponse, EncryptBulkResponseItem, EncryptRequest, KeyInfo, ReEncryptRequest,
-    ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse,
+    decode_envelope, envelope_text, envelope_text_len, DecryptBulkRequest, DecryptBulkResponse,
+    DecryptRequest, DecryptResponse, DescribeKeyringRequest, DescribeKeyringResponse,
+    EncryptBulkRequest, EncryptBulkResponse, EncryptBulkResponseItem, EncryptRequest, KeyInfo,
+    ReEncryptRequest, ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse,
 };
 use crate::storage::validate_keyring;
 
@@ -34,11 +34,19 @@ pub struct Sealed {
     pub key_id: String,
 }
 
+/// What an envelope holds besides the plaintext and the key id, at least: the nonce and the
+/// tag.
+const MIN_ENVELOPE_OVERHEAD: usize = 12 + 16;
+/// The protobuf framing of one bulk reply item, at least: the map entry, its key and its value
+/// (a tag and a length each), and the item's two fields.
+const MIN_BULK_ITEM_FRAMING: usize = 10;
+
 /// The operations of the API.
 #[derive(Debug, Clone)]
 pub struct Vault {
     registry: KeyringRegistry,
     max_plaintext_bytes: usize,
+    max_reply_bytes: Option<usize>,
 }
 
 impl Vault {
@@ -47,7 +55,15 @@ impl Vault {
         Self {
             registry,
             max_plaintext_bytes,
+            max_reply_bytes: None,
         }
+    }
+
+    /// Refuses, before any work, a bulk call whose reply could not be larger than
+    /// `max_reply_bytes` (the nats-server's `max_payload`) and still hold what was asked.
+    pub fn with_max_reply_bytes(mut self, max_reply_bytes: usize) -> Self {
+        self.max_reply_bytes = Some(max_reply_bytes);
+        self
     }
 
     /// The largest plaintext accepted.
@@ -112,6 +128,7 @@ impl Vault {
         self.check_size(total)
             .map_err(|error| error.context("bulk items together"))?;
         let dek = self.registry.latest(&request.keyring).await?;
+        self.check_bulk_reply(&request.items, dek.id().len())?;
         let mut items = HashMap::with_capacity(request.items.len());
         for (index, (id, data)) in request.items.into_iter().enumerate() {
             yield_between_items(index).await;
@@ -185,6 +202,35 @@ impl Vault {
                 .map(|(key_id, created_at)| KeyInfo { key_id, created_at })
                 .collect(),
         })
+    }
+
+    /// Many small items pass the plaintext limit and still make a reply that cannot be sent
+    /// (each item's envelope is ~130 bytes): such a call is refused before it seals anything,
+    /// by a lower bound of its reply's size.
+    fn check_bulk_reply(&self, items: &HashMap<String, String>, key_id_len: usize) -> Result<()> {
+        let Some(max_reply_bytes) = self.max_reply_bytes else {
+            return Ok(());
+        };
+        let at_least: usize = items
+            .iter()
+            .map(|(id, data)| {
+                id.len()
+                    + envelope_text_len(data.len() + MIN_ENVELOPE_OVERHEAD + key_id_len)
+                    + key_id_len
+                    + MIN_BULK_ITEM_FRAMING
+            })
+            .sum();
+        if at_least > max_reply_bytes {
+            return Err(Error::new(
+                Kind::PayloadTooLarge,
+                format!(
+                    "the reply to {} items would be at least {at_least} bytes, more than the \
+                     nats server's max_payload of {max_reply_bytes}; send fewer items per request",
+                    items.len()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn check_size(&self, len: usize) -> Result<()> {

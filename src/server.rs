@@ -200,7 +200,11 @@ impl Server {
             }),
         };
         let max_plaintext_bytes = effective_max_plaintext(config, &nats);
-        let vault = Vault::new(registry.clone(), max_plaintext_bytes);
+        let mut vault = Vault::new(registry.clone(), max_plaintext_bytes);
+        let max_payload = nats.server_info().max_payload;
+        if max_payload > 0 {
+            vault = vault.with_max_reply_bytes(max_payload);
+        }
         let gateway = GatewayArgs {
             nats: nats.clone(),
             prefix: config.nats.prefix.clone(),

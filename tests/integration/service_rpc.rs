@@ -237,11 +237,11 @@ async fn an_envelope_of_bytes_that_are_not_utf8_is_invalid_argument() {
     service.shutdown().await.unwrap();
 }
 
-/// A reply larger than the nats-server's `max_payload` cannot be sent: the caller gets
-/// `payload_too_large` at once rather than waiting for its timeout. Many small bulk items
-/// pass the plaintext limit and still make such a reply (each envelope is ~130 bytes).
+/// Many small bulk items pass the plaintext limit and still make a reply larger than the
+/// nats-server's `max_payload` (each envelope is ~130 bytes): the call is refused as
+/// `payload_too_large` before anything is sealed, by a lower bound of the reply's size.
 #[tokio::test]
-async fn a_reply_over_max_payload_becomes_payload_too_large() {
+async fn a_bulk_call_whose_reply_cannot_fit_is_refused_before_the_work() {
     let env = TestEnv::start().await;
     let service = env.service(&[]).await;
     let client = env.client(Format::Protobuf).await;
@@ -250,15 +250,51 @@ async fn a_reply_over_max_payload_becomes_payload_too_large() {
         .collect();
     let error = client.encrypt_bulk("ws_1/many", items).await.unwrap_err();
     assert_eq!(error.kind(), Kind::PayloadTooLarge, "{error}");
+    assert!(error.message().contains("at least"), "{error}");
     assert!(error.message().contains("max_payload"), "{error}");
     client.encrypt("ws_1/many", "still serving").await.unwrap();
 
+    // Just under the bound, the call goes through.
+    let items: HashMap<String, String> = (0..5_000)
+        .map(|index| (format!("item-{index:05}"), "x".to_owned()))
+        .collect();
+    assert_eq!(
+        client
+            .encrypt_bulk("ws_1/many", items)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        5_000
+    );
+    service.shutdown().await.unwrap();
+}
+
+/// A reply larger than the nats-server's `max_payload` cannot be sent: the caller gets
+/// `payload_too_large` at once rather than waiting for its timeout. A Decrypt in JSON of a
+/// plaintext of control characters makes one (each escaped as six characters).
+#[tokio::test]
+async fn a_reply_over_max_payload_becomes_payload_too_large() {
+    let env = TestEnv::start().await;
+    let service = env.service(&[]).await;
+    let protobuf = env.client(Format::Protobuf).await;
+    let json = env.client(Format::Json).await;
+    let plaintext = "\u{1}".repeat(200_000);
+    let sealed = protobuf.encrypt("ws_1/escaped", &plaintext).await.unwrap();
+    let error = json
+        .decrypt("ws_1/escaped", &sealed.encrypted)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), Kind::PayloadTooLarge, "{error}");
+    assert!(error.message().contains("max_payload"), "{error}");
+    json.encrypt("ws_1/escaped", "still serving").await.unwrap();
+
     // The endpoint's statistics count the call once, as the error it ended in.
-    let bulk = common::service::endpoint_stats(client.nats(), "EncryptBulk").await;
-    assert_eq!(bulk["num_requests"], 1, "{bulk}");
-    assert_eq!(bulk["num_errors"], 1, "{bulk}");
+    let decrypt = common::service::endpoint_stats(json.nats(), "Decrypt").await;
+    assert_eq!(decrypt["num_requests"], 1, "{decrypt}");
+    assert_eq!(decrypt["num_errors"], 1, "{decrypt}");
     // Only the code: anyone on the nats account may read the statistics.
-    assert_eq!(bulk["last_error"], "413:payload_too_large", "{bulk}");
+    assert_eq!(decrypt["last_error"], "413:payload_too_large", "{decrypt}");
     service.shutdown().await.unwrap();
 }
 

@@ -70,6 +70,11 @@ deps: deps-nats
     fi
     command -v timeout >/dev/null 2>&1 || { echo "deps: coreutils 'timeout' is required by the test harness" >&2; exit 1; }
 
+# Fuzz one decoder of untrusted bytes (request, envelope, stored_key, token, jwks, event) for SECONDS; cargo-fuzz, nightly
+fuzz target seconds="60":
+    command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+    cargo +nightly fuzz run {{target}} -- -max_total_time={{seconds}}
+
 # Format all code
 fmt:
     cargo fmt --all

@@ -21,6 +21,8 @@
 //! - [`error`]: the one [`Error`] with a [`Kind`] that maps to wire codes.
 //! - [`client`]: a typed async client of the NATS API (retries, timeouts, service errors).
 //! - [`bench`](mod@bench): the load generator of `ringvault bench`, with an echo baseline.
+//! - [`fuzzing`]: the entry points of the fuzz targets in `fuzz/`, one per decoder of untrusted
+//!   bytes (requests, envelopes, stored keys, tokens, JWKS, events).
 //! - `buffer` (internal): appending large payloads to buffers without glibc's slow copy case.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -33,6 +35,7 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod fuzzing;
 pub mod http;
 pub mod keyring;
 pub mod pattern;

@@ -183,7 +183,7 @@ impl KeyringStore {
 
     /// Every key of the keyring, oldest first, and the id of LATEST; read from the stored
     /// objects' plaintext fields, without opening any. The objects are read
-    /// [`DESCRIBE_READS_AT_ONCE`] at a time, and the whole call within [`DESCRIBE_BUDGET`]: a
+    /// `DESCRIBE_READS_AT_ONCE` at a time, and the whole call within `DESCRIBE_BUDGET`: a
     /// keyring rotated thousands of times must not hold a request (and its in-flight slot)
     /// for as long as thousands of reads one after the other take.
     pub async fn describe(&self, keyring: &str) -> Result<(Vec<(String, i64)>, Option<String>)> {

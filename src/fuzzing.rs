@@ -30,14 +30,6 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let signed = SignedTokens::new(
-            &[FUZZ_SIGNING_SECRET.as_bytes()],
-            "ringvault",
-            None,
-            Duration::from_secs(5),
-            "tenant_id",
-        )
-        .expect("a valid signing secret");
         let jwt = JwtVerifier::new(
             JwksSource::File("unused".into()),
             KeySet::parse(FUZZ_JWKS.as_bytes()).expect("a valid jwks"),
@@ -52,10 +44,22 @@ fn fixture() -> &'static Fixture {
             dek: Dek::generate(),
             master_keys: MasterKeys::new(Kek::generate(), []).expect("one master key"),
             authenticator: Authenticator::new(StaticTokens::new(Vec::new()))
-                .with_signed_tokens(signed)
+                .with_signed_tokens(signed_tokens())
                 .with_jwt(jwt),
         }
     })
+}
+
+/// The token target's HS256 source (its tests issue tokens with it).
+fn signed_tokens() -> SignedTokens {
+    SignedTokens::new(
+        &[FUZZ_SIGNING_SECRET.as_bytes()],
+        "ringvault",
+        None,
+        Duration::from_secs(5),
+        "tenant_id",
+    )
+    .expect("a valid signing secret")
 }
 
 /// The HS256 secret of the token target's signed-token source.
@@ -163,14 +167,7 @@ mod tests {
             .master_keys
             .seal_dek(&Dek::generate())
             .encode_to_vec();
-        let signed = SignedTokens::new(
-            &[FUZZ_SIGNING_SECRET.as_bytes()],
-            "ringvault",
-            None,
-            Duration::from_secs(5),
-            "tenant_id",
-        )
-        .unwrap();
+        let signed = signed_tokens();
         let mut claims = Claims::new("svc", Duration::from_secs(600));
         claims.workspace = Some("ws_1".into());
         claims.permissions = vec!["encrypt".into()];

@@ -319,8 +319,11 @@ struct LogGuard {
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        drop(self.flush_on_drop.take());
+        // Counted before the log thread stops: lines that tasks still emit while the process
+        // exits (a NATS connection closing) are dropped as well, and are not what this warns
+        // about.
         let dropped = self.dropped.dropped_lines();
+        drop(self.flush_on_drop.take());
         if dropped > 0 {
             eprintln!("warning: {dropped} log lines were dropped (stderr did not keep up)");
         }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use prost::Message as _;
 
 use crate::auth::{
-    bearer_token, Authenticator, JwksSource, JwtVerifier, KeySet, Revocation, SignedTokens,
-    StaticTokens,
+    bearer_token, parse_grants, Authenticator, CredentialSource, JwksSource, JwtVerifier, KeySet,
+    Principal, Revocation, SignedTokens, StaticToken, StaticTokens,
 };
 use crate::crypto::{validate_envelope, Dek, Kek, MasterKeys};
 use crate::protocol::{
@@ -40,12 +40,24 @@ fn fixture() -> &'static Fixture {
             "tenant_id",
         )
         .expect("a jwt verifier");
+        let static_principal = Principal {
+            workspace: Some("ws_1".into()),
+            subject: "fuzz".into(),
+            source: CredentialSource::StaticToken,
+            permissions: parse_grants(&["encrypt"]).expect("a valid grant"),
+        };
+        // Fixed keys, the same in every run: a key id the fuzzer finds once (compared as
+        // bytes, which libFuzzer traces) leads it past the lookup to the AEAD every time.
         Fixture {
-            dek: Dek::generate(),
-            master_keys: MasterKeys::new(Kek::generate(), []).expect("one master key"),
-            authenticator: Authenticator::new(StaticTokens::new(Vec::new()))
-                .with_signed_tokens(signed_tokens())
-                .with_jwt(jwt),
+            dek: Dek::from_parts(FUZZ_DEK_ID.into(), 1, &[7; 32]).expect("a valid dek"),
+            master_keys: MasterKeys::new(Kek::parse(FUZZ_MASTER_KEY).expect("a valid kek"), [])
+                .expect("one master key"),
+            authenticator: Authenticator::new(StaticTokens::new(vec![StaticToken::new(
+                "fuzz-static-token",
+                static_principal,
+            )]))
+            .with_signed_tokens(signed_tokens())
+            .with_jwt(jwt),
         }
     })
 }
@@ -62,11 +74,19 @@ fn signed_tokens() -> SignedTokens {
     .expect("a valid signing secret")
 }
 
+/// The envelope target's DEK id and the stored-key target's master key (`ringvault keygen`).
+const FUZZ_DEK_ID: &str = "dek_fuzz";
+const FUZZ_MASTER_KEY: &str =
+    "ChprZWtfbVZ1R2dPY0xPdTFSbk9ZVzBxNjA4dBDKrqbboDQaIAeSz3L/wEHNmnkCRlx867gpPDxfLelh1DYN56UXeBI+";
+
 /// The HS256 secret of the token target's signed-token source.
 pub const FUZZ_SIGNING_SECRET: &str = "fuzzing-signing-secret-of-32-bytes!!";
 
-/// The token target's JWKS: an ES256 key (a point on P-256) and an Ed25519 key.
+/// The token target's JWKS: an RSA key, an ES256 key (a point on P-256) and an Ed25519 key
+/// (the examples of RFC 7517 and RFC 8037).
 const FUZZ_JWKS: &str = r#"{"keys":[
+  {"kty":"RSA","kid":"rsa","use":"sig","alg":"RS256","e":"AQAB",
+   "n":"0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"},
   {"kty":"EC","crv":"P-256","kid":"ec","use":"sig","alg":"ES256",
    "x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"},
   {"kty":"OKP","crv":"Ed25519","kid":"ed","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}
@@ -206,7 +226,8 @@ mod tests {
             .verify(bearer_token(Some(header)).unwrap())
             .unwrap();
         assert_eq!(principal.workspace.as_deref(), Some("ws_1"));
-        assert!(KeySet::parse(FUZZ_JWKS.as_bytes()).unwrap().len() == 2);
+        assert_eq!(KeySet::parse(FUZZ_JWKS.as_bytes()).unwrap().len(), 3);
+        assert!(fixture().authenticator.verify("fuzz-static-token").is_ok());
     }
 
     proptest! {

@@ -41,6 +41,21 @@ const MIN_ENVELOPE_OVERHEAD: usize = 12 + 16;
 /// (a tag and a length each), and the item's two fields.
 const MIN_BULK_ITEM_FRAMING: usize = 10;
 
+/// What the EncryptBulk reply to `items` sealed by a key with an id of `key_id_len` bytes
+/// takes at least, in either format: each item's id, envelope (base64 of the plaintext, nonce,
+/// tag and key id) and key id, and the least framing around them.
+fn bulk_reply_lower_bound(items: &HashMap<String, String>, key_id_len: usize) -> usize {
+    items
+        .iter()
+        .map(|(id, data)| {
+            id.len()
+                + envelope_text_len(data.len() + MIN_ENVELOPE_OVERHEAD + key_id_len)
+                + key_id_len
+                + MIN_BULK_ITEM_FRAMING
+        })
+        .sum()
+}
+
 /// The operations of the API.
 #[derive(Debug, Clone)]
 pub struct Vault {
@@ -205,21 +220,13 @@ impl Vault {
     }
 
     /// Many small items pass the plaintext limit and still make a reply that cannot be sent
-    /// (each item's envelope is ~130 bytes): such a call is refused before it seals anything,
+    /// (each item's envelope is ~130 bytes): such a call is refused before its items are sealed,
     /// by a lower bound of its reply's size.
     fn check_bulk_reply(&self, items: &HashMap<String, String>, key_id_len: usize) -> Result<()> {
         let Some(max_reply_bytes) = self.max_reply_bytes else {
             return Ok(());
         };
-        let at_least: usize = items
-            .iter()
-            .map(|(id, data)| {
-                id.len()
-                    + envelope_text_len(data.len() + MIN_ENVELOPE_OVERHEAD + key_id_len)
-                    + key_id_len
-                    + MIN_BULK_ITEM_FRAMING
-            })
-            .sum();
+        let at_least = bulk_reply_lower_bound(items, key_id_len);
         if at_least > max_reply_bytes {
             return Err(Error::new(
                 Kind::PayloadTooLarge,
@@ -283,4 +290,43 @@ const ITEMS_PER_POLL: usize = 64;
 fn authorize(principal: &Principal, action: Action, keyring: &str) -> Result<()> {
     validate_keyring(keyring)?;
     principal.authorize(action, keyring)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::crypto::Dek;
+    use crate::protocol::{encode, Format};
+
+    proptest! {
+        /// The bound must never refuse a call whose reply fits: it stays at or below the reply
+        /// as actually encoded, in both formats, for empty and odd ids and data alike.
+        #[test]
+        fn the_bulk_reply_bound_never_exceeds_the_reply(
+            items in proptest::collection::hash_map(".{0,12}", ".{0,40}", 0..24),
+            key_id_len in 4usize..40,
+        ) {
+            let dek = Dek::from_parts(format!("dek_{}", "k".repeat(key_id_len - 4)), 1, &[3; 32])
+                .unwrap();
+            let reply = EncryptBulkResponse {
+                items: items
+                    .iter()
+                    .map(|(id, data)| {
+                        let item = EncryptBulkResponseItem {
+                            encrypted: envelope_text(&dek.seal_envelope(data.as_bytes())),
+                            key_id: dek.id().to_owned(),
+                        };
+                        (id.clone(), item)
+                    })
+                    .collect(),
+            };
+            let bound = bulk_reply_lower_bound(&items, key_id_len);
+            for format in [Format::Protobuf, Format::Json] {
+                let encoded = encode(format, &reply).len();
+                prop_assert!(bound <= encoded, "{format:?}: bound {bound} > reply {encoded}");
+            }
+        }
+    }
 }

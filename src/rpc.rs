@@ -74,7 +74,7 @@ impl Vault {
         }
     }
 
-    /// Refuses, before any work, a bulk call whose reply could not be larger than
+    /// Refuses, before its items are sealed, a bulk call whose reply could not be larger than
     /// `max_reply_bytes` (the nats-server's `max_payload`) and still hold what was asked.
     pub fn with_max_reply_bytes(mut self, max_reply_bytes: usize) -> Self {
         self.max_reply_bytes = Some(max_reply_bytes);

@@ -199,9 +199,10 @@ impl Server {
                 max_messages: config.events.max_messages,
             }),
         };
-        let max_plaintext_bytes = effective_max_plaintext(config, &nats);
-        let mut vault = Vault::new(registry.clone(), max_plaintext_bytes);
+        // 0 when the server did not say.
         let max_payload = nats.server_info().max_payload;
+        let max_plaintext_bytes = effective_max_plaintext(config, max_payload);
+        let mut vault = Vault::new(registry.clone(), max_plaintext_bytes);
         if max_payload > 0 {
             vault = vault.with_max_reply_bytes(max_payload);
         }
@@ -421,9 +422,8 @@ fn rotation_policy(config: &Config) -> RotationPolicy {
 }
 
 /// The largest plaintext whose Encrypt reply (base64 of the envelope) still fits the server's
-/// max_payload.
-fn effective_max_plaintext(config: &Config, nats: &async_nats::Client) -> usize {
-    let max_payload = nats.server_info().max_payload;
+/// `max_payload` (0: unknown).
+fn effective_max_plaintext(config: &Config, max_payload: usize) -> usize {
     let configured = config.nats.max_plaintext_bytes;
     if max_payload == 0 {
         return configured;

@@ -120,12 +120,28 @@ struct Cached {
     generation: u64,
 }
 
+impl Cached {
+    /// Whether the entry may still answer: not expired, and checked against the revocations
+    /// of `generation`.
+    fn usable(&self, generation: Option<u64>) -> bool {
+        self.valid_until.is_none_or(|until| now_secs() < until)
+            && generation == Some(self.generation)
+    }
+}
+
 /// A remembered refusal: the error the actor gave (its message cut as a reply would cut it, as
 /// some quote the token), until when it is repeated.
 struct Refused {
     kind: Kind,
     message: String,
     until: Instant,
+}
+
+impl Refused {
+    /// Whether the refusal is still repeated at `now`.
+    fn in_force(&self, now: Instant) -> bool {
+        now < self.until
+    }
 }
 
 /// The gateway's view of authentication.
@@ -179,17 +195,13 @@ impl AuthHandle {
 
     fn cached(&self, digest: &[u8; 32], generation: Option<u64>) -> Option<Arc<Principal>> {
         let entry = self.verified.get(digest)?;
-        let fresh = entry.valid_until.is_none_or(|until| now_secs() < until);
-        let current = generation == Some(entry.generation);
-        if fresh && current {
+        if entry.usable(generation) {
             return Some(entry.principal.clone());
         }
         drop(entry);
         // Only if still stale: another request may have just cached it afresh.
-        self.verified.remove_if(digest, |_, entry| {
-            entry.valid_until.is_some_and(|until| now_secs() >= until)
-                || generation != Some(entry.generation)
-        });
+        self.verified
+            .remove_if(digest, |_, entry| !entry.usable(generation));
         None
     }
 
@@ -262,13 +274,13 @@ impl AuthHandle {
     /// The refusal of this token the actor gave within [`REFUSAL_MEMORY`], if any.
     fn remembered_refusal(&self, digest: &[u8; 32]) -> Option<Error> {
         let entry = self.refused.get(digest)?;
-        if Instant::now() < entry.until {
+        if entry.in_force(Instant::now()) {
             return Some(Error::new(entry.kind, entry.message.clone()));
         }
         drop(entry);
         // Only if still expired: another request may have just remembered it afresh.
         self.refused
-            .remove_if(digest, |_, refused| Instant::now() >= refused.until);
+            .remove_if(digest, |_, refused| !refused.in_force(Instant::now()));
         None
     }
 
@@ -281,7 +293,7 @@ impl AuthHandle {
         }
         if self.refused.len() >= MAX_REMEMBERED_REFUSALS {
             let now = Instant::now();
-            self.refused.retain(|_, refused| now < refused.until);
+            self.refused.retain(|_, refused| refused.in_force(now));
             if self.refused.len() >= MAX_REMEMBERED_REFUSALS {
                 self.refused.clear();
             }

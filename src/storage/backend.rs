@@ -311,7 +311,7 @@ fn s3_builder(
         if !name.starts_with("AWS_") {
             continue;
         }
-        let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() else {
+        let Ok(key) = name.to_ascii_lowercase().parse::<Key>() else {
             continue;
         };
         let credential = matches!(
@@ -335,21 +335,15 @@ fn s3_builder(
         builder = builder.with_config(key, value);
     }
     for (key, value) in [
-        (AmazonS3ConfigKey::AccessKeyId, &settings.access_key_id),
-        (
-            AmazonS3ConfigKey::SecretAccessKey,
-            &settings.secret_access_key,
-        ),
-        (AmazonS3ConfigKey::Token, &settings.session_token),
-        (AmazonS3ConfigKey::Endpoint, &settings.endpoint),
+        (Key::AccessKeyId, &settings.access_key_id),
+        (Key::SecretAccessKey, &settings.secret_access_key),
+        (Key::Token, &settings.session_token),
+        (Key::Endpoint, &settings.endpoint),
     ] {
         if !value.is_empty() {
             builder = builder.with_config(key, value);
         }
     }
-    let endpoint = builder
-        .get_config_value(&AmazonS3ConfigKey::Endpoint)
-        .unwrap_or_default();
     builder
         .with_bucket_name(&settings.bucket)
         .with_region(&settings.region)
@@ -370,7 +364,7 @@ fn s3_builder(
             ClientOptions::new()
                 .with_timeout(request_timeout)
                 .with_connect_timeout(request_timeout.min(Duration::from_secs(2)))
-                .with_allow_http(endpoint.starts_with("http://")),
+                .with_allow_http(settings.endpoint.starts_with("http://")),
         )
 }
 

@@ -182,19 +182,41 @@ fn object_path(key: &str) -> Path {
 fn store_error(operation: &'static str, key: &str, error: object_store::Error) -> StorageError {
     let key = key.to_owned();
     let detail = error.to_string();
-    match error {
+    let refused = match &error {
         object_store::Error::PermissionDenied { .. }
-        | object_store::Error::Unauthenticated { .. } => StorageError::Refused {
+        | object_store::Error::Unauthenticated { .. } => true,
+        object_store::Error::Generic { .. } => refused_by_status(&error),
+        _ => false,
+    };
+    if refused {
+        return StorageError::Refused {
             operation,
             key,
             detail,
-        },
-        _ => StorageError::Unavailable {
-            operation,
-            key,
-            detail,
-        },
+        };
     }
+    StorageError::Unavailable {
+        operation,
+        key,
+        detail,
+    }
+}
+
+/// Whether a generic error is the server answering 401 or 403. object_store classifies the
+/// status of gets and puts, but its S3 list request reaches us as `Generic` around a retry
+/// error whose type is private to object_store, so the status is read from the cause's text
+/// (`Server returned non-2xx status code: 403 Forbidden: …`); `s3_storage`'s test of refused
+/// credentials pins that text for the object_store version in Cargo.lock.
+fn refused_by_status(error: &object_store::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        let text = current.to_string();
+        if let Some((_, after)) = text.split_once("non-2xx status code: ") {
+            return after.starts_with("401") || after.starts_with("403");
+        }
+        cause = current.source();
+    }
+    false
 }
 
 #[async_trait::async_trait]

@@ -100,6 +100,21 @@ async fn refused_credentials_are_not_retried_as_an_outage() {
         ),
         "{put:?}"
     );
+    let listed = storage
+        .list("keyring/")
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            listed,
+            StorageError::Refused {
+                operation: "list",
+                ..
+            }
+        ),
+        "{listed:?}"
+    );
     let caller_sees = ringvault::Error::from(put);
     assert_eq!(caller_sees.kind(), Kind::Unavailable);
     assert_no_secrets(&caller_sees, &s3);

@@ -1273,9 +1273,7 @@ async fn token_inspect(args: TokenInspectArgs) -> u8 {
             return 69;
         }
     }
-    if let Err(error) =
-        revocations.refuse_if_revoked(&ringvault::auth::token_digest(token), claims.jti.as_deref())
-    {
+    if let Err(error) = revocations.refuse_if_revoked(token, claims.jti.as_deref()) {
         eprintln!("error: {error}");
         return 77;
     }

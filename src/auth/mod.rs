@@ -262,7 +262,6 @@ impl Authenticator {
     /// [`Authenticator::verify`] with what a cache needs to know about the answer.
     pub fn verify_detailed(&self, token: &str) -> Result<Verified> {
         let revocation_generation = self.revocations.generation();
-        let digest = token_digest(token);
         let (principal, valid_until, jti) =
             if let Some(principal) = self.static_tokens.verify(token) {
                 (principal, None, None)
@@ -313,8 +312,7 @@ impl Authenticator {
                     format!("token {} is not valid", fingerprint(token)),
                 ));
             };
-        self.revocations
-            .refuse_if_revoked(&digest, jti.as_deref())?;
+        self.revocations.refuse_if_revoked(token, jti.as_deref())?;
         Ok(Verified {
             principal: self.policies.apply(principal),
             valid_until,

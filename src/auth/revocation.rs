@@ -6,7 +6,10 @@
 //!
 //! Neither the store nor NATS ever holds a token or a jti in clear: a revocation names the
 //! SHA-256 of the token (`revocations/<sha256-hex>`) or of the jti
-//! (`revocations/jti-<sha256-hex>`).
+//! (`revocations/jti-<sha256-hex>`). For a JWT the token's digest is that of its signed part
+//! (`header.payload`), not of the whole text: an ECDSA signature has a second valid form
+//! (`s` and `n − s`), so a revoked ES256 token rewritten with the other form would otherwise
+//! be a new, unrevoked string.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,7 +43,7 @@ pub fn revocation_subject(prefix: &str) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RevocationKind {
-    /// A whole token, by the SHA-256 of its text.
+    /// A whole token, by [`revocation_digest`].
     Token,
     /// Every token with this `jti`, by the SHA-256 of the jti.
     Jti,
@@ -51,7 +54,7 @@ pub enum RevocationKind {
 pub struct Revocation {
     /// What `sha256` is the digest of.
     pub kind: RevocationKind,
-    /// Hex SHA-256 of the token or of the jti.
+    /// Hex [`revocation_digest`] of the token, or SHA-256 of the jti.
     pub sha256: String,
     /// When it was revoked, seconds since the Unix epoch.
     pub revoked_at: u64,
@@ -62,7 +65,7 @@ impl Revocation {
     pub fn token(token: &str) -> Self {
         Self {
             kind: RevocationKind::Token,
-            sha256: hex::encode(token_digest(token)),
+            sha256: hex::encode(revocation_digest(token)),
             revoked_at: now_secs(),
         }
     }
@@ -96,6 +99,18 @@ impl Revocation {
             RevocationKind::Jti => "jti",
         };
         format!("{kind} {}", self.sha256.get(..8).unwrap_or(&self.sha256))
+    }
+}
+
+/// What a token's revocation is keyed by: the SHA-256 of a JWT's signed part
+/// (`header.payload`), which every valid signature of it shares, or of the whole text of any
+/// other token.
+pub fn revocation_digest(token: &str) -> [u8; 32] {
+    match token.rsplit_once('.') {
+        Some((signed, _signature)) if looks_like_jwt(token) => {
+            Sha256::digest(signed.as_bytes()).into()
+        }
+        _ => token_digest(token),
     }
 }
 
@@ -164,9 +179,11 @@ impl Revocations {
         }
     }
 
-    /// Whether the token with SHA-256 `digest` (and `jti`, if any) is revoked.
-    pub fn is_revoked(&self, digest: &[u8; 32], jti: Option<&str>) -> bool {
-        self.tokens.contains(digest)
+    /// Whether `token` (or its `jti`, if any) is revoked. A JWT revoked before revocations
+    /// were keyed by its signed part is found by the digest of its whole text.
+    pub fn is_revoked(&self, token: &str, jti: Option<&str>) -> bool {
+        self.tokens.contains(&revocation_digest(token))
+            || (looks_like_jwt(token) && self.tokens.contains(&token_digest(token)))
             || jti.is_some_and(|jti| {
                 let jti_digest: [u8; 32] = Sha256::digest(jti.as_bytes()).into();
                 self.jtis.contains(&jti_digest)
@@ -174,8 +191,8 @@ impl Revocations {
     }
 
     /// [`Revocations::is_revoked`] as the refusal a verifier returns.
-    pub fn refuse_if_revoked(&self, digest: &[u8; 32], jti: Option<&str>) -> Result<()> {
-        if self.is_revoked(digest, jti) {
+    pub fn refuse_if_revoked(&self, token: &str, jti: Option<&str>) -> Result<()> {
+        if self.is_revoked(token, jti) {
             return Err(Error::new(Kind::InvalidToken, "token has been revoked"));
         }
         Ok(())
@@ -432,9 +449,29 @@ mod tests {
         }
         assert!(!set.insert(&revocations[0]));
         assert_eq!(set.generation(), 2);
-        assert!(set.is_revoked(&token_digest("rv_static_secret"), None));
-        assert!(set.is_revoked(&token_digest("other"), Some("rv_static_secret")));
-        assert!(!set.is_revoked(&token_digest("other"), Some("jti-2")));
+        assert!(set.is_revoked("rv_static_secret", None));
+        assert!(set.is_revoked("other", Some("rv_static_secret")));
+        assert!(!set.is_revoked("other", Some("jti-2")));
+    }
+
+    /// Every signature of a JWT's signed part is the same revoked token; a revocation stored
+    /// under the digest of a JWT's whole text (before revocations were keyed by the signed
+    /// part) still counts.
+    #[test]
+    fn a_revoked_jwt_stays_revoked_under_another_signature() {
+        let set = Revocations::new();
+        for revocation in revocations_for("aGVhZGVy.cGF5bG9hZA.c2lnLTE") {
+            set.insert(&revocation);
+        }
+        assert!(set.is_revoked("aGVhZGVy.cGF5bG9hZA.c2lnLTI", None));
+        assert!(!set.is_revoked("aGVhZGVy.b3RoZXI.c2lnLTE", None));
+        let legacy = Revocation {
+            kind: RevocationKind::Token,
+            sha256: hex::encode(token_digest("aGVhZGVy.bGVnYWN5.c2ln")),
+            revoked_at: 0,
+        };
+        set.insert(&legacy);
+        assert!(set.is_revoked("aGVhZGVy.bGVnYWN5.c2ln", None));
     }
 
     #[tokio::test]
@@ -460,7 +497,7 @@ mod tests {
             .unwrap();
         let set = Revocations::new();
         assert_eq!(load_revocations(&store, &set).await.unwrap(), 1);
-        assert!(set.is_revoked(&token_digest("a.b.c"), None));
+        assert!(set.is_revoked("a.b.c", None));
         assert_eq!(load_revocations(&store, &set).await.unwrap(), 0);
     }
 
@@ -471,10 +508,7 @@ mod tests {
         let revocation = &revocations_for("x.y.z")[0];
         let message = serde_json::to_vec(revocation).unwrap();
         apply_message(&store, &set, &message).await;
-        assert!(
-            !set.is_revoked(&token_digest("x.y.z"), None),
-            "a forged message"
-        );
+        assert!(!set.is_revoked("x.y.z", None), "a forged message");
         assert_eq!(set.generation(), 0, "the token cache was not emptied");
         store
             .put(
@@ -485,7 +519,7 @@ mod tests {
             .await
             .unwrap();
         apply_message(&store, &set, &message).await;
-        assert!(set.is_revoked(&token_digest("x.y.z"), None));
+        assert!(set.is_revoked("x.y.z", None));
         assert_eq!(set.generation(), 1);
     }
 }

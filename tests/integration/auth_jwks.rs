@@ -304,7 +304,49 @@ async fn each_algorithm_and_each_failure_mode() {
         .await,
         "revoked jwt still accepted after 1 s"
     );
+
+    // Revoked by its text, without a jti: the token's other ECDSA signature (s → n − s), which
+    // verifies just as well, is the same revoked token.
+    let mut no_jti = claims();
+    no_jti.as_object_mut().unwrap().remove("jti");
+    let original = sign(&ec, &no_jti);
+    let twin = with_other_ecdsa_signature(&original);
+    assert_ne!(twin, original);
+    assert_eq!(kind_of(&client, &twin).await, Ok(()), "the twin verifies");
+    ringvault::auth::revoke(&*storage, &nats, &config.nats.prefix, &original)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            kind_of(&client, &original).await == Err(Kind::InvalidToken)
+        })
+        .await,
+        "revoked jwt still accepted after 1 s"
+    );
+    assert_eq!(kind_of(&client, &twin).await, Err(Kind::InvalidToken));
     service.shutdown().await.unwrap();
+}
+
+/// `token` (ES256) with its signature `r || s` replaced by `r || n − s`, the other signature
+/// ECDSA accepts for the same message and key.
+fn with_other_ecdsa_signature(token: &str) -> String {
+    const P256_ORDER: [u8; 32] = [
+        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63,
+        0x25, 0x51,
+    ];
+    let (signed, signature) = token.rsplit_once('.').unwrap();
+    let mut signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(signature)
+        .unwrap();
+    assert_eq!(signature.len(), 64);
+    let mut borrow = 0i16;
+    for index in (0..32).rev() {
+        let difference = i16::from(P256_ORDER[index]) - i16::from(signature[32 + index]) - borrow;
+        borrow = i16::from(difference < 0);
+        signature[32 + index] = (difference + (borrow << 8)) as u8;
+    }
+    format!("{signed}.{}", b64(&signature))
 }
 
 #[tokio::test(flavor = "multi_thread")]

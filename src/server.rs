@@ -349,8 +349,9 @@ async fn wait_fatal(fatal: &mut watch::Receiver<Option<String>>) -> String {
             return reason;
         }
         if fatal.changed().await.is_err() {
-            // The supervisor is gone without a reason: wait for the shutdown signal instead.
-            std::future::pending::<()>().await;
+            // The supervisor is gone without saying why: nothing is restarted any more, so
+            // the process must not go on looking alive.
+            return "the supervisor stopped unexpectedly".to_owned();
         }
     }
 }

@@ -35,6 +35,8 @@ use crate::protocol::{
 use crate::rpc::{Decrypted, Sealed, Vault};
 use crate::storage::validate_keyring;
 
+/// How long the gateway's start waits for NATS to confirm its subscriptions.
+const SUBSCRIBE_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a drain waits for the subscriptions to hand over what they had buffered.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a drain waits for the nats-server to confirm (a flush): longer means it is
@@ -284,7 +286,11 @@ impl Actor for Gateway {
                 }
             }));
         }
-        args.nats.flush().await?;
+        // Bounded: while NATS is away a flush waits for the reconnection, and a gateway
+        // restarting then would hold its supervisor with it.
+        tokio::time::timeout(SUBSCRIBE_FLUSH_TIMEOUT, args.nats.flush())
+            .await
+            .map_err(|_| "nats did not confirm the subscriptions within 10 s")??;
         tracing::info!(
             prefix = args.prefix,
             queue_group = args.queue_group,

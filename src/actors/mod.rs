@@ -142,6 +142,8 @@ pub struct FaultHooks {
     pub fail_storage_actor: std::sync::atomic::AtomicUsize,
     /// The next message handled by the KeyringActor of this keyring fails the actor.
     pub fail_keyring_actor: std::sync::Mutex<Option<String>>,
+    /// The next this many starts of the StorageActor fail.
+    pub fail_storage_start: std::sync::atomic::AtomicUsize,
 }
 
 #[cfg(feature = "test-hooks")]
@@ -150,6 +152,14 @@ impl FaultHooks {
     pub fn take_storage_failure(&self) -> bool {
         use std::sync::atomic::Ordering;
         self.fail_storage_actor
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Consumes one pending failure of a StorageActor start.
+    pub fn take_storage_start_failure(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.fail_storage_start
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
     }

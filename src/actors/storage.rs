@@ -108,6 +108,10 @@ impl Actor for StorageActor {
         _myself: ActorRef<Self::Msg>,
         arguments: StorageActorState,
     ) -> Result<Self::State, ActorProcessingErr> {
+        #[cfg(feature = "test-hooks")]
+        if arguments.hooks.faults.take_storage_start_failure() {
+            return Err("storage actor start failed (test fault)".into());
+        }
         Ok(StorageWriter {
             backend: arguments.backend,
             hooks: arguments.hooks,

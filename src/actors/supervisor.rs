@@ -186,43 +186,75 @@ impl Supervisor {
         if state.stopping {
             return Ok(());
         }
-        let now = Instant::now();
-        let policy = state.args.policy;
-        state.failures.push_back(now);
-        while let Some(&first) = state.failures.front() {
-            if now.duration_since(first) <= policy.window {
-                break;
+        Self::restart(myself, state, child, reason).await;
+        Ok(())
+    }
+
+    /// Restarts `child` after a backoff. A restart that fails (NATS unreachable while the
+    /// gateway subscribes, say) is one more failure of the child, so it is retried and counts
+    /// towards giving up; it never fails the supervisor, which would leave a process that
+    /// serves nothing and never exits.
+    async fn restart(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        child: Child,
+        mut reason: String,
+    ) {
+        loop {
+            let now = Instant::now();
+            let policy = state.args.policy;
+            state.failures.push_back(now);
+            while let Some(&first) = state.failures.front() {
+                if now.duration_since(first) <= policy.window {
+                    break;
+                }
+                state.failures.pop_front();
             }
-            state.failures.pop_front();
+            let recent = state.failures.len();
+            if recent > policy.max_restarts {
+                let message = format!(
+                    "{} failed {recent} times within {:?}: giving up ({reason})",
+                    child.name(),
+                    policy.window
+                );
+                tracing::error!(child = child.name(), failures = recent, %reason, "supervision gave up");
+                Self::escalate(myself, state, message).await;
+                return;
+            }
+            let exponent = u32::try_from(recent.saturating_sub(1))
+                .unwrap_or(u32::MAX)
+                .min(10);
+            let backoff = policy
+                .backoff
+                .saturating_mul(1 << exponent)
+                .min(Duration::from_secs(10));
+            tracing::warn!(child = child.name(), failures = recent, ?backoff, %reason, "restarting");
+            metrics::counter!("ringvault_actor_restarts_total", "actor" => child.name())
+                .increment(1);
+            tokio::time::sleep(backoff).await;
+            match Self::start_child(myself, state, child).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(child = child.name(), %error, "restart failed");
+                    reason = format!("restart failed: {error}");
+                }
+            }
         }
-        let recent = state.failures.len();
-        if recent > policy.max_restarts {
-            let message = format!(
-                "{} failed {recent} times within {:?}: giving up ({reason})",
-                child.name(),
-                policy.window
-            );
-            tracing::error!(child = child.name(), failures = recent, %reason, "supervision gave up");
-            state.stopping = true;
-            // What writes finishes first: the process exits once `fatal` is out.
-            state.args.registry.stop_all(KEYRING_STOP_TIMEOUT).await;
-            Self::stop_storage(state).await;
-            state.args.fatal.send_replace(Some(message));
-            myself.stop_children(Some("escalated".into()));
-            myself.stop(Some("escalated".into()));
-            return Ok(());
-        }
-        let exponent = u32::try_from(recent.saturating_sub(1))
-            .unwrap_or(u32::MAX)
-            .min(10);
-        let backoff = policy
-            .backoff
-            .saturating_mul(1 << exponent)
-            .min(Duration::from_secs(10));
-        tracing::warn!(child = child.name(), failures = recent, ?backoff, %reason, "restarting");
-        metrics::counter!("ringvault_actor_restarts_total", "actor" => child.name()).increment(1);
-        tokio::time::sleep(backoff).await;
-        Self::start_child(myself, state, child).await
+    }
+
+    /// Gives up: stops what writes, then reports `message` as fatal (the process exits once
+    /// it is out) and stops.
+    async fn escalate(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        message: String,
+    ) {
+        state.stopping = true;
+        state.args.registry.stop_all(KEYRING_STOP_TIMEOUT).await;
+        Self::stop_storage(state).await;
+        state.args.fatal.send_replace(Some(message));
+        myself.stop_children(Some("escalated".into()));
+        myself.stop(Some("escalated".into()));
     }
 
     async fn shutdown(state: &mut SupervisorState) {

@@ -224,6 +224,54 @@ async fn a_failed_storage_actor_is_restarted_and_the_write_can_be_retried() {
     server.shutdown().await.unwrap();
 }
 
+/// A restart that fails is one more failure: retried after its backoff, not the end of
+/// supervision (a supervisor that failed with it left a process serving nothing).
+#[tokio::test]
+async fn a_restart_that_fails_is_retried() {
+    let env = TestEnv::start().await;
+    let server = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    let faults = server.hooks().faults.clone();
+    faults.fail_storage_start.store(2, Ordering::SeqCst);
+    faults.fail_storage_actor.store(1, Ordering::SeqCst);
+    let error = client.encrypt("ws_restart", "first use").await.unwrap_err();
+    assert_eq!(error.kind(), Kind::Unavailable, "{error}");
+    let sealed = until_ok("sealed", || client.encrypt("ws_restart", "first use")).await;
+    assert_eq!(faults.fail_storage_start.load(Ordering::SeqCst), 0);
+    assert_stored(&env, "ws_restart", &[&sealed.key_id]);
+    server.shutdown().await.unwrap();
+}
+
+/// Restarts that keep failing escalate like failures of the running actor.
+#[tokio::test]
+async fn restarts_that_keep_failing_escalate() {
+    let env = TestEnv::start().await;
+    let server = env
+        .service(&[
+            ("RINGVAULT_SUPERVISION_MAX_RESTARTS", "3"),
+            ("RINGVAULT_SUPERVISION_WINDOW_SECS", "60"),
+        ])
+        .await;
+    let client = env.client(Format::Protobuf).await;
+    let faults = server.hooks().faults.clone();
+    faults.fail_storage_start.store(1000, Ordering::SeqCst);
+    faults.fail_storage_actor.store(1, Ordering::SeqCst);
+    let running = tokio::spawn(server.run_until(std::future::pending()));
+    let _ = client.encrypt("ws_doomed", "first use").await;
+    let outcome = tokio::time::timeout(Duration::from_secs(15), running)
+        .await
+        .expect("supervision did not give up within 15 s")
+        .expect("run_until did not panic");
+    match outcome {
+        Err(error @ ServerError::Fatal(_)) => {
+            assert!(error.to_string().contains("restart failed"), "{error}");
+        }
+        other => panic!("expected a fatal error, got {other:?}"),
+    }
+    // The running actor's failure, then three failed starts: the fourth failure escalates.
+    assert_eq!(1000 - faults.fail_storage_start.load(Ordering::SeqCst), 3);
+}
+
 #[tokio::test]
 async fn supervision_gives_up_after_too_many_failures_within_the_window() {
     let env = TestEnv::start().await;

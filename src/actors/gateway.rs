@@ -326,10 +326,16 @@ impl Actor for Gateway {
 
 async fn drain(state: &mut GatewayState) {
     state.draining.send_replace(true);
-    let loops = std::mem::take(&mut state.request_loops);
-    let finished = tokio::time::timeout(DRAIN_TIMEOUT, futures::future::join_all(loops)).await;
+    let mut loops = std::mem::take(&mut state.request_loops);
+    let finished =
+        tokio::time::timeout(DRAIN_TIMEOUT, futures::future::join_all(loops.iter_mut())).await;
     if finished.is_err() {
-        tracing::warn!("subscriptions did not drain within the drain timeout");
+        // Stopped, not left running: they would go on taking requests after the keyring
+        // actors and storage have stopped.
+        tracing::warn!("subscriptions did not drain within the drain timeout; stopping them");
+        for request_loop in &loops {
+            request_loop.abort();
+        }
     }
     let all = u32::try_from(state.max_inflight).unwrap_or(u32::MAX);
     match tokio::time::timeout(DRAIN_TIMEOUT, state.inflight.acquire_many(all)).await {
@@ -401,8 +407,10 @@ async fn serve_method(
     tokio::pin!(quiet);
     loop {
         let message = tokio::select! {
-            // In this order: finished requests, new ones, the drain; and only when none of
-            // them is ready, the audit records gathered meanwhile.
+            // In this order: finished requests, the drain, new requests; and only when none of
+            // them is ready, the audit records gathered meanwhile. The drain comes before new
+            // requests because under a backlog a new request is always ready, and a drain
+            // behind it would never be seen.
             biased;
             Some(record) = requests.next() => {
                 audit_records.extend(record);
@@ -411,7 +419,6 @@ async fn serve_method(
                 }
                 continue;
             }
-            message = subscriber.next() => message,
             _ = async { drain_signal.wait_for(|drain| *drain).await.map(|_| ()) }, if draining == Drain::No => {
                 draining = Drain::Counted;
                 quiet.as_mut().reset(tokio::time::Instant::now() + DRAIN_QUIET);
@@ -427,6 +434,7 @@ async fn serve_method(
                 }
                 continue;
             }
+            message = subscriber.next() => message,
             () = &mut quiet, if draining == Drain::Counted => {
                 // Quiet: close for good, still reading what the server sent before.
                 draining = Drain::Closing;

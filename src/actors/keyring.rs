@@ -58,6 +58,10 @@ pub enum KeyringMsg {
     },
 }
 
+/// How many actors a keyring call is offered to before it fails: each may have finished its
+/// work and stopped between the lookup and the delivery.
+const ACTOR_DELIVERY_ATTEMPTS: usize = 8;
+
 /// The actor of one keyring.
 pub struct KeyringActor;
 
@@ -307,19 +311,22 @@ impl KeyringRegistry {
         T: Send + 'static,
         F: Fn(RpcReplyPort<T>) -> KeyringMsg,
     {
-        let actor = self.actor(name).await?;
         // The actor may have started draining since the lookup; the message then never reaches
-        // it, and a fresh actor takes the call instead.
-        let result = match super::try_call("keyring actor", &actor, &build, self.call_timeout).await
-        {
-            Some(result) => result,
-            None => {
-                self.forget(actor.get_id());
-                let actor = self.actor(name).await?;
-                super::call("keyring actor", &actor, &build, self.call_timeout).await
+        // it, and a fresh actor takes the call instead. Under a burst of cache misses on one
+        // keyring the fresh actor may itself be done before this call reaches it, so this is
+        // tried a few times before it is an error.
+        for _ in 0..ACTOR_DELIVERY_ATTEMPTS {
+            let actor = self.actor(name).await?;
+            if let Some(result) =
+                super::try_call("keyring actor", &actor, &build, self.call_timeout).await
+            {
+                return result.map_err(|error| error.context(format!("keyring {name:?}")));
             }
-        };
-        result.map_err(|error| error.context(format!("keyring {name:?}")))
+            self.forget(actor.get_id());
+        }
+        Err(Error::unavailable(format!(
+            "keyring {name:?}: no keyring actor took the call"
+        )))
     }
 
     /// The live actor of keyring `name`, spawned when there is none.

@@ -23,8 +23,9 @@ use crate::storage::ObjectStorage;
 
 /// How often actors of evicted keyrings are stopped.
 const IDLE_SWEEP_PERIOD: Duration = Duration::from_secs(30);
-/// How long shutdown waits for the gateway to drain.
-const DRAIN_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long shutdown waits for the gateway to drain: longer than the gateway's own bounds
+/// (30 s for its subscriptions, 30 s for requests in flight, 2 s for the flush).
+const DRAIN_CALL_TIMEOUT: Duration = Duration::from_secs(70);
 /// How long shutdown waits for the keyring actors' running operations (a rotation's writes).
 /// With the default 5 s storage timeout a healthy store answers well within it; a failing one
 /// is not waited for past it.

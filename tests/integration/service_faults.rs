@@ -224,6 +224,31 @@ async fn a_failed_storage_actor_is_restarted_and_the_write_can_be_retried() {
     server.shutdown().await.unwrap();
 }
 
+/// Many callers meeting one keyring's cold cache at once: each call reaches a keyring actor
+/// even when the actors it met finished their work and stopped before the call arrived, and
+/// every caller gets the keyring's one key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_first_uses_of_one_keyring_all_succeed() {
+    let env = TestEnv::start().await;
+    let server = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    for round in 0..8 {
+        let keyring = format!("ws_burst_{round}");
+        let replies =
+            futures::future::join_all((0..64).map(|_| client.encrypt(&keyring, "burst"))).await;
+        let key_ids: std::collections::BTreeSet<String> = replies
+            .into_iter()
+            .map(|reply| {
+                reply
+                    .unwrap_or_else(|error| panic!("{keyring}: {error}"))
+                    .key_id
+            })
+            .collect();
+        assert_eq!(key_ids.len(), 1, "{keyring}: {key_ids:?}");
+    }
+    server.shutdown().await.unwrap();
+}
+
 /// A restart that fails is one more failure: retried after its backoff, not the end of
 /// supervision (a supervisor that failed with it left a process serving nothing).
 #[tokio::test]

@@ -801,11 +801,14 @@ async fn serve(
     principal: &Principal,
     facts: &mut AuditFacts,
 ) -> std::result::Result<Bytes, Failure> {
+    let bound_to = principal.workspace.clone();
     let principal = acting_principal(principal, headers.tenant_id, &context.policies, facts)?;
     if let Some(limiter) = &context.rate_limiter {
-        // One bucket per (effective) workspace; a principal bound to none has its own bucket
-        // keyed by its subject (`*` cannot occur in a keyring, so no workspace collides).
-        let (key, named) = match &principal.workspace {
+        // One bucket per workspace: the principal's own when it is bound to one (acting for a
+        // workspace below it does not give it a fresh bucket each), else the one it acts for;
+        // a principal bound to none and acting for none has its own bucket keyed by its
+        // subject (`*` cannot occur in a workspace name, so no workspace collides).
+        let (key, named) = match bound_to.as_ref().or(principal.workspace.as_ref()) {
             Some(workspace) => (workspace.clone(), format!("workspace {workspace:?}")),
             None => (
                 format!("*{}", principal.subject),

@@ -168,6 +168,16 @@ impl Claims {
         if present_but_empty {
             return Err(invalid(&format!("has an empty {workspace_claim:?} claim")));
         }
+        // A workspace is a keyring prefix: a name no keyring could have (`*billing`) would
+        // bind to nothing real and could collide with the keys ringvault derives from it.
+        if workspace
+            .as_deref()
+            .is_some_and(|workspace| crate::storage::validate_keyring(workspace).is_err())
+        {
+            return Err(invalid(&format!(
+                "has a {workspace_claim:?} claim that is not a valid workspace name"
+            )));
+        }
         Ok(Claims {
             sub,
             workspace,
@@ -372,6 +382,17 @@ mod tests {
             Claims::from_json(&json, "tenant_id").unwrap().workspace,
             None
         );
+    }
+
+    #[test]
+    fn a_workspace_claim_no_keyring_could_have_is_refused() {
+        for workspace in ["*billing", "ws/../other", "/ws", "ws 1"] {
+            let mut claims = Claims::new("user-1", Duration::from_secs(600));
+            claims.workspace = Some(workspace.into());
+            let json = claims.to_json("tenant_id");
+            let error = Claims::from_json(&json, "tenant_id").unwrap_err();
+            assert_eq!(error.kind(), Kind::InvalidToken, "{workspace:?}");
+        }
     }
 
     #[test]

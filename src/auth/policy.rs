@@ -41,15 +41,20 @@ impl Policy {
         })
     }
 
-    /// Whether it applies to `principal`: every field it names matches.
+    /// Whether it applies to `principal`: every field it names matches. A workspace policy
+    /// applies to principals bound to that workspace or to one below it (`ws_42/team` is in
+    /// `ws_42`), as workspace isolation does: a binding below a workspace must not escape its
+    /// cap.
     pub fn matches(&self, principal: &Principal) -> bool {
         self.subject
             .as_deref()
             .is_none_or(|subject| subject == principal.subject)
-            && self
-                .workspace
-                .as_deref()
-                .is_none_or(|workspace| principal.workspace.as_deref() == Some(workspace))
+            && self.workspace.as_deref().is_none_or(|workspace| {
+                principal
+                    .workspace
+                    .as_deref()
+                    .is_some_and(|own| super::principal::in_workspace(workspace, own))
+            })
     }
 }
 
@@ -227,6 +232,18 @@ mod tests {
         assert_eq!(other.permissions, grants(&["admin"]));
         let svc_elsewhere = policies.apply(principal("svc", Some("ws_2"), &["rotate", "encrypt"]));
         assert_eq!(svc_elsewhere.permissions, grants(&["encrypt"]));
+        let below = policies.apply(principal("team", Some("ws_1/team"), &["admin"]));
+        assert_eq!(
+            below.permissions,
+            grants(&["decrypt", "encrypt:ws_1/public/*"]),
+            "a binding below ws_1 is capped by ws_1's policy"
+        );
+        let sibling = policies.apply(principal("team", Some("ws_10"), &["admin"]));
+        assert_eq!(
+            sibling.permissions,
+            grants(&["admin"]),
+            "ws_10 is not in ws_1"
+        );
     }
 
     #[test]

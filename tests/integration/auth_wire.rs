@@ -106,6 +106,30 @@ async fn rate_limit_is_per_workspace_with_retry_after() {
             reply.error()
         );
     }
+
+    // Acting for workspaces below its own does not give a principal a fresh burst each.
+    let ws_c = token("svc-c", "ws_c", &["admin"]);
+    let mut limited = 0;
+    for below in 0..6 {
+        let tenant = format!("ws_c/{below}");
+        let reply = raw_encrypt(
+            &client,
+            &ws_c,
+            Some(&tenant),
+            &format!("{tenant}/app"),
+            "hi",
+        )
+        .await;
+        if let Some(error) = reply.error() {
+            assert_eq!(error.kind(), Kind::RateLimited, "{error}");
+            assert!(error.message().contains("\"ws_c\""), "{error}");
+            limited += 1;
+        }
+    }
+    assert!(
+        limited >= 2,
+        "6 quick requests for 6 workspaces below ws_c, against ws_c's burst of 3: {limited} limited"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -19,6 +19,25 @@ use crate::error::{Error, Kind, Result};
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 1 << 20;
+/// Redirects one JWKS fetch may follow.
+const MAX_REDIRECTS: usize = 5;
+
+/// Whether the JWKS may be fetched from `url`: over https, or over plain http only from this
+/// machine (a test or a sidecar), since whoever answers the fetch decides which tokens pass.
+fn jwks_url_allowed(url: &reqwest::Url) -> bool {
+    match url.scheme() {
+        "https" => true,
+        "http" => url.host_str().is_some_and(|host| {
+            host.eq_ignore_ascii_case("localhost")
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|address| address.is_loopback())
+        }),
+        _ => false,
+    }
+}
 /// The most characters of a token's `kid` an error message quotes (a key id is short; a
 /// caller's may be anything).
 const MAX_QUOTED_KID_CHARS: usize = 64;
@@ -229,6 +248,15 @@ impl JwtVerifier {
     ) -> Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                if attempt.previous().len() >= MAX_REDIRECTS {
+                    attempt.error("too many redirects")
+                } else if jwks_url_allowed(attempt.url()) {
+                    attempt.follow()
+                } else {
+                    attempt.error("redirected to plain http on a host that is not this machine")
+                }
+            }))
             .build()
             .map_err(|error| {
                 Error::internal(format!("cannot build the jwks http client: {error}"))
@@ -261,9 +289,16 @@ impl JwtVerifier {
                 .map_err(|error| error.context(format!("auth.jwt.jwks_file {}", jwt.jwks_file)))?;
             (source, set)
         } else if !jwt.jwks_url.is_empty() {
-            if !(jwt.jwks_url.starts_with("https://") || jwt.jwks_url.starts_with("http://")) {
+            let url = reqwest::Url::parse(&jwt.jwks_url).map_err(|error| {
+                Error::invalid_argument(format!(
+                    "auth.jwt.jwks_url {:?} is not a url: {error}",
+                    jwt.jwks_url
+                ))
+            })?;
+            if !jwks_url_allowed(&url) {
                 return Err(Error::invalid_argument(format!(
-                    "auth.jwt.jwks_url {:?} is not an http(s) url",
+                    "auth.jwt.jwks_url {:?} must be https (plain http only on this machine: \
+                     127.0.0.1, ::1, localhost): whoever can answer it can mint tokens",
                     jwt.jwks_url
                 )));
             }
@@ -271,6 +306,13 @@ impl JwtVerifier {
         } else {
             return Ok(None);
         };
+        if jwt.issuer.is_empty() || jwt.audience.is_empty() {
+            return Err(Error::invalid_argument(
+                "auth.jwt.issuer and auth.jwt.audience are required with an identity provider's \
+                 jwks: without them any token its keys signed is accepted, one issued for \
+                 another application (or, with keys shared across tenants, another tenant) too",
+            ));
+        }
         Self::new(
             source,
             initial,
@@ -338,17 +380,23 @@ impl JwtVerifier {
                 status.as_u16()
             )));
         }
-        let bytes = response
-            .bytes()
+        // Read piece by piece: a broken or hostile endpoint must not make us hold a body of
+        // any size before it is refused.
+        let mut response = response;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|error| Error::unavailable(format!("jwks fetch failed: {error}")))?;
-        if bytes.len() > MAX_JWKS_BYTES {
-            return Err(Error::unavailable(format!(
-                "jwks is {} bytes; at most {MAX_JWKS_BYTES} are accepted",
-                bytes.len()
-            )));
+            .map_err(|error| Error::unavailable(format!("jwks fetch failed: {error}")))?
+        {
+            if bytes.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(Error::unavailable(format!(
+                    "jwks is more than {MAX_JWKS_BYTES} bytes"
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
         }
-        Ok(bytes.to_vec())
+        Ok(bytes)
     }
 
     /// Refreshes every [`JwtVerifier::refresh_every`] until the task is aborted; failures are
@@ -615,6 +663,104 @@ mod tests {
             "{} bytes",
             error.message().len()
         );
+    }
+
+    #[test]
+    fn the_jwks_comes_over_https_or_from_this_machine() {
+        for (url, allowed) in [
+            ("https://idp.example/jwks.json", true),
+            ("http://127.0.0.1:8080/jwks.json", true),
+            ("http://[::1]/jwks.json", true),
+            ("http://LOCALHOST/jwks.json", true),
+            ("http://idp.example/jwks.json", false),
+            ("http://10.0.0.1/jwks.json", false),
+            ("http://localhost.idp.example/jwks.json", false),
+            ("ftp://idp.example/jwks.json", false),
+        ] {
+            let parsed = reqwest::Url::parse(url).unwrap();
+            assert_eq!(jwks_url_allowed(&parsed), allowed, "{url}");
+        }
+    }
+
+    /// A loopback HTTP endpoint answering every request with `response`, for the test's life.
+    async fn answering(response: Vec<u8>) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                let _ = stream.write_all(&response).await;
+                let _ = stream.shutdown().await;
+            }
+        });
+        url
+    }
+
+    fn verifier_of(url: &str) -> JwtVerifier {
+        let mut auth = crate::config::Config::defaults().auth;
+        auth.jwt.jwks_url = url.into();
+        auth.jwt.issuer = "https://idp.example".into();
+        auth.jwt.audience = "vault".into();
+        JwtVerifier::from_config(&auth).unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_fetch_is_not_redirected_to_plain_http_elsewhere() {
+        let url = answering(
+            b"HTTP/1.1 302 Found\r\nlocation: http://192.0.2.1/jwks.json\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                .to_vec(),
+        )
+        .await;
+        let error = verifier_of(&url).refresh().await.unwrap_err();
+        assert_eq!(error.kind(), Kind::Unavailable);
+        assert!(error.message().contains("redirect"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_jwks_body_past_the_limit_is_refused() {
+        let body = vec![b' '; MAX_JWKS_BYTES + 1];
+        let mut response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        response.extend_from_slice(&body);
+        let error = verifier_of(&answering(response).await)
+            .refresh()
+            .await
+            .unwrap_err();
+        assert!(error.message().contains("more than"), "{error}");
+    }
+
+    #[test]
+    fn a_jwks_needs_https_an_issuer_and_an_audience() {
+        let configured = |url: &str, issuer: &str, audience: &str| {
+            let mut auth = crate::config::Config::defaults().auth;
+            auth.jwt.jwks_url = url.into();
+            auth.jwt.issuer = issuer.into();
+            auth.jwt.audience = audience.into();
+            JwtVerifier::from_config(&auth).map(|verifier| verifier.is_some())
+        };
+        let idp = "https://idp.example/jwks.json";
+        assert!(configured(idp, "https://idp.example", "vault").unwrap());
+        for (url, issuer, audience) in [
+            (
+                "http://idp.example/jwks.json",
+                "https://idp.example",
+                "vault",
+            ),
+            (idp, "", "vault"),
+            (idp, "https://idp.example", ""),
+        ] {
+            let error = configured(url, issuer, audience).unwrap_err();
+            assert_eq!(
+                error.kind(),
+                Kind::InvalidArgument,
+                "{url} {issuer:?} {audience:?}"
+            );
+        }
     }
 
     #[test]

@@ -181,7 +181,9 @@ impl Authenticator {
 
     /// Keeps the revocation set in sync with the store and NATS of `config` once
     /// [`Authenticator::start_background`] runs.
+    /// Until the stored revocations are first read every token is refused as `unavailable`.
     pub fn with_revocation_sync(mut self, config: Config) -> Self {
+        self.revocations = Arc::new(Revocations::until_loaded());
         self.background = Arc::new(Background {
             sync: Some(Arc::new(config)),
             started: tokio::sync::OnceCell::new(),

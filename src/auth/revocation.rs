@@ -11,7 +11,7 @@
 //! (`s` and `n − s`), so a revoked ES256 token rewritten with the other form would otherwise
 //! be a new, unrevoked string.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,8 @@ use crate::storage::{ObjectStorage, PutCondition};
 pub const REVOCATIONS_PREFIX: &str = "revocations/";
 /// How often every replica reads all stored revocations again.
 const RESYNC_PERIOD: Duration = Duration::from_secs(60);
+/// How often a replica whose stored revocations could not be read yet tries again.
+const LOAD_RETRY_PERIOD: Duration = Duration::from_secs(2);
 /// Budget of one storage or NATS step of a revocation.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -141,12 +143,36 @@ pub struct Revocations {
     tokens: DashSet<[u8; 32]>,
     jtis: DashSet<[u8; 32]>,
     generation: AtomicU64,
+    /// Set until the stored revocations have been read once (a set kept in sync with a
+    /// store): until then no token can be told apart from a revoked one.
+    unloaded: AtomicBool,
 }
 
 impl Revocations {
-    /// An empty set.
+    /// An empty set, complete as it is.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty set that refuses every token (`unavailable`) until
+    /// [`Revocations::mark_loaded`]: the set of a service whose stored revocations are still
+    /// to be read. Failing closed: a replica that cannot read them must not take revoked
+    /// tokens meanwhile.
+    pub fn until_loaded() -> Self {
+        Self {
+            unloaded: AtomicBool::new(true),
+            ..Self::default()
+        }
+    }
+
+    /// Records that the stored revocations have all been read.
+    pub fn mark_loaded(&self) {
+        self.unloaded.store(false, Ordering::Release);
+    }
+
+    /// Whether the stored revocations have been read (always, for a set of [`Revocations::new`]).
+    pub fn is_loaded(&self) -> bool {
+        !self.unloaded.load(Ordering::Acquire)
     }
 
     /// Adds `revocation`; true when it was new.
@@ -191,7 +217,13 @@ impl Revocations {
     }
 
     /// [`Revocations::is_revoked`] as the refusal a verifier returns.
+    /// Before the stored revocations are loaded every token is `unavailable`.
     pub fn refuse_if_revoked(&self, token: &str, jti: Option<&str>) -> Result<()> {
+        if !self.is_loaded() {
+            return Err(Error::unavailable(
+                "the stored revocations are not loaded yet; retry shortly",
+            ));
+        }
         if self.is_revoked(token, jti) {
             return Err(Error::new(Kind::InvalidToken, "token has been revoked"));
         }
@@ -275,7 +307,9 @@ pub async fn revoke(
     Ok(revocations)
 }
 
-/// Reads every revocation under `revocations/` into `into`; returns how many were new.
+/// Reads every revocation under `revocations/` into `into`; returns how many were new. One
+/// that cannot be read does not keep the others out: all are tried, then the first failure is
+/// returned.
 pub async fn load_revocations(storage: &dyn ObjectStorage, into: &Revocations) -> Result<usize> {
     let keys: Vec<String> = bounded(
         "listing revocations",
@@ -290,9 +324,15 @@ pub async fn load_revocations(storage: &dyn ObjectStorage, into: &Revocations) -
     )
     .await?;
     let mut added = 0;
+    let mut first_failure = None;
     for key in keys {
-        let Some(stored) = bounded("reading a revocation", storage.get(&key)).await? else {
-            continue;
+        let stored = match bounded("reading a revocation", storage.get(&key)).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => continue,
+            Err(error) => {
+                first_failure.get_or_insert(error);
+                continue;
+            }
         };
         match stored_revocation(&key, &stored.bytes) {
             Some(revocation) => {
@@ -303,7 +343,10 @@ pub async fn load_revocations(storage: &dyn ObjectStorage, into: &Revocations) -
             None => tracing::warn!(key, "ignoring a malformed revocation object"),
         }
     }
-    Ok(added)
+    match first_failure {
+        Some(error) => Err(error),
+        None => Ok(added),
+    }
 }
 
 /// The revocation in the object stored under `key`, if it is one and belongs at that key.
@@ -374,9 +417,23 @@ pub(crate) async fn sync_forever(
         let revocations = revocations.clone();
         async move {
             match load_revocations(&*backend, &revocations).await {
-                Ok(added) if added > 0 => tracing::info!(added, why, "revocations loaded"),
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, why, "revocations: cannot read the store"),
+                Ok(added) => {
+                    if !revocations.is_loaded() {
+                        tracing::info!(added, why, "stored revocations loaded; taking tokens");
+                    } else if added > 0 {
+                        tracing::info!(added, why, "revocations loaded");
+                    }
+                    revocations.mark_loaded();
+                }
+                Err(error) if revocations.is_loaded() => {
+                    tracing::warn!(%error, why, "revocations: cannot read the store")
+                }
+                Err(error) => tracing::error!(
+                    %error,
+                    why,
+                    "revocations: cannot read the store; every token is refused (unavailable) \
+                     until the stored revocations are loaded"
+                ),
             }
         }
     };
@@ -412,6 +469,8 @@ pub(crate) async fn sync_forever(
         }
         let mut resync = tokio::time::interval(RESYNC_PERIOD);
         resync.tick().await;
+        let mut retry_load = tokio::time::interval(LOAD_RETRY_PERIOD);
+        retry_load.tick().await;
         loop {
             tokio::select! {
                 message = subscriber.next() => match message {
@@ -419,6 +478,8 @@ pub(crate) async fn sync_forever(
                     None => break,
                 },
                 _ = resync.tick() => load("periodic").await,
+                // Not loaded yet, the service refuses every token: try again sooner.
+                _ = retry_load.tick(), if !revocations.is_loaded() => load("retry").await,
             }
         }
         tracing::warn!(
@@ -499,6 +560,43 @@ mod tests {
         assert_eq!(load_revocations(&store, &set).await.unwrap(), 1);
         assert!(set.is_revoked("a.b.c", None));
         assert_eq!(load_revocations(&store, &set).await.unwrap(), 0);
+    }
+
+    #[test]
+    fn a_set_still_to_be_loaded_refuses_every_token_as_unavailable() {
+        let set = Revocations::until_loaded();
+        let error = set.refuse_if_revoked("any-token", None).unwrap_err();
+        assert_eq!(error.kind(), Kind::Unavailable);
+        set.mark_loaded();
+        set.refuse_if_revoked("any-token", None).unwrap();
+        assert!(Revocations::new().is_loaded());
+    }
+
+    /// One revocation that cannot be read does not keep the others out, and the load still
+    /// reports the failure (so the set is not marked loaded on it).
+    #[tokio::test]
+    async fn an_unreadable_revocation_does_not_keep_the_others_out() {
+        let store = Arc::new(ObjectStoreBackend::in_memory());
+        for token in ["first-token", "second-token", "third-token"] {
+            let revocation = Revocation::token(token);
+            store
+                .put(
+                    &revocation.object_key(),
+                    Bytes::from(serde_json::to_vec(&revocation).unwrap()),
+                    PutCondition::Overwrite,
+                )
+                .await
+                .unwrap();
+        }
+        let (faulty, faults) = crate::storage::FaultyStorage::new(store);
+        faults
+            .fail_next
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        let set = Revocations::new();
+        let error = load_revocations(&faulty, &set).await.unwrap_err();
+        assert_eq!(error.kind(), Kind::Unavailable);
+        assert_eq!(set.len(), 2, "the two readable revocations are in");
+        assert_eq!(load_revocations(&faulty, &set).await.unwrap(), 1);
     }
 
     #[tokio::test]

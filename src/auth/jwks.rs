@@ -19,6 +19,8 @@ use crate::error::{Error, Kind, Result};
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 1 << 20;
+/// The shortest time between two JWKS reads that tokens with an unknown `kid` cause.
+const UNKNOWN_KID_REFRESH_GAP: Duration = Duration::from_secs(30);
 /// Redirects one JWKS fetch may follow.
 const MAX_REDIRECTS: usize = 5;
 
@@ -41,6 +43,13 @@ fn jwks_url_allowed(url: &reqwest::Url) -> bool {
 /// The most characters of a token's `kid` an error message quotes (a key id is short; a
 /// caller's may be anything).
 const MAX_QUOTED_KID_CHARS: usize = 64;
+
+/// What a refresh loaded.
+struct Refreshed {
+    keys: usize,
+    /// The document differs from the one loaded before.
+    changed: bool,
+}
 
 /// Where the JWKS comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,6 +230,10 @@ pub struct JwtVerifier {
     leeway: Duration,
     workspace_claim: String,
     http: reqwest::Client,
+    /// Woken by a token whose `kid` no key has: the provider may have published a new key.
+    unknown_kid: Arc<tokio::sync::Notify>,
+    /// SHA-256 of the last document loaded, to tell a changed key set from the same one.
+    document: Arc<std::sync::Mutex<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -270,6 +283,8 @@ impl JwtVerifier {
             leeway,
             workspace_claim: workspace_claim.into(),
             http,
+            unknown_kid: Arc::new(tokio::sync::Notify::new()),
+            document: Arc::new(std::sync::Mutex::new([0; 32])),
         })
     }
 
@@ -353,6 +368,12 @@ impl JwtVerifier {
     /// Reads the JWKS again; on success the new set replaces the old one, on failure the old
     /// one stays and the error is returned. Returns the number of keys loaded.
     pub async fn refresh(&self) -> Result<usize> {
+        self.refresh_reporting_change()
+            .await
+            .map(|refreshed| refreshed.keys)
+    }
+
+    async fn refresh_reporting_change(&self) -> Result<Refreshed> {
         let bytes = match &self.source {
             JwksSource::File(path) => tokio::fs::read(path).await.map_err(|error| {
                 Error::unavailable(format!("cannot read jwks file {}: {error}", path.display()))
@@ -360,9 +381,14 @@ impl JwtVerifier {
             JwksSource::Url(url) => self.fetch(url).await?,
         };
         let set = KeySet::parse(&bytes)?;
-        let count = set.len();
+        let keys = set.len();
+        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
+        let changed = {
+            let mut document = self.document.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut *document, digest) != digest
+        };
         self.replace_keys(set);
-        Ok(count)
+        Ok(Refreshed { keys, changed })
     }
 
     async fn fetch(&self, url: &str) -> Result<Vec<u8>> {
@@ -399,16 +425,35 @@ impl JwtVerifier {
         Ok(bytes)
     }
 
-    /// Refreshes every [`JwtVerifier::refresh_every`] until the task is aborted; failures are
-    /// logged and the last good keys kept.
-    pub(crate) async fn refresh_forever(self) {
+    /// Refreshes every [`JwtVerifier::refresh_every`], and soon after a token names a `kid`
+    /// no key has (at most once per [`UNKNOWN_KID_REFRESH_GAP`]), until the task is aborted;
+    /// failures are logged and the last good keys kept. A changed key set calls
+    /// `on_change`, which empties the verified-token cache: a key the provider withdrew must
+    /// stop vouching for the tokens it signed.
+    pub(crate) async fn refresh_forever(self, on_change: impl Fn() + Send + 'static) {
         let mut ticker = tokio::time::interval(self.refresh_every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
+        let mut last_for_unknown_kid: Option<tokio::time::Instant> = None;
         loop {
-            ticker.tick().await;
-            match self.refresh().await {
-                Ok(count) => tracing::debug!(source = %self.source, keys = count, "jwks refreshed"),
+            let may_read_for_unknown_kid =
+                last_for_unknown_kid.is_none_or(|last| last.elapsed() >= UNKNOWN_KID_REFRESH_GAP);
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = self.unknown_kid.notified(), if may_read_for_unknown_kid => {
+                    last_for_unknown_kid = Some(tokio::time::Instant::now());
+                    tracing::debug!(source = %self.source, "a token names an unknown kid: reading the jwks again");
+                }
+            }
+            match self.refresh_reporting_change().await {
+                Ok(Refreshed { keys, changed }) => {
+                    if changed {
+                        tracing::info!(source = %self.source, keys, "jwks changed");
+                        on_change();
+                    } else {
+                        tracing::debug!(source = %self.source, keys, "jwks refreshed");
+                    }
+                }
                 Err(error) => tracing::warn!(
                     source = %self.source,
                     %error,
@@ -454,6 +499,10 @@ impl JwtVerifier {
             })
             .collect();
         if candidates.is_empty() {
+            if header.kid.is_some() {
+                // Perhaps a key published since the last refresh.
+                self.unknown_kid.notify_one();
+            }
             return Err(Error::new(
                 Kind::InvalidToken,
                 match &header.kid {

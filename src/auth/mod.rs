@@ -232,8 +232,11 @@ impl Authenticator {
                             ),
                         }
                     }
-                    self.background
-                        .track(tokio::spawn(jwt.clone().refresh_forever()));
+                    let revocations = self.revocations.clone();
+                    self.background.track(tokio::spawn(
+                        jwt.clone()
+                            .refresh_forever(move || revocations.invalidate_verified()),
+                    ));
                 }
                 if let Some(config) = &self.background.sync {
                     let (ready, is_ready) = tokio::sync::oneshot::channel();

@@ -230,7 +230,13 @@ impl Revocations {
         Ok(())
     }
 
-    /// Increases whenever a revocation is added.
+    /// Something other than a revocation took trust away (the identity provider's key set
+    /// changed): every verification cached so far must be redone, as after a new revocation.
+    pub(crate) fn invalidate_verified(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Increases whenever a revocation is added (or trust is otherwise taken away).
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }

@@ -349,6 +349,41 @@ fn with_other_ecdsa_signature(token: &str) -> String {
     format!("{signed}.{}", b64(&signature))
 }
 
+/// A token naming a `kid` the loaded set lacks makes the service read the JWKS again long
+/// before the periodic refresh (five minutes here).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_kid_reads_the_jwks_again() {
+    let first = ec_key("ec-1");
+    let second = ec_key("ec-2");
+    let server = JwksServer::start(jwks(&[&first])).await;
+    let env = TestEnv::start().await;
+    let mut settings = service_env(&server.url);
+    for (name, value) in &mut settings {
+        if *name == "RINGVAULT_AUTH_JWT_JWKS_REFRESH_SECS" {
+            *value = "300".to_owned();
+        }
+    }
+    let service = env.service(&pairs(&settings)).await;
+    let client = env.client(Format::Json).await;
+    assert_eq!(kind_of(&client, &sign(&first, &claims())).await, Ok(()));
+
+    server.set(200, jwks(&[&first, &second]));
+    let token = sign(&second, &claims());
+    assert_eq!(
+        kind_of(&client, &token).await,
+        Err(Kind::InvalidToken),
+        "ec-2 was not in the set loaded at start"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            kind_of(&client, &token).await == Ok(())
+        })
+        .await,
+        "the new kid is not accepted within 5 s of its first use"
+    );
+    service.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn jwks_rotation_while_running_and_failing_refresh_keeps_last_good_keys() {
     let first = ec_key("ec-1");
@@ -359,7 +394,8 @@ async fn jwks_rotation_while_running_and_failing_refresh_keeps_last_good_keys() 
     let service = env.service(&pairs(&settings)).await;
     let client = env.client(Format::Json).await;
 
-    assert_eq!(kind_of(&client, &sign(&first, &claims())).await, Ok(()));
+    let cached_first = sign(&first, &claims());
+    assert_eq!(kind_of(&client, &cached_first).await, Ok(()));
     assert_eq!(
         kind_of(&client, &sign(&second, &claims())).await,
         Err(Kind::InvalidToken),
@@ -382,6 +418,11 @@ async fn jwks_rotation_while_running_and_failing_refresh_keeps_last_good_keys() 
         })
         .await,
         "the retired kid is still accepted"
+    );
+    assert_eq!(
+        kind_of(&client, &cached_first).await,
+        Err(Kind::InvalidToken),
+        "a token of the retired kid verified before is no longer taken from the cache"
     );
 
     // The IdP fails: the last good set stays.

@@ -551,16 +551,19 @@ struct RequestHeaders<'a> {
 }
 
 impl<'a> RequestHeaders<'a> {
+    /// Header names match whatever their case, as in HTTP: NATS keeps names as sent, and
+    /// clients differ (`authorization`, Go's canonical `X-Request-Id`).
     fn read(headers: Option<&'a HeaderMap>) -> Self {
         let mut found = Self::default();
         for (name, values) in headers.into_iter().flat_map(HeaderMap::iter) {
-            let slot = if *name == REQUEST_ID_HEADER {
+            let name: &str = name.as_ref();
+            let slot = if name.eq_ignore_ascii_case(REQUEST_ID) {
                 &mut found.request_id
-            } else if *name == CONTENT_TYPE_HEADER {
+            } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
                 &mut found.content_type
-            } else if *name == AUTHORIZATION_HEADER {
+            } else if name.eq_ignore_ascii_case(AUTHORIZATION) {
                 &mut found.authorization
-            } else if *name == TENANT_ID_HEADER {
+            } else if name.eq_ignore_ascii_case(TENANT_ID) {
                 &mut found.tenant_id
             } else {
                 continue;
@@ -573,9 +576,6 @@ impl<'a> RequestHeaders<'a> {
 
 // Header names built once: a name made from `&str` is validated and allocated each time.
 const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
-const CONTENT_TYPE_HEADER: HeaderName = HeaderName::from_static(CONTENT_TYPE);
-const AUTHORIZATION_HEADER: HeaderName = HeaderName::from_static(AUTHORIZATION);
-const TENANT_ID_HEADER: HeaderName = HeaderName::from_static(TENANT_ID);
 
 fn new_request_id() -> String {
     hex::encode(rand::random::<[u8; 16]>())

@@ -130,16 +130,22 @@ impl Kek {
         Self(KeyMaterial::generate(super::new_kek_id(), super::now_ms()))
     }
 
-    /// Parses the configured form: standard base64 of the protobuf `KeyEncryptionKey`.
-    /// Surrounding whitespace is ignored. Errors never repeat the input.
+    /// Parses the configured form: standard base64 of the protobuf `KeyEncryptionKey`, read
+    /// as Go's Vault reads it (line breaks, as `base64` wraps at 76 columns, and non-zero
+    /// trailing bits accepted; other whitespace and missing padding too). Errors never repeat
+    /// the input, not even the one character that is wrong.
     pub fn parse(text: &str) -> Result<Self> {
-        let bytes = Zeroizing::new(
-            base64::engine::general_purpose::STANDARD
-                .decode(text.trim())
-                .map_err(|error| {
-                    Error::invalid_argument(format!("master key is not valid base64: {error}"))
-                })?,
+        let compact: Zeroizing<String> = Zeroizing::new(
+            text.chars()
+                .filter(|character| !character.is_ascii_whitespace())
+                .collect(),
         );
+        let bytes = Zeroizing::new(crate::protocol::tolerant_decode(&compact).map_err(|_| {
+            Error::invalid_argument(
+                "master key is not valid base64 (standard alphabet, as `ringvault keygen` \
+                     writes it)",
+            )
+        })?);
         let message = KeyEncryptionKey::decode(bytes.as_slice()).map_err(|error| {
             Error::invalid_argument(format!(
                 "master key is not a protobuf KeyEncryptionKey: {error}"
@@ -300,5 +306,37 @@ impl fmt::Debug for MasterKeys {
             .field("current", &self.current.id())
             .field("known", &ids)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key wrapped as `base64` wraps it (76 columns), with trailing bits Go ignores, parses
+    /// as Go's Vault parses it; a wrong character is refused without being quoted.
+    #[test]
+    fn master_keys_are_read_as_go_reads_them_and_never_quoted() {
+        let kek = Kek::generate();
+        let text = kek.to_base64().to_string();
+        let wrapped: String = text
+            .as_bytes()
+            .chunks(76)
+            .map(|line| format!("{}\n", std::str::from_utf8(line).unwrap()))
+            .collect();
+        assert!(wrapped.trim_end().contains('\n'), "long enough to wrap");
+        assert_eq!(Kek::parse(&wrapped).unwrap().id(), kek.id());
+        assert_eq!(
+            Kek::parse(&format!("  {}\r\n", text.trim_end_matches('=')))
+                .unwrap()
+                .id(),
+            kek.id()
+        );
+        let mut broken = text.clone();
+        broken.replace_range(10..11, "-");
+        let error = Kek::parse(&broken).unwrap_err();
+        assert_eq!(error.kind(), crate::Kind::InvalidArgument);
+        assert!(!error.message().contains('-'), "{error}");
+        assert!(!error.message().contains("offset"), "{error}");
     }
 }

@@ -71,7 +71,7 @@ pub fn decode_envelope(text: &str) -> Result<Encrypted> {
 
 /// Go's `base64.StdEncoding` leniency (CR and LF skipped, non-zero trailing bits accepted), and
 /// missing padding accepted too.
-fn tolerant_decode(text: &str) -> std::result::Result<Vec<u8>, base64::DecodeError> {
+pub(crate) fn tolerant_decode(text: &str) -> std::result::Result<Vec<u8>, base64::DecodeError> {
     if text.contains(['\r', '\n']) {
         let cleaned: String = text.chars().filter(|c| !matches!(c, '\r' | '\n')).collect();
         TOLERANT_DECODER.decode(cleaned)

@@ -54,6 +54,11 @@ pub fn keyring_from_token(token: &str) -> Option<String> {
     while index < bytes.len() {
         if bytes[index] == b'%' {
             let hex = token.get(index + 1..index + 3)?;
+            // Two hex digits exactly: `from_str_radix` would also take a sign (`%+A`), and
+            // the decoding would no longer be the one inverse of `keyring_token`.
+            if !hex.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+                return None;
+            }
             decoded.push(u8::from_str_radix(hex, 16).ok()?);
             index += 3;
         } else {
@@ -152,6 +157,9 @@ mod tests {
         }
         assert_ne!(keyring_token("a%2Eb"), keyring_token("a.b"));
         assert_ne!(keyring_token("a"), STORE_WIDE_TOKEN);
+        for not_a_token in ["%+A", "%-1", "% A", "%2"] {
+            assert_eq!(keyring_from_token(not_a_token), None, "{not_a_token}");
+        }
         assert_eq!(
             event_subject("vault.v1", "ws.1", DEK_CREATED),
             "vault.v1.events.ws%2E1.dek.created"

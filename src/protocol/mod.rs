@@ -11,6 +11,7 @@ pub use codec::{
     decode, encode, encode_decrypt_response, encode_encrypt_response, ErrorBody, Format,
     MAX_ERROR_MESSAGE_CHARS,
 };
+pub(crate) use envelope::tolerant_decode;
 pub use envelope::{
     append_envelope_text, decode_envelope, encode_envelope, envelope_text, envelope_text_len,
 };

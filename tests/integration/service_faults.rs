@@ -363,6 +363,38 @@ async fn raw(client: &Client, method: Method, format: Format, body: impl Into<By
         .unwrap_or_else(|error| panic!("{method:?}: no reply: {error}"))
 }
 
+/// Header names are matched whatever their case: `authorization` authenticates,
+/// `content-type` picks JSON, and Go's canonical `X-Request-Id` is echoed.
+#[tokio::test]
+async fn header_names_match_whatever_their_case() {
+    let env = TestEnv::start().await;
+    let server = env.service(&[]).await;
+    let client = env.client(Format::Json).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {TOKEN}").as_str());
+    headers.insert("content-type", "application/json");
+    headers.insert("X-Request-Id", "req-lowercase-1");
+    let reply = client
+        .request_raw(
+            Method::Encrypt,
+            headers,
+            Bytes::from_static(br#"{"keyring":"ws_case","data":"hello"}"#),
+        )
+        .await
+        .unwrap();
+    assert!(reply.error().is_none(), "{:?}", reply.error());
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert!(body["encrypted"].is_string(), "{body}");
+    assert_eq!(
+        reply
+            .headers
+            .get(protocol::REQUEST_ID)
+            .map(|value| value.as_str()),
+        Some("req-lowercase-1")
+    );
+    server.shutdown().await.unwrap();
+}
+
 /// Asserts that `reply` is an error of `kind` with the HTTP-like `status` header, then that the
 /// service still answers a valid request.
 async fn expect_error(client: &Client, what: &str, reply: RawReply, kind: Kind, status: &str) {

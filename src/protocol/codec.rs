@@ -43,9 +43,35 @@ where
             Error::invalid_argument(format!("malformed protobuf request: {error}"))
         }),
         Format::Json if body.is_empty() => Ok(T::default()),
-        Format::Json => serde_json::from_slice(body)
-            .map_err(|error| Error::invalid_argument(format!("malformed json request: {error}"))),
+        Format::Json => match serde_json::from_slice(body) {
+            Ok(message) => Ok(message),
+            // Protobuf JSON reads a field set to `null` as unset; serde refuses `null` for a
+            // string or a map. Only a body that failed is parsed again, without those fields.
+            Err(error) if error.is_data() => {
+                decode_without_null_fields(body).ok_or_else(|| malformed_json(&error))
+            }
+            Err(error) => Err(malformed_json(&error)),
+        },
     }
+}
+
+fn malformed_json(error: &serde_json::Error) -> Error {
+    Error::invalid_argument(format!("malformed json request: {error}"))
+}
+
+/// The request in `body` with its fields that are `null` left out, if that is what kept it
+/// from decoding. Only the request's own fields: a `null` inside a bulk call's items is an
+/// item, not an unset field, and stays an error.
+fn decode_without_null_fields<T: DeserializeOwned>(body: &[u8]) -> Option<T> {
+    let serde_json::Value::Object(mut fields) = serde_json::from_slice(body).ok()? else {
+        return None;
+    };
+    let before = fields.len();
+    fields.retain(|_, value| !value.is_null());
+    if fields.len() == before {
+        return None;
+    }
+    serde_json::from_value(serde_json::Value::Object(fields)).ok()
 }
 
 /// Encodes a reply body.
@@ -142,6 +168,25 @@ impl ErrorBody {
 mod tests {
     use super::*;
     use crate::protocol::{EncryptRequest, ReEncryptRequest};
+
+    #[test]
+    fn json_null_fields_are_unset_fields() {
+        let request: EncryptRequest =
+            decode(Format::Json, br#"{"keyring":"ws_1","data":null}"#).unwrap();
+        assert_eq!(request.keyring, "ws_1");
+        assert_eq!(request.data, "");
+        let bulk: crate::protocol::DecryptBulkRequest =
+            decode(Format::Json, br#"{"keyring":"ws_1","items":null}"#).unwrap();
+        assert!(bulk.items.is_empty());
+        // A null item is not an unset field: still an error, and so is a wrong type.
+        let null_item = decode::<crate::protocol::DecryptBulkRequest>(
+            Format::Json,
+            br#"{"keyring":"ws_1","items":{"a":null}}"#,
+        );
+        assert_eq!(null_item.unwrap_err().kind(), Kind::InvalidArgument);
+        let wrong_type = decode::<EncryptRequest>(Format::Json, br#"{"keyring":null,"data":7}"#);
+        assert_eq!(wrong_type.unwrap_err().kind(), Kind::InvalidArgument);
+    }
 
     #[test]
     fn json_is_camel_case_out_and_accepts_both_spellings_in() {

@@ -391,9 +391,13 @@ pub struct KeyInfo {
     #[prost(string, tag = "1")]
     #[serde(alias = "key_id", skip_serializing_if = "String::is_empty")]
     pub key_id: String,
-    /// Creation time, unix milliseconds.
+    /// Creation time, unix milliseconds. A string in JSON, as protobuf JSON writes an int64.
     #[prost(int64, tag = "2")]
-    #[serde(alias = "created_at")]
+    #[serde(
+        alias = "created_at",
+        with = "int64_json",
+        skip_serializing_if = "is_zero_i64"
+    )]
     pub created_at: i64,
 }
 
@@ -415,7 +419,39 @@ pub struct DescribeKeyringResponse {
     pub keys: Vec<KeyInfo>,
     /// How many keys.
     #[prost(uint32, tag = "4")]
+    #[serde(skip_serializing_if = "is_zero_u32")]
     pub count: u32,
+}
+
+fn is_zero_i64(value: &i64) -> bool {
+    *value == 0
+}
+
+fn is_zero_u32(value: &u32) -> bool {
+    *value == 0
+}
+
+/// An `int64` as protobuf JSON has it: written as a decimal string (a JSON number loses
+/// precision past 2^53 in JavaScript), read from a string or a number.
+mod int64_json {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &i64, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(value)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Int64 {
+            Number(i64),
+            Text(String),
+        }
+        match Int64::deserialize(deserializer)? {
+            Int64::Number(value) => Ok(value),
+            Int64::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -423,7 +459,32 @@ mod tests {
     use proptest::prelude::*;
     use prost::Message as _;
 
-    use super::{DataEncryptionKey, KeyEncryptionKey};
+    use super::{DataEncryptionKey, DescribeKeyringResponse, KeyEncryptionKey, KeyInfo};
+
+    /// DescribeKeyring in JSON as protobuf JSON has it: `createdAt` (an int64) a string, read
+    /// back from a string or a number; zero values left out.
+    #[test]
+    fn describe_json_writes_int64_as_a_string() {
+        let reply = DescribeKeyringResponse {
+            keyring: "ws_1".into(),
+            latest_key_id: "dek_2".into(),
+            keys: vec![KeyInfo {
+                key_id: "dek_2".into(),
+                created_at: 1_700_000_000_123,
+            }],
+            count: 1,
+        };
+        let json = serde_json::to_value(&reply).unwrap();
+        assert_eq!(json["keys"][0]["createdAt"], "1700000000123");
+        assert_eq!(json["count"], 1);
+        let back: DescribeKeyringResponse = serde_json::from_value(json).unwrap();
+        assert_eq!(back, reply);
+        let number: KeyInfo =
+            serde_json::from_str(r#"{"keyId":"dek_2","createdAt":1700000000123}"#).unwrap();
+        assert_eq!(number.created_at, 1_700_000_000_123);
+        let empty = serde_json::to_value(DescribeKeyringResponse::default()).unwrap();
+        assert_eq!(empty, serde_json::json!({}));
+    }
 
     /// What prost derives for the key messages: the reference for the hand-written code.
     #[derive(Clone, PartialEq, prost::Message)]

@@ -98,6 +98,21 @@ impl Actor for KeyringActor {
         }
         let keyrings = &state.keyrings;
         let name = state.name.as_str();
+        // A caller that gave up (its call timed out behind a slow store) was told
+        // `unavailable`: its work is skipped, not done late. Otherwise a backlog behind a slow
+        // store grows with work nobody waits for, and a rotation nobody waits for happens
+        // after its caller was told it failed.
+        let caller_gone = match &message {
+            KeyringMsg::Latest { reply, .. } => reply.is_closed(),
+            KeyringMsg::Dek { reply, .. } => reply.is_closed(),
+            KeyringMsg::Rotate { reply } => reply.is_closed(),
+            KeyringMsg::RotateIfOlder { reply, .. } => reply.is_closed(),
+            KeyringMsg::ApplyLatest { .. } => false,
+        };
+        if caller_gone {
+            let _ = myself.drain();
+            return Ok(());
+        }
         match message {
             KeyringMsg::Latest {
                 from_storage,
@@ -457,6 +472,38 @@ mod tests {
         assert_eq!(error.kind(), crate::Kind::Unavailable, "{error}");
         let error = registry.rotate("ws_1").await.unwrap_err();
         assert_eq!(error.kind(), crate::Kind::Unavailable, "{error}");
+    }
+
+    /// Work whose caller has gone (its call timed out while the message waited) is skipped:
+    /// here a keyring's first key, which the caller was told could not be made.
+    #[tokio::test]
+    async fn work_whose_caller_has_gone_is_skipped() {
+        let master_keys = Arc::new(MasterKeys::new(Kek::generate(), []).unwrap());
+        let storage = Storage::in_memory();
+        let keyrings = Keyrings::new(
+            KeyringStore::new(storage.clone(), master_keys),
+            CachePolicy::default(),
+        );
+        let registry = KeyringRegistry::new(keyrings, Duration::from_secs(5), Hooks::default());
+        let (reply, gone) = tokio::sync::oneshot::channel();
+        drop(gone);
+        let actor = registry.actor("ws_new").await.unwrap();
+        actor
+            .send_message(KeyringMsg::Latest {
+                from_storage: false,
+                reply: reply.into(),
+            })
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stored: Vec<String> =
+            futures::TryStreamExt::try_collect(storage.list("keyring/ws_new/"))
+                .await
+                .unwrap();
+        assert!(
+            stored.is_empty(),
+            "no first key for a caller that left: {stored:?}"
+        );
+        registry.latest("ws_new").await.unwrap();
     }
 
     /// A flood of key events naming made-up keys (anyone who may publish on the subject can

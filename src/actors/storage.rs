@@ -13,7 +13,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use futures::stream::BoxStream;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::{Mutex, OwnedMutexGuard, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
 use super::{ActorSlot, Hooks};
 use crate::storage::{ObjectStorage, PutCondition, StorageError, Stored};
@@ -40,8 +40,12 @@ pub enum StorageMsg {
     },
 }
 
-/// The most writes of different keys in flight at once; the mailbox waits beyond it.
+/// The most writes of different keys running against the store at once; more wait for a slot
+/// (in their own tasks, not in the mailbox).
 pub const MAX_CONCURRENT_WRITES: usize = 32;
+/// The most writes taken and not yet answered; past it a write is refused (`Interrupted`)
+/// rather than queued without bound behind a store that does not answer.
+const MAX_UNANSWERED_WRITES: usize = 4096;
 /// How long a stopping storage actor waits for its writes in flight (within the 10 s the
 /// supervisor gives it to stop).
 const WRITES_AT_STOP_TIMEOUT: Duration = Duration::from_secs(8);
@@ -62,38 +66,63 @@ pub struct StorageWriter {
     backend: Arc<dyn ObjectStorage>,
     #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     hooks: Hooks,
-    /// Bounds the writes in flight.
+    /// Bounds the writes running against the store.
     slots: Arc<Semaphore>,
-    /// One lock per key with a write in flight or waiting; removed with its last holder.
-    keys: Arc<DashMap<String, Arc<Mutex<()>>>>,
+    /// One permit per write taken and not yet answered, so that stopping waits for them all.
+    unanswered: Arc<Semaphore>,
+    /// Per key with a write queued or running: the signal that the last of them is done (a
+    /// closed channel), and that write's number. Removed by that write when it is done.
+    last_writes: Arc<DashMap<String, (u64, oneshot::Receiver<()>)>>,
+    /// Numbers the writes.
+    taken: u64,
 }
 
 impl StorageWriter {
-    /// Waits for a write slot and for the key's previous write, in mailbox order, then runs
-    /// the write beside the others and answers `reply` when it is done.
-    async fn start<F>(
-        &self,
+    /// Queues a write behind the key's previous one and returns at once: the mailbox never
+    /// waits on a key whose write is slow, nor on a slot. In its own task the write waits for
+    /// the key's previous write, then for a slot, then runs and answers `reply`. A write
+    /// whose caller has gone by then (timed out, told `unavailable`) is skipped, so that it
+    /// cannot land late and change an object behind the back of a caller who was told it
+    /// failed.
+    fn start<F>(
+        &mut self,
         key: String,
         reply: RpcReplyPort<Result<(), StorageError>>,
         write: impl FnOnce(Arc<dyn ObjectStorage>, String) -> F + Send + 'static,
     ) where
         F: std::future::Future<Output = Result<(), StorageError>> + Send + 'static,
     {
-        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+        let Ok(unanswered) = self.unanswered.clone().try_acquire_owned() else {
+            let _ = reply.send(Err(StorageError::Interrupted {
+                operation: "write",
+                key,
+            }));
             return;
         };
-        let key_lock = self.keys.entry(key.clone()).or_default().clone();
-        let turn: OwnedMutexGuard<()> = key_lock.lock_owned().await;
+        self.taken += 1;
+        let number = self.taken;
+        let (done, done_signal) = oneshot::channel::<()>();
+        let previous = self
+            .last_writes
+            .insert(key.clone(), (number, done_signal))
+            .map(|(_, signal)| signal);
+        let slots = self.slots.clone();
         let backend = self.backend.clone();
-        let keys = self.keys.clone();
+        let last_writes = self.last_writes.clone();
         tokio::spawn(async move {
-            let outcome = write(backend, key.clone()).await;
-            drop(turn);
-            // Under the map's shard lock, so no one can take this key's lock meanwhile.
-            keys.remove_if(&key, |_, lock| Arc::strong_count(lock) == 1);
-            drop(slot);
-            // The caller may have timed out and gone; nothing to do then.
-            let _ = reply.send(outcome);
+            if let Some(previous) = previous {
+                // Err: the previous write's task ended, which is all this waits for.
+                let _ = previous.await;
+            }
+            if !reply.is_closed() {
+                if let Ok(_slot) = slots.acquire_owned().await {
+                    let outcome = write(backend, key.clone()).await;
+                    let _ = reply.send(outcome);
+                }
+            }
+            last_writes.remove_if(&key, |_, (last, _)| *last == number);
+            drop(done);
+            drop(unanswered);
         });
     }
 }
@@ -116,7 +145,9 @@ impl Actor for StorageActor {
             backend: arguments.backend,
             hooks: arguments.hooks,
             slots: Arc::new(Semaphore::new(MAX_CONCURRENT_WRITES)),
-            keys: Arc::new(DashMap::new()),
+            unanswered: Arc::new(Semaphore::new(MAX_UNANSWERED_WRITES)),
+            last_writes: Arc::new(DashMap::new()),
+            taken: 0,
         })
     }
 
@@ -127,9 +158,9 @@ impl Actor for StorageActor {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let all = u32::try_from(MAX_CONCURRENT_WRITES).unwrap_or(u32::MAX);
+        let all = u32::try_from(MAX_UNANSWERED_WRITES).unwrap_or(u32::MAX);
         let finished =
-            tokio::time::timeout(WRITES_AT_STOP_TIMEOUT, state.slots.acquire_many(all)).await;
+            tokio::time::timeout(WRITES_AT_STOP_TIMEOUT, state.unanswered.acquire_many(all)).await;
         if finished.is_err() {
             tracing::warn!("storage writes still in flight when the storage actor stopped");
         }
@@ -153,18 +184,14 @@ impl Actor for StorageActor {
                 if state.hooks.faults.take_storage_failure() {
                     return Err(format!("injected storage actor fault while writing {key}").into());
                 }
-                state
-                    .start(key, reply, move |backend, key| async move {
-                        backend.put(&key, bytes, condition).await
-                    })
-                    .await;
+                state.start(key, reply, move |backend, key| async move {
+                    backend.put(&key, bytes, condition).await
+                });
             }
             StorageMsg::Delete { key, reply } => {
-                state
-                    .start(key, reply, |backend, key| async move {
-                        backend.delete(&key).await
-                    })
-                    .await;
+                state.start(key, reply, |backend, key| async move {
+                    backend.delete(&key).await
+                });
             }
         }
         Ok(())
@@ -316,6 +343,13 @@ mod tests {
     }
 
     async fn writer(gated: Arc<GatedStorage>) -> (ActorStorage, ActorRef<StorageMsg>) {
+        writer_waiting(gated, Duration::from_secs(10)).await
+    }
+
+    async fn writer_waiting(
+        gated: Arc<GatedStorage>,
+        call_timeout: Duration,
+    ) -> (ActorStorage, ActorRef<StorageMsg>) {
         let (actor, _) = Actor::spawn(
             None,
             StorageActor,
@@ -331,9 +365,69 @@ mod tests {
         let storage = ActorStorage::new(
             Arc::new(ObjectStoreBackend::in_memory()),
             slot,
-            Duration::from_secs(10),
+            call_timeout,
         );
         (storage, actor)
+    }
+
+    fn put_in_background(
+        storage: &Arc<ActorStorage>,
+        key: &str,
+        bytes: &'static str,
+    ) -> tokio::task::JoinHandle<Result<(), StorageError>> {
+        let storage = storage.clone();
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            storage
+                .put(&key, Bytes::from(bytes), PutCondition::Overwrite)
+                .await
+        })
+    }
+
+    /// A key whose write is slow holds up its own later writes, not the writes of other
+    /// keys sent after them.
+    #[tokio::test]
+    async fn a_slow_key_does_not_hold_up_other_keys() {
+        let store = gated();
+        let (storage, actor) = writer(store.clone()).await;
+        let storage = Arc::new(storage);
+        let first = put_in_background(&storage, "keyring/slow/LATEST", "a1");
+        wait_for(|| store.in_flight.load(Ordering::SeqCst) == 1).await;
+        let second = put_in_background(&storage, "keyring/slow/LATEST", "a2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let other = put_in_background(&storage, "keyring/other/LATEST", "b");
+        wait_for(|| store.in_flight.load(Ordering::SeqCst) == 2).await;
+        store.gate.add_permits(3);
+        for write in [first, second, other] {
+            write.await.unwrap().unwrap();
+        }
+        let order = store.finished.lock().unwrap().clone();
+        let position = |bytes: &str| order.iter().position(|done| done == bytes).unwrap();
+        assert!(position("a1") < position("a2"), "{order:?}");
+        actor.stop(None);
+    }
+
+    /// A write whose caller gave up waiting is not made later: the caller was told it failed.
+    #[tokio::test]
+    async fn a_write_whose_caller_has_gone_is_skipped() {
+        let store = gated();
+        let (storage, actor) = writer_waiting(store.clone(), Duration::from_millis(200)).await;
+        let storage = Arc::new(storage);
+        let first = put_in_background(&storage, "keyring/k/LATEST", "kept");
+        wait_for(|| store.in_flight.load(Ordering::SeqCst) == 1).await;
+        let late = put_in_background(&storage, "keyring/k/LATEST", "late");
+        let gave_up = late.await.unwrap().unwrap_err();
+        assert!(
+            matches!(gave_up, StorageError::Interrupted { .. }),
+            "{gave_up:?}"
+        );
+        store.gate.add_permits(2);
+        let _ = first.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(*store.finished.lock().unwrap(), vec![Bytes::from("kept")]);
+        let stored = store.get("keyring/k/LATEST").await.unwrap().unwrap();
+        assert_eq!(stored.bytes, Bytes::from("kept"));
+        actor.stop(None);
     }
 
     fn gated() -> Arc<GatedStorage> {

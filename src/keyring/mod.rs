@@ -109,7 +109,10 @@ pub struct Rotation {
 /// LATEST as cached.
 struct CachedLatest {
     dek: Arc<Dek>,
+    /// When the read (or the rotation) that found it finished.
     read_at: Instant,
+    /// When that read started: the key is at least as new as LATEST was then.
+    read_started: Instant,
 }
 
 /// A cached DEK and when it was last used (a logical clock, for LRU eviction).
@@ -442,12 +445,13 @@ impl Keyrings {
     pub async fn rotate_if_older(&self, name: &str, max_age: Duration) -> Result<Option<Rotation>> {
         self.with_keyring(name, |ring| async move {
             let _single_flight = ring.load_lock.lock().await;
+            let read_started = Instant::now();
             let Some(current) = self.shared.store.read_latest(name).await? else {
                 return Ok(None);
             };
             let age_ms = crate::crypto::now_ms().saturating_sub(current.dek.created_at());
             if u128::try_from(age_ms).unwrap_or(0) < max_age.as_millis() {
-                self.install_latest(&ring, current.dek);
+                self.install_latest(&ring, current.dek, read_started);
                 return Ok(None);
             }
             self.rotate_locked(&ring, Some(current), DekCause::Scheduled)
@@ -463,12 +467,15 @@ impl Keyrings {
         current: Option<LatestRead>,
         cause: DekCause,
     ) -> Result<Rotation> {
+        // What the rotation installs is at least as new as LATEST now: ours replaces `current`,
+        // which a conditional write proves still LATEST; a lost race re-reads after this.
+        let read_started = Instant::now();
         let rotated = self
             .shared
             .store
             .rotate(&ring.name, current.as_ref())
             .await?;
-        let dek = self.install_latest(ring, rotated.dek);
+        let dek = self.install_latest(ring, rotated.dek, read_started);
         if rotated.won {
             self.announce(
                 &ring.name,
@@ -546,9 +553,10 @@ impl Keyrings {
     /// (until max-stale).
     async fn reload_latest(&self, ring: &Arc<Keyring>) -> Result<()> {
         let _single_flight = ring.load_lock.lock().await;
+        let read_started = Instant::now();
         match self.shared.store.read_latest(&ring.name).await? {
             Some(read) => {
-                self.install_latest(ring, read.dek);
+                self.install_latest(ring, read.dek, read_started);
             }
             None => tracing::warn!(
                 keyring = ring.name,
@@ -575,25 +583,31 @@ impl Keyrings {
     }
 
     /// Reads LATEST (creating the first DEK on an explicit not-found), single-flight per
-    /// keyring. Unless `force`, a load that finished while we waited is reused.
+    /// keyring. Unless `force`, a load that finished while we waited, or a fresh one, is
+    /// reused; with `force`, one that *started* while we waited is (it saw what storage held
+    /// after we asked), so that a burst of forced reads of one keyring costs a few storage
+    /// reads, not one each behind the keyring's lock.
     async fn load_latest(&self, ring: &Arc<Keyring>, force: bool) -> Result<Arc<Dek>> {
         let waited_since = Instant::now();
         let _single_flight = ring.load_lock.lock().await;
-        if !force {
-            if let Some(latest) = ring.latest.load().as_ref() {
-                if latest.read_at >= waited_since
+        if let Some(latest) = ring.latest.load().as_ref() {
+            let reusable = if force {
+                latest.read_started >= waited_since
+            } else {
+                latest.read_at >= waited_since
                     || latest.read_at.elapsed() < self.shared.policy.fresh_for
-                {
-                    return Ok(latest.dek.clone());
-                }
+            };
+            if reusable {
+                return Ok(latest.dek.clone());
             }
         }
         let store = &self.shared.store;
+        let read_started = Instant::now();
         if let Some(read) = store.read_latest(&ring.name).await? {
-            return Ok(self.install_latest(ring, read.dek));
+            return Ok(self.install_latest(ring, read.dek, read_started));
         }
         let created = store.create_first(&ring.name).await?;
-        let dek = self.install_latest(ring, created.dek);
+        let dek = self.install_latest(ring, created.dek, read_started);
         if created.won {
             self.announce(&ring.name, dek.id(), None, DekCause::FirstUse);
         }
@@ -615,9 +629,9 @@ impl Keyrings {
     }
 
     /// Caches `dek` as the keyring's LATEST, read from storage now.
-    fn install_latest(&self, ring: &Arc<Keyring>, dek: Dek) -> Arc<Dek> {
+    fn install_latest(&self, ring: &Arc<Keyring>, dek: Dek, read_started: Instant) -> Arc<Dek> {
         let dek = self.insert_dek(ring, dek);
-        set_latest(ring, dek.clone());
+        set_latest(ring, dek.clone(), read_started);
         dek
     }
 
@@ -697,10 +711,11 @@ impl Keyrings {
 }
 
 /// Makes `dek` the keyring's cached LATEST, read from storage now.
-fn set_latest(ring: &Keyring, dek: Arc<Dek>) {
+fn set_latest(ring: &Keyring, dek: Arc<Dek>, read_started: Instant) {
     ring.latest.store(Some(Arc::new(CachedLatest {
         dek,
         read_at: Instant::now(),
+        read_started,
     })));
 }
 

@@ -467,3 +467,26 @@ async fn a_reload_scheduled_but_never_started_stops_holding_events_back() {
     tokio::time::advance(EVENT_RELOAD_LOST_AFTER).await;
     assert_eq!(keyrings.schedule_event_reload("ws_1"), Some(Duration::ZERO));
 }
+
+/// ReEncrypt reads LATEST from storage each time; a burst of such reads on one keyring shares
+/// reads that started after it asked, instead of queueing one storage read each behind the
+/// keyring's lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_forced_reads_shares_storage_reads() {
+    let (keyrings, faults) = keyrings_with(CachePolicy::default());
+    let first = keyrings.latest("ws_1").await.unwrap();
+    let other = Keyrings::new(keyrings.store().clone(), CachePolicy::default());
+    let rotated = other.rotate("ws_1").await.unwrap().dek;
+    faults
+        .get_delay_ms
+        .store(20, std::sync::atomic::Ordering::SeqCst);
+    let calls_before = faults.calls.load(std::sync::atomic::Ordering::SeqCst);
+    let reads =
+        futures::future::join_all((0..50).map(|_| keyrings.latest_from_storage("ws_1"))).await;
+    for read in reads {
+        assert_eq!(read.unwrap().id(), rotated.id(), "each sees the rotation");
+    }
+    let calls = faults.calls.load(std::sync::atomic::Ordering::SeqCst) - calls_before;
+    assert!(calls <= 4, "50 forced reads cost {calls} storage calls");
+    assert_ne!(first.id(), rotated.id());
+}

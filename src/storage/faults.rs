@@ -26,6 +26,8 @@ pub struct Faults {
     /// Just before the next conditional put of a `LATEST` object, that object is written again
     /// with its own bytes: a new version of the same key, as `roll-deks` resealing it makes.
     pub reseal_latest_before_next_put: AtomicBool,
+    /// Every `get` takes this many milliseconds longer (a store far away).
+    pub get_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Faults {
@@ -78,6 +80,10 @@ impl ObjectStorage for FaultyStorage {
     async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError> {
         if self.faults.should_fail() {
             return Err(Self::injected("get", key));
+        }
+        let delay = self.faults.get_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         }
         self.inner.get(key).await
     }

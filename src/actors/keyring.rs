@@ -272,6 +272,30 @@ impl KeyringRegistry {
         let Some(wait) = self.keyrings.schedule_event_reload(name) else {
             return;
         };
+        self.reload_for_events(name, key_id, wait).await;
+    }
+
+    /// Forgets a keyring actor that failed. A key-event reload scheduled for it is lost with
+    /// its mailbox, and the events since were coalesced into that reload: it is scheduled
+    /// again for a fresh actor, so that the last event of a burst is still followed by a read.
+    pub fn failed(&self, id: ActorId) -> bool {
+        let Some(name) = self.names.get(&id).map(|name| name.clone()) else {
+            return false;
+        };
+        self.forget(id);
+        if self.keyrings.cancel_event_reload(&name) {
+            if let Some(wait) = self.keyrings.schedule_event_reload(&name) {
+                // Off the caller (the supervisor), which must not wait on a keyring actor.
+                // No event's key id to name: storage decides anyway.
+                let registry = self.clone();
+                tokio::spawn(async move { registry.reload_for_events(&name, "", wait).await });
+            }
+        }
+        true
+    }
+
+    /// Runs a scheduled key-event reload after `wait`.
+    async fn reload_for_events(&self, name: &str, key_id: &str, wait: Duration) {
         if wait.is_zero() {
             self.deliver_apply_latest(name, key_id).await;
             return;
@@ -288,7 +312,7 @@ impl KeyringRegistry {
     /// Hands a scheduled reload for a key event to the keyring's actor.
     async fn deliver_apply_latest(&self, name: &str, key_id: &str) {
         // A draining actor refuses the message; a fresh one takes it.
-        for _ in 0..2 {
+        for _ in 0..ACTOR_DELIVERY_ATTEMPTS {
             let actor = match self.actor(name).await {
                 Ok(actor) => actor,
                 Err(error) => {

@@ -178,7 +178,9 @@ impl Supervisor {
     ) -> Result<(), ActorProcessingErr> {
         let Some(child) = state.children.remove(&id) else {
             // Keyring actors stop after their work (drained); only a failure is news.
-            if state.args.registry.forget(id) && failed {
+            if !failed {
+                state.args.registry.forget(id);
+            } else if state.args.registry.failed(id) {
                 tracing::warn!(%reason, "keyring actor failed; it is respawned on next use");
             }
             return Ok(());

@@ -515,11 +515,14 @@ impl Keyrings {
     }
 
     /// A scheduled reload for key events that could not be delivered: the next event
-    /// schedules one again.
-    pub fn cancel_event_reload(&self, name: &str) {
-        if let Some(ring) = self.shared.rings.get(name) {
-            lock_ignoring_poison(&ring.event_reload).scheduled = None;
-        }
+    /// schedules one again. Returns whether one was scheduled.
+    pub fn cancel_event_reload(&self, name: &str) -> bool {
+        self.shared.rings.get(name).is_some_and(|ring| {
+            lock_ignoring_poison(&ring.event_reload)
+                .scheduled
+                .take()
+                .is_some()
+        })
     }
 
     /// Reloads LATEST for key events, another replica having announced `key_id` as the
@@ -539,7 +542,7 @@ impl Keyrings {
             last_started: Some(Instant::now()),
         };
         self.reload_latest(&ring).await?;
-        if ring.cached_latest_id().as_deref() != Some(key_id) {
+        if !key_id.is_empty() && ring.cached_latest_id().as_deref() != Some(key_id) {
             tracing::debug!(
                 keyring = name,
                 key_id,

@@ -283,6 +283,68 @@ async fn a_key_event_on_another_keyring_s_subject_is_ignored() {
     server.shutdown().await.unwrap();
 }
 
+/// A keyring actor that fails while it holds a key event's reload loses that reload with its
+/// mailbox; the reload is handed to a fresh actor, so the event still leads to a read of
+/// storage (without waiting for another event or the cache's freshness to run out).
+#[tokio::test]
+async fn a_key_event_whose_actor_fails_is_still_followed_by_a_read() {
+    let env = TestEnv::start().await;
+    let server = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    let first = client.encrypt("ws_lost", "warm").await.unwrap();
+    let master_keys = ringvault::crypto::MasterKeys::new(
+        ringvault::crypto::Kek::parse(&env.master_key).unwrap(),
+        [],
+    )
+    .unwrap();
+    let store = common::service::local_keyrings(&env.store_path(), master_keys);
+    let rotated = store.rotate("ws_lost").await.unwrap();
+
+    // The actor fails on the next message it handles: the event's reload.
+    *server.hooks().faults.fail_keyring_actor.lock().unwrap() = Some("ws_lost".to_owned());
+    let event = DekCreated {
+        version: ringvault::protocol::EVENT_VERSION,
+        keyring: "ws_lost".into(),
+        key_id: rotated.dek.id().to_owned(),
+        previous_key_id: Some(first.key_id.clone()),
+        cause: DekCause::Manual,
+        time: 0,
+        replica: "elsewhere".into(),
+    };
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    nats.publish(
+        ringvault::protocol::event_subject("vault.v1", "ws_lost", ringvault::protocol::DEK_CREATED),
+        serde_json::to_vec(&event).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    nats.flush().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            server
+                .hooks()
+                .faults
+                .fail_keyring_actor
+                .lock()
+                .unwrap()
+                .is_none()
+        })
+        .await,
+        "the fault was not hit"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            server
+                .keyrings()
+                .peek_latest("ws_lost")
+                .is_some_and(|dek| dek.id() == rotated.dek.id())
+        })
+        .await,
+        "the new key was not read after the actor failed"
+    );
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn scheduled_rotation_happens_once_across_two_replicas() {
     let env = TestEnv::start().await;

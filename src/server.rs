@@ -216,6 +216,7 @@ impl Server {
             policies: authenticator.policies(),
             vault,
             rate_limiter: RateLimiter::from_config(&config.auth.rate_limit).map(Arc::new),
+            hooks: hooks.clone(),
         };
         let (fatal_sender, fatal) = watch::channel(None);
         let args = SupervisorArgs {

@@ -74,12 +74,17 @@ pub struct GatewayArgs {
     pub vault: Vault,
     /// Per-workspace rate limits, when `[auth.rate_limit]` is enabled.
     pub rate_limiter: Option<Arc<RateLimiter>>,
+    /// Test fault switches.
+    pub hooks: super::Hooks,
 }
 
 /// Messages of the [`Gateway`].
 pub enum GatewayMsg {
     /// Stop taking requests and answer the ones in flight; replies when done.
     Drain(RpcReplyPort<()>),
+    /// A request loop ended without a drain (its subscription closed, or it panicked): the
+    /// gateway fails, and the supervisor starts it again with all its subscriptions.
+    LoopEnded(Method),
 }
 
 /// The NATS-facing actor.
@@ -140,6 +145,9 @@ struct RequestContext {
     audit_subject: String,
     /// Per method (by index): the metrics every request records, registered once.
     request_metrics: Vec<RequestMetrics>,
+    /// Test fault switches.
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+    hooks: super::Hooks,
 }
 
 /// The metric handles of one method's requests.
@@ -218,7 +226,7 @@ impl Actor for Gateway {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: GatewayArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let context = Arc::new(RequestContext {
@@ -232,6 +240,7 @@ impl Actor for Gateway {
                 .collect(),
             rate_limiter: args.rate_limiter.clone(),
             audit_subject: format!("{}.audit", args.prefix),
+            hooks: args.hooks.clone(),
             request_metrics: Method::ALL.into_iter().map(RequestMetrics::new).collect(),
         });
         let inflight = Arc::new(Semaphore::new(args.max_inflight));
@@ -244,6 +253,11 @@ impl Actor for Gateway {
                     .nats
                     .queue_subscribe(method.subject(&args.prefix), args.queue_group.clone())
                     .await?;
+                let watch = LoopWatch {
+                    method,
+                    gateway: myself.clone(),
+                    drain_signal: drain_signal.clone(),
+                };
                 request_loops.push(tokio::spawn(serve_method(
                     method,
                     index,
@@ -251,6 +265,7 @@ impl Actor for Gateway {
                     context.clone(),
                     inflight.clone(),
                     drain_signal.clone(),
+                    watch,
                 )));
             }
         }
@@ -319,6 +334,15 @@ impl Actor for Gateway {
                 drain(state).await;
                 let _ = reply.send(());
             }
+            GatewayMsg::LoopEnded(method) => {
+                if !*state.draining.borrow() {
+                    return Err(format!(
+                        "the request loop of {} ended without a drain",
+                        method.name()
+                    )
+                    .into());
+                }
+            }
         }
         Ok(())
     }
@@ -382,6 +406,25 @@ enum Drain {
     Closing,
 }
 
+/// Tells the gateway when a request loop ends, however it ends (returned, panicked, aborted):
+/// outside a drain, that method has lost a subscription and nothing would say so.
+struct LoopWatch {
+    method: Method,
+    gateway: ActorRef<GatewayMsg>,
+    drain_signal: watch::Receiver<bool>,
+}
+
+impl Drop for LoopWatch {
+    fn drop(&mut self) {
+        if !*self.drain_signal.borrow() {
+            // A gateway already gone (stopped or failed) has nothing left to restart.
+            let _ = self
+                .gateway
+                .send_message(GatewayMsg::LoopEnded(self.method));
+        }
+    }
+}
+
 /// Serves one subscription of a method until drained.
 ///
 /// Requests run *inside* this task, as futures polled together with the subscription, rather
@@ -398,6 +441,7 @@ async fn serve_method(
     context: Arc<RequestContext>,
     inflight: Arc<Semaphore>,
     mut drain_signal: watch::Receiver<bool>,
+    _watch: LoopWatch,
 ) {
     let mut requests = futures::stream::FuturesUnordered::new();
     let mut audit_records: Vec<AuditRecord> = Vec::new();
@@ -451,6 +495,10 @@ async fn serve_method(
         let Some(message) = message else {
             break;
         };
+        #[cfg(feature = "test-hooks")]
+        if context.hooks.faults.take_request_loop_end(method) {
+            break;
+        }
         received += 1;
         if draining == Drain::Counted {
             quiet

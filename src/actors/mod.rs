@@ -144,6 +144,8 @@ pub struct FaultHooks {
     pub fail_keyring_actor: std::sync::Mutex<Option<String>>,
     /// The next this many starts of the StorageActor fail.
     pub fail_storage_start: std::sync::atomic::AtomicUsize,
+    /// The request loop that takes the next request of this method ends (dropping it).
+    pub end_request_loop: std::sync::Mutex<Option<crate::protocol::Method>>,
 }
 
 #[cfg(feature = "test-hooks")]
@@ -154,6 +156,19 @@ impl FaultHooks {
         self.fail_storage_actor
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
+    }
+
+    /// Consumes the pending end of a request loop of `method`.
+    pub fn take_request_loop_end(&self, method: crate::protocol::Method) -> bool {
+        let mut pending = self
+            .end_request_loop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *pending == Some(method) {
+            *pending = None;
+            return true;
+        }
+        false
     }
 
     /// Consumes one pending failure of a StorageActor start.

@@ -249,6 +249,40 @@ async fn a_burst_of_first_uses_of_one_keyring_all_succeed() {
     server.shutdown().await.unwrap();
 }
 
+/// A request loop that ends outside a drain (its subscription closed, a panic) fails the
+/// gateway, which the supervisor starts again: the method is served again, instead of
+/// answering "no responders" for good while health says the gateway is up.
+#[tokio::test]
+async fn a_request_loop_that_ends_restarts_the_gateway() {
+    let env = TestEnv::start().await;
+    let server = env
+        .service(&[("RINGVAULT_NATS_SUBSCRIPTIONS_PER_METHOD", "1")])
+        .await;
+    let client = env.client(Format::Protobuf).await;
+    client.encrypt("ws_loop", "before").await.unwrap();
+    *server.hooks().faults.end_request_loop.lock().unwrap() = Some(Method::Encrypt);
+    let quick = Client::connect(
+        env.nats.url().as_str(),
+        ringvault::client::ClientOptions {
+            token: Some(TOKEN.into()),
+            timeout: Duration::from_millis(500),
+            retries: 0,
+            format: Format::Protobuf,
+            ..ringvault::client::ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dropped = quick.encrypt("ws_loop", "dropped").await.unwrap_err();
+    assert_eq!(dropped.kind(), Kind::Unavailable, "{dropped}");
+    let sealed = until_ok("encrypt after the loop ended", || {
+        client.encrypt("ws_loop", "after")
+    })
+    .await;
+    assert!(sealed.key_id.starts_with("dek_"));
+    server.shutdown().await.unwrap();
+}
+
 /// A restart that fails is one more failure: retried after its backoff, not the end of
 /// supervision (a supervisor that failed with it left a process serving nothing).
 #[tokio::test]

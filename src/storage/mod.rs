@@ -206,6 +206,9 @@ pub struct Storage {
     backend: Arc<dyn ObjectStorage>,
     policy: StoragePolicy,
     conditional_writes: bool,
+    /// Whether an update conditioned on the version read is enforced, as far as the startup
+    /// probe could tell (assumed until then).
+    compare_and_swap: bool,
 }
 
 impl std::fmt::Debug for Storage {
@@ -214,6 +217,7 @@ impl std::fmt::Debug for Storage {
             .field("backend", &self.backend.describe())
             .field("policy", &self.policy)
             .field("conditional_writes", &self.conditional_writes)
+            .field("compare_and_swap", &self.compare_and_swap)
             .finish()
     }
 }
@@ -226,6 +230,7 @@ impl Storage {
             backend,
             policy,
             conditional_writes,
+            compare_and_swap: conditional_writes,
         }
     }
 
@@ -269,10 +274,40 @@ impl Storage {
         self.backend
             .put(&key, probe.clone(), PutCondition::IfAbsent)
             .await?;
-        let second = self.backend.put(&key, probe, PutCondition::IfAbsent).await;
+        let second = self
+            .backend
+            .put(&key, probe.clone(), PutCondition::IfAbsent)
+            .await;
+        let update = match &second {
+            Err(StorageError::AlreadyExists { .. }) => Some(
+                self.backend
+                    .put(
+                        &key,
+                        probe,
+                        PutCondition::IfUnchanged(Version {
+                            e_tag: Some("\"ringvault-probe-no-such-version\"".to_owned()),
+                            version: None,
+                        }),
+                    )
+                    .await,
+            ),
+            _ => None,
+        };
         let _ = self.backend.delete(&key).await;
         match second {
-            Err(StorageError::AlreadyExists { .. }) => Ok(()),
+            Err(StorageError::AlreadyExists { .. }) => {
+                if !matches!(update, Some(Err(StorageError::Changed { .. }))) {
+                    tracing::warn!(
+                        store = self.backend.describe(),
+                        "the store enforces create-if-absent but not compare-and-swap: a rotation \
+                         racing another writer of LATEST (another replica's rotation, roll-deks) \
+                         falls back to last-writer-wins (no key is lost; LATEST may end on the \
+                         older of two new keys, and two replicas may both rotate on schedule)"
+                    );
+                    self.compare_and_swap = false;
+                }
+                Ok(())
+            }
             Ok(()) | Err(StorageError::ConditionalUnsupported { .. }) => {
                 tracing::warn!(
                     store = self.backend.describe(),
@@ -289,6 +324,12 @@ impl Storage {
     /// Whether writes that must not clobber a concurrent writer are conditional.
     pub fn conditional_writes(&self) -> bool {
         self.conditional_writes
+    }
+
+    /// Whether updates conditioned on the version read (LATEST's replacement) are enforced;
+    /// the startup probe finds out.
+    pub fn compare_and_swap(&self) -> bool {
+        self.conditional_writes && self.compare_and_swap
     }
 
     /// The backend's description, for logs.
@@ -400,5 +441,73 @@ impl Storage {
                 .increment(1);
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store that enforces create-if-absent but cannot compare versions, as some S3
+    /// implementations do.
+    struct NoCompareAndSwap(ObjectStoreBackend);
+
+    #[async_trait::async_trait]
+    impl ObjectStorage for NoCompareAndSwap {
+        async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError> {
+            self.0.get(key).await
+        }
+
+        async fn put(
+            &self,
+            key: &str,
+            bytes: Bytes,
+            condition: PutCondition,
+        ) -> Result<(), StorageError> {
+            if matches!(condition, PutCondition::IfUnchanged(_)) {
+                return Err(StorageError::ConditionalUnsupported {
+                    detail: "no If-Match here".to_owned(),
+                });
+            }
+            self.0.put(key, bytes, condition).await
+        }
+
+        fn list(&self, prefix: &str) -> BoxStream<'static, Result<String, StorageError>> {
+            self.0.list(prefix)
+        }
+
+        async fn delete(&self, key: &str) -> Result<(), StorageError> {
+            self.0.delete(key).await
+        }
+
+        fn supports_conditional_writes(&self) -> bool {
+            true
+        }
+
+        fn describe(&self) -> String {
+            "no-compare-and-swap".to_owned()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_probe_tells_whether_updates_compare_versions() {
+        let mut enforced = Storage::in_memory();
+        enforced.probe().await.unwrap();
+        assert!(enforced.conditional_writes() && enforced.compare_and_swap());
+
+        let mut create_only = Storage::new(
+            Arc::new(NoCompareAndSwap(ObjectStoreBackend::in_memory())),
+            StoragePolicy::default(),
+        );
+        create_only.probe().await.unwrap();
+        assert!(
+            create_only.conditional_writes(),
+            "create-if-absent still holds"
+        );
+        assert!(!create_only.compare_and_swap());
+        let probes: Vec<String> = futures::TryStreamExt::try_collect(create_only.list(""))
+            .await
+            .unwrap();
+        assert!(probes.is_empty(), "the probe cleaned up: {probes:?}");
     }
 }

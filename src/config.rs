@@ -255,9 +255,9 @@ pub struct JwtConfig {
     pub jwks_url: String,
     /// Refresh period of the JWKS.
     pub jwks_refresh_secs: u64,
-    /// Required `iss` (empty: not checked).
+    /// Required `iss` of the provider's tokens (must be set with a JWKS).
     pub issuer: String,
-    /// Required `aud` (empty: not checked).
+    /// Required `aud` of the provider's tokens (must be set with a JWKS).
     pub audience: String,
 }
 

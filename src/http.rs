@@ -150,10 +150,14 @@ fn authorize(state: &HttpState, headers: &HeaderMap, roles: &[&str]) -> Result<(
             Ok(claims)
         })
         .map_err(|error| {
-            metrics::counter!("ringvault_auth_failures_total", "code" => error.kind().code())
-                .increment(1);
+            // `unavailable` (the stored revocations not loaded yet) is the service's state,
+            // not the caller's failure: 503, as a probe should see it.
+            if error.kind() != Kind::Unavailable {
+                metrics::counter!("ringvault_auth_failures_total", "code" => error.kind().code())
+                    .increment(1);
+            }
             refusal(
-                StatusCode::UNAUTHORIZED,
+                StatusCode::from_u16(error.kind().status()).unwrap_or(StatusCode::UNAUTHORIZED),
                 error.kind().code(),
                 error.message().to_owned(),
             )

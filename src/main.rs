@@ -408,6 +408,16 @@ fn keygen() -> u8 {
     0
 }
 
+/// A file store that is not there is not an empty one: run from another directory, the
+/// default relative path names nothing, and opening it would create it. Maintenance commands
+/// that read the store refuse rather than report on nothing.
+fn existing_file_store(config: &Config) -> Result<(), String> {
+    if config.storage.backend == "file" && !config.storage.path.exists() {
+        return Err(format!("no store at {}", config.storage.path.display()));
+    }
+    Ok(())
+}
+
 async fn roll(args: ConfigArgs) -> u8 {
     let config = match load_config(args.config.as_deref()) {
         Ok(config) => config,
@@ -419,6 +429,11 @@ async fn roll(args: ConfigArgs) -> u8 {
         let mut key_config = config.clone();
         key_config.master_key.generate_if_missing = false;
         let master_keys = server::load_master_keys(&key_config)?;
+        if let Err(missing) = existing_file_store(&config) {
+            return Err(ServerError::Unavailable(format!(
+                "{missing}: nothing to roll; run roll-deks with the service's configuration"
+            )));
+        }
         let backend = server::open_backend(&config).await?;
         Ok::<_, ServerError>((master_keys, backend))
     }
@@ -1241,15 +1256,9 @@ async fn token_inspect(args: TokenInspectArgs) -> u8 {
             return 77;
         }
     };
-    // Valid means what the service would accept: the stored revocations decide too. A file
-    // store that is not there is not an empty one (run from another directory, the default
-    // relative path names nothing), and opening it would create it.
-    if config.storage.backend == "file" && !config.storage.path.exists() {
-        eprintln!(
-            "error: no store at {}, so the token's revocation is unknown; run inspect with the \
-             service's configuration",
-            config.storage.path.display()
-        );
+    // Valid means what the service would accept: the stored revocations decide too.
+    if let Err(missing) = existing_file_store(&config) {
+        eprintln!("error: {missing}, so the token's revocation is unknown; run inspect with the service's configuration");
         return 69;
     }
     let revocations = ringvault::auth::Revocations::new();
@@ -1296,29 +1305,48 @@ async fn token_revoke(args: TokenRevokeArgs) -> u8 {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let setup = async {
-        let backend = server::open_backend(&config).await?;
-        let nats = connect_nats(&config).await?;
-        Ok::<_, ServerError>((backend, nats))
+    // A revocation written to a store the service does not read would report success and
+    // revoke nothing.
+    if let Err(missing) = existing_file_store(&config) {
+        eprintln!("error: {missing}: the revocation would reach no service; run revoke with the service's configuration");
+        return 69;
     }
-    .await;
-    let (backend, nats) = match setup {
-        Ok(parts) => parts,
+    let backend = match server::open_backend(&config).await {
+        Ok(backend) => backend,
         Err(error) => {
             eprintln!("error: {error}");
             return u8::try_from(error.exit_code()).unwrap_or(70);
         }
     };
-    match ringvault::auth::revoke(&*backend, &nats, &config.nats.prefix, &args.token_or_jti).await {
-        Ok(revoked) => {
-            for revocation in revoked {
-                println!("revoked {}", revocation.describe());
-            }
-            0
-        }
+    // The store first: it alone makes the revocation last, and replicas read it within a
+    // minute even when the announcement cannot go out.
+    let revoked = match ringvault::auth::store_revocations(&*backend, &args.token_or_jti).await {
+        Ok(revoked) => revoked,
         Err(error) => {
             eprintln!("error: {error}");
-            exit_code(&error)
+            return exit_code(&error);
+        }
+    };
+    for revocation in &revoked {
+        println!("revoked {}", revocation.describe());
+    }
+    let announced = async {
+        let nats = connect_nats(&config)
+            .await
+            .map_err(|error| error.to_string())?;
+        ringvault::auth::announce_revocations(&nats, &config.nats.prefix, &revoked)
+            .await
+            .map_err(|error| error.to_string())
+    }
+    .await;
+    match announced {
+        Ok(()) => 0,
+        Err(reason) => {
+            eprintln!(
+                "error: stored, but not announced ({reason}): running replicas refuse the token \
+                 at their next read of the store, within a minute; running revoke again is harmless"
+            );
+            69
         }
     }
 }

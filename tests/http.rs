@@ -286,3 +286,48 @@ async fn a_half_sent_http_request_does_not_hold_the_shutdown() {
     stopped.unwrap().unwrap();
     drop(stalled);
 }
+
+struct AlwaysUp;
+
+impl ringvault::http::HealthSource for AlwaysUp {
+    fn report(&self) -> (serde_json::Value, bool) {
+        (serde_json::json!({"status": "up"}), true)
+    }
+}
+
+/// Before the stored revocations are loaded a role token cannot be checked against them: the
+/// endpoint answers 503 `unavailable` (the service's state), not 401 (the caller's fault).
+#[tokio::test]
+async fn before_the_revocations_load_role_tokens_get_503() {
+    let tokens = SignedTokens::new(
+        &[SECRET.as_bytes()],
+        "ringvault",
+        None,
+        Duration::from_secs(0),
+        "tenant_id",
+    )
+    .unwrap();
+    let revocations = std::sync::Arc::new(ringvault::auth::Revocations::until_loaded());
+    let router =
+        ringvault::http::router(tokens, revocations.clone(), std::sync::Arc::new(AlwaysUp));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = tokio::spawn(ringvault::http::serve(
+        listener,
+        router,
+        std::future::pending(),
+    ));
+    let token = role_token(
+        SECRET,
+        &["runtime.health:read"],
+        None,
+        Duration::from_secs(600),
+    );
+    let (status, body) = get(address, "/health", Some(&token)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("unavailable"), "{body}");
+    revocations.mark_loaded();
+    let (status, body) = get(address, "/health", Some(&token)).await;
+    assert_eq!(status, 200, "{body}");
+    server.abort();
+}

@@ -274,6 +274,17 @@ pub async fn revoke(
     prefix: &str,
     token_or_jti: &str,
 ) -> Result<Vec<Revocation>> {
+    let revocations = store_revocations(storage, token_or_jti).await?;
+    announce_revocations(nats, prefix, &revocations).await?;
+    Ok(revocations)
+}
+
+/// The first half of [`revoke`]: records the revocations of `token_or_jti` in `storage`, where
+/// every replica finds them at its next periodic read (within a minute) and at every start.
+pub async fn store_revocations(
+    storage: &dyn ObjectStorage,
+    token_or_jti: &str,
+) -> Result<Vec<Revocation>> {
     if token_or_jti.trim().is_empty() {
         return Err(Error::invalid_argument(
             "nothing to revoke: the token or jti is empty",
@@ -299,8 +310,18 @@ pub async fn revoke(
             }
         }
     }
+    Ok(revocations)
+}
+
+/// The second half of [`revoke`]: publishes stored `revocations` so that running replicas
+/// apply them at once.
+pub async fn announce_revocations(
+    nats: &async_nats::Client,
+    prefix: &str,
+    revocations: &[Revocation],
+) -> Result<()> {
     let subject = revocation_subject(prefix);
-    for revocation in &revocations {
+    for revocation in revocations {
         let body = serde_json::to_vec(revocation)
             .map_err(|error| Error::internal(format!("cannot encode a revocation: {error}")))?;
         bounded(
@@ -310,7 +331,7 @@ pub async fn revoke(
         .await?;
     }
     bounded("flushing the revocation to nats", nats.flush()).await?;
-    Ok(revocations)
+    Ok(())
 }
 
 /// Reads every revocation under `revocations/` into `into`; returns how many were new. One

@@ -170,8 +170,8 @@ pub trait ObjectStorage: Send + Sync + 'static {
     /// Every object key under `prefix`, fetched page by page as the stream is read.
     fn list(&self, prefix: &str) -> BoxStream<'static, Result<String, StorageError>>;
 
-    /// Removes the object at `key` (absent is fine). Only the startup probe and the cleanup of
-    /// a DEK that lost a race to become LATEST (never handed out) delete.
+    /// Removes the object at `key` (absent is fine). Only the startup probe deletes (its own
+    /// object): keys are never deleted.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 
     /// Whether [`PutCondition::IfAbsent`] and [`PutCondition::IfUnchanged`] are enforced.

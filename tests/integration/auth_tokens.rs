@@ -573,3 +573,47 @@ async fn token_inspect_refuses_a_revoked_token() {
         "inspect created a store"
     );
 }
+
+/// `token revoke` writes the store first: with NATS unreachable the revocation is still
+/// recorded (replicas read it within a minute) and the command says so with exit 69; pointed
+/// at a file store that is not there it refuses, rather than revoking into a store no service
+/// reads.
+#[test]
+fn token_revoke_stores_first_and_refuses_a_missing_store() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("store")).unwrap();
+    let revoke = |cwd: &std::path::Path, store: Option<&std::path::Path>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"));
+        command
+            .args(["token", "revoke", "some-static-token"])
+            .current_dir(cwd)
+            .env_remove("RINGVAULT_CONFIG")
+            .env("RINGVAULT_NATS_URL", "nats://127.0.0.1:1");
+        if let Some(store) = store {
+            command.env("RINGVAULT_STORAGE_PATH", store);
+        }
+        command.output().unwrap()
+    };
+    let output = revoke(dir.path(), Some(&dir.path().join("store")));
+    assert_eq!(output.status.code(), Some(69), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("stored, but not announced"),
+        "{output:?}"
+    );
+    let stored = std::fs::read_dir(dir.path().join("store/revocations"))
+        .unwrap()
+        .count();
+    assert_eq!(stored, 2, "the token and the jti it may be");
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let output = revoke(elsewhere.path(), None);
+    assert_eq!(output.status.code(), Some(69), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("no store at"),
+        "{output:?}"
+    );
+    assert!(
+        !elsewhere.path().join("data").exists(),
+        "revoke created a store"
+    );
+}

@@ -510,6 +510,23 @@ fn roll_deks_never_generates_a_master_key() {
     );
 }
 
+/// A roll pointed at a file store that is not there (run from the wrong directory) refuses
+/// instead of creating an empty store and reporting nothing left to roll.
+#[test]
+fn roll_deks_refuses_a_file_store_that_is_not_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = roll_deks_in(dir.path(), "RINGVAULT_MASTER_KEY_CURRENT");
+    assert_eq!(output.status.code(), Some(69), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("no store at"),
+        "{output:?}"
+    );
+    assert!(
+        !dir.path().join("store").exists(),
+        "roll-deks created the store"
+    );
+}
+
 /// A roll that leaves objects behind exits with the code of its gravest failure (sysexits, as
 /// README lists them): here an object that is no key at all, `internal`.
 #[test]

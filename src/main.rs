@@ -1266,9 +1266,15 @@ async fn token_inspect(args: TokenInspectArgs) -> u8 {
         let backend = server::open_backend(&config)
             .await
             .map_err(|error| error.to_string())?;
-        ringvault::auth::load_revocations(&*backend, &revocations)
+        let loaded = ringvault::auth::load_revocations(&*backend, &revocations)
             .await
             .map_err(|error| error.to_string())?;
+        if loaded.unreadable > 0 {
+            return Err(format!(
+                "{} stored revocations cannot be read",
+                loaded.unreadable
+            ));
+        }
         Ok::<_, String>(backend.describe())
     }
     .await;

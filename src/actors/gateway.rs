@@ -246,7 +246,10 @@ impl Actor for Gateway {
         let inflight = Arc::new(Semaphore::new(args.max_inflight));
         let (draining, drain_signal) = watch::channel(false);
         let subscriptions = subscriptions_per_method(args.subscriptions_per_method);
-        let mut request_loops = Vec::with_capacity(Method::ALL.len() * subscriptions);
+        // Aborted if this start fails after spawning them: a failed start must leave nothing
+        // serving outside supervision (async-nats would even re-create their subscriptions
+        // when it reconnects).
+        let mut request_loops = StartedTasks::default();
         for (index, method) in Method::ALL.into_iter().enumerate() {
             for _ in 0..subscriptions {
                 let subscriber = args
@@ -275,7 +278,7 @@ impl Actor for Gateway {
             prefix: args.prefix.clone(),
             queue_group: args.queue_group.clone(),
         });
-        let mut discovery_loops = Vec::new();
+        let mut discovery_loops = StartedTasks::default();
         for kind in ["PING", "INFO", "STATS"] {
             for subject in [
                 format!("$SRV.{kind}"),
@@ -301,6 +304,10 @@ impl Actor for Gateway {
                 }
             }));
         }
+        #[cfg(feature = "test-hooks")]
+        if args.hooks.faults.take_gateway_start_failure() {
+            return Err("gateway start failed (test fault)".into());
+        }
         // Bounded: while NATS is away a flush waits for the reconnection, and a gateway
         // restarting then would hold its supervisor with it.
         tokio::time::timeout(SUBSCRIBE_FLUSH_TIMEOUT, args.nats.flush())
@@ -316,8 +323,8 @@ impl Actor for Gateway {
         Ok(GatewayState {
             nats: args.nats,
             draining,
-            request_loops,
-            discovery_loops,
+            request_loops: request_loops.keep(),
+            discovery_loops: discovery_loops.keep(),
             inflight,
             max_inflight: args.max_inflight,
         })
@@ -404,6 +411,29 @@ enum Drain {
     Counted,
     /// Unsubscribed; reading what was already sent.
     Closing,
+}
+
+/// Tasks spawned by a gateway start still under way: aborted when dropped, unless the start
+/// finished and [`StartedTasks::keep`] handed them to the gateway's state.
+#[derive(Default)]
+struct StartedTasks(Vec<JoinHandle<()>>);
+
+impl StartedTasks {
+    fn push(&mut self, task: JoinHandle<()>) {
+        self.0.push(task);
+    }
+
+    fn keep(mut self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for StartedTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 /// Tells the gateway when a request loop ends, however it ends (returned, panicked, aborted):

@@ -144,6 +144,8 @@ pub struct FaultHooks {
     pub fail_keyring_actor: std::sync::Mutex<Option<String>>,
     /// The next this many starts of the StorageActor fail.
     pub fail_storage_start: std::sync::atomic::AtomicUsize,
+    /// The next this many starts of the gateway fail once their tasks are spawned.
+    pub fail_gateway_start: std::sync::atomic::AtomicUsize,
     /// The request loop that takes the next request of this method ends (dropping it).
     pub end_request_loop: std::sync::Mutex<Option<crate::protocol::Method>>,
 }
@@ -169,6 +171,14 @@ impl FaultHooks {
             return true;
         }
         false
+    }
+
+    /// Consumes one pending failure of a gateway start.
+    pub fn take_gateway_start_failure(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.fail_gateway_start
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     /// Consumes one pending failure of a StorageActor start.

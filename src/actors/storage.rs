@@ -114,10 +114,14 @@ impl StorageWriter {
                 // Err: the previous write's task ended, which is all this waits for.
                 let _ = previous.await;
             }
+            // Checked again once a slot is free: a store slow enough to fill every slot is
+            // when callers give up while their writes wait.
             if !reply.is_closed() {
                 if let Ok(_slot) = slots.acquire_owned().await {
-                    let outcome = write(backend, key.clone()).await;
-                    let _ = reply.send(outcome);
+                    if !reply.is_closed() {
+                        let outcome = write(backend, key.clone()).await;
+                        let _ = reply.send(outcome);
+                    }
                 }
             }
             last_writes.remove_if(&key, |_, (last, _)| *last == number);

@@ -97,6 +97,9 @@ struct VerifyKey {
 #[derive(Default)]
 pub struct KeySet {
     keys: Vec<VerifyKey>,
+    /// SHA-256 of the usable keys (id, type, public components), sorted: the same for the
+    /// same keys however the document orders or spells them.
+    fingerprint: [u8; 32],
 }
 
 impl std::fmt::Debug for KeySet {
@@ -141,13 +144,29 @@ impl KeySet {
         let raw: RawJwks = serde_json::from_slice(bytes)
             .map_err(|error| Error::invalid_argument(format!("jwks is not valid json: {error}")))?;
         let mut keys = Vec::new();
+        let mut identities = Vec::new();
         for value in raw.keys {
             let Ok(jwk) = serde_json::from_value::<RawJwk>(value) else {
                 tracing::debug!("skipping a jwks entry that is not a json web key");
                 continue;
             };
             match Self::usable(&jwk) {
-                Ok(key) => keys.push(key),
+                Ok(key) => {
+                    identities.push(
+                        [
+                            jwk.kid.as_deref(),
+                            Some(jwk.kty.as_str()),
+                            jwk.crv.as_deref(),
+                            jwk.n.as_deref(),
+                            jwk.e.as_deref(),
+                            jwk.x.as_deref(),
+                            jwk.y.as_deref(),
+                        ]
+                        .map(|part| part.unwrap_or(""))
+                        .join("\u{1f}"),
+                    );
+                    keys.push(key);
+                }
                 Err(reason) => {
                     tracing::debug!(kid = jwk.kid.as_deref(), reason, "skipping a jwks key")
                 }
@@ -158,7 +177,10 @@ impl KeySet {
                 "jwks has no usable signing key (rsa, ec p-256 or ed25519)",
             ));
         }
-        Ok(KeySet { keys })
+        identities.sort();
+        let fingerprint =
+            <sha2::Sha256 as sha2::Digest>::digest(identities.join("\u{1e}").as_bytes()).into();
+        Ok(KeySet { keys, fingerprint })
     }
 
     fn usable(jwk: &RawJwk) -> std::result::Result<VerifyKey, &'static str> {
@@ -232,8 +254,9 @@ pub struct JwtVerifier {
     http: reqwest::Client,
     /// Woken by a token whose `kid` no key has: the provider may have published a new key.
     unknown_kid: Arc<tokio::sync::Notify>,
-    /// SHA-256 of the last document loaded, to tell a changed key set from the same one.
-    document: Arc<std::sync::Mutex<[u8; 32]>>,
+    /// [`KeySet`]'s fingerprint of the last set loaded, to tell a changed key set from the
+    /// same one.
+    loaded_fingerprint: Arc<std::sync::Mutex<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -284,7 +307,7 @@ impl JwtVerifier {
             workspace_claim: workspace_claim.into(),
             http,
             unknown_kid: Arc::new(tokio::sync::Notify::new()),
-            document: Arc::new(std::sync::Mutex::new([0; 32])),
+            loaded_fingerprint: Arc::new(std::sync::Mutex::new([0; 32])),
         })
     }
 
@@ -382,10 +405,12 @@ impl JwtVerifier {
         };
         let set = KeySet::parse(&bytes)?;
         let keys = set.len();
-        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
         let changed = {
-            let mut document = self.document.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::replace(&mut *document, digest) != digest
+            let mut loaded = self
+                .loaded_fingerprint
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut *loaded, set.fingerprint) != set.fingerprint
         };
         self.replace_keys(set);
         Ok(Refreshed { keys, changed })
@@ -438,12 +463,18 @@ impl JwtVerifier {
         loop {
             let may_read_for_unknown_kid =
                 last_for_unknown_kid.is_none_or(|last| last.elapsed() >= UNKNOWN_KID_REFRESH_GAP);
+            let gap_ends = last_for_unknown_kid.map_or_else(tokio::time::Instant::now, |last| {
+                last + UNKNOWN_KID_REFRESH_GAP
+            });
             tokio::select! {
                 _ = ticker.tick() => {}
                 () = self.unknown_kid.notified(), if may_read_for_unknown_kid => {
                     last_for_unknown_kid = Some(tokio::time::Instant::now());
                     tracing::debug!(source = %self.source, "a token names an unknown kid: reading the jwks again");
                 }
+                // The gap over, look again: an unknown kid seen meanwhile is read for then,
+                // not at the next periodic refresh.
+                () = tokio::time::sleep_until(gap_ends), if !may_read_for_unknown_kid => continue,
             }
             match self.refresh_reporting_change().await {
                 Ok(Refreshed { keys, changed }) => {
@@ -810,6 +841,29 @@ mod tests {
                 "{url} {issuer:?} {audience:?}"
             );
         }
+    }
+
+    /// The same keys in another order or spelling are the same set (a provider behind several
+    /// servers must not empty the token cache at every refresh); another key is not.
+    #[test]
+    fn a_key_set_is_known_by_its_keys_not_its_bytes() {
+        let keys = keys("ec-1", "ed-1");
+        let parse = |document: String| KeySet::parse(document.as_bytes()).unwrap().fingerprint;
+        let one = parse(serde_json::json!({ "keys": [keys.ec.1, keys.ed.1] }).to_string());
+        let reordered = parse(format!(
+            "{{ \"keys\": [ {},\n {} ] }}",
+            keys.ed.1, keys.ec.1
+        ));
+        assert_eq!(one, reordered);
+        let other = keys_with_other_ec();
+        assert_ne!(
+            one,
+            parse(serde_json::json!({ "keys": [other, keys.ed.1] }).to_string())
+        );
+    }
+
+    fn keys_with_other_ec() -> serde_json::Value {
+        keys("ec-1", "ed-unused").ec.1
     }
 
     #[test]

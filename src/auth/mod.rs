@@ -23,7 +23,7 @@ pub use principal::{in_workspace, parse_grants, Action, CredentialSource, Grant,
 pub use rate_limit::RateLimiter;
 pub use revocation::{
     announce_revocations, load_revocations, revocation_subject, revocations_for, revoke,
-    store_revocations, Revocation, RevocationKind, Revocations, REVOCATIONS_PREFIX,
+    store_revocations, Loaded, Revocation, RevocationKind, Revocations, REVOCATIONS_PREFIX,
 };
 pub use signed::{SignedTokens, MIN_SECRET_BYTES};
 pub use static_tokens::{StaticToken, StaticTokens};

@@ -31,6 +31,9 @@ use crate::storage::{ObjectStorage, PutCondition};
 pub const REVOCATIONS_PREFIX: &str = "revocations/";
 /// How often every replica reads all stored revocations again.
 const RESYNC_PERIOD: Duration = Duration::from_secs(60);
+/// How long a replica keeps refusing every token while some stored revocations cannot be read
+/// (see [`may_take_tokens`]).
+const UNREADABLE_GRACE: Duration = Duration::from_secs(30);
 /// How often a replica whose stored revocations could not be read yet tries again.
 const LOAD_RETRY_PERIOD: Duration = Duration::from_secs(2);
 /// Budget of one storage or NATS step of a revocation.
@@ -123,6 +126,14 @@ pub fn revocations_for(token_or_jti: &str) -> Vec<Revocation> {
     let text = token_or_jti.trim();
     let mut out = vec![Revocation::token(text)];
     if looks_like_jwt(text) {
+        // Also by the digest of the whole text, as replicas before revocations were keyed by
+        // a JWT's signed part look them up: a rolling upgrade must not let the token through
+        // on the replicas not yet upgraded.
+        out.push(Revocation {
+            kind: RevocationKind::Token,
+            sha256: hex::encode(token_digest(text)),
+            revoked_at: now_secs(),
+        });
         if let Some(jti) = peek_payload(text)
             .as_ref()
             .and_then(|claims| claims.get("jti"))
@@ -334,10 +345,19 @@ pub async fn announce_revocations(
     Ok(())
 }
 
-/// Reads every revocation under `revocations/` into `into`; returns how many were new. One
-/// that cannot be read does not keep the others out: all are tried, then the first failure is
-/// returned.
-pub async fn load_revocations(storage: &dyn ObjectStorage, into: &Revocations) -> Result<usize> {
+/// What one read of the stored revocations found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loaded {
+    /// Revocations new to the set.
+    pub added: usize,
+    /// Objects listed that could not be read (each logged).
+    pub unreadable: usize,
+}
+
+/// Reads every revocation under `revocations/` into `into`. An error means the listing
+/// failed; an object that cannot be read does not keep the others out, and is counted in
+/// [`Loaded::unreadable`].
+pub async fn load_revocations(storage: &dyn ObjectStorage, into: &Revocations) -> Result<Loaded> {
     let keys: Vec<String> = bounded(
         "listing revocations",
         storage
@@ -351,13 +371,14 @@ pub async fn load_revocations(storage: &dyn ObjectStorage, into: &Revocations) -
     )
     .await?;
     let mut added = 0;
-    let mut first_failure = None;
+    let mut unreadable = 0;
     for key in keys {
         let stored = match bounded("reading a revocation", storage.get(&key)).await {
             Ok(Some(stored)) => stored,
             Ok(None) => continue,
             Err(error) => {
-                first_failure.get_or_insert(error);
+                tracing::warn!(key, %error, "revocations: cannot read a stored revocation");
+                unreadable += 1;
                 continue;
             }
         };
@@ -370,10 +391,17 @@ pub async fn load_revocations(storage: &dyn ObjectStorage, into: &Revocations) -
             None => tracing::warn!(key, "ignoring a malformed revocation object"),
         }
     }
-    match first_failure {
-        Some(error) => Err(error),
-        None => Ok(added),
-    }
+    Ok(Loaded { added, unreadable })
+}
+
+/// Whether a replica whose stored revocations are read as `loaded`, after trying for
+/// `trying_for`, may take tokens. Every object read: yes. Some unreadable: not at first, as
+/// one may revoke the token at hand; but an object that stays unreadable (a permission the
+/// service lacks) must not keep every replica refusing every token for good, so after
+/// [`UNREADABLE_GRACE`] the rest counts, and the unreadable ones are tried again at every
+/// periodic read.
+fn may_take_tokens(loaded: Loaded, trying_for: Duration) -> bool {
+    loaded.unreadable == 0 || trying_for >= UNREADABLE_GRACE
 }
 
 /// The revocation in the object stored under `key`, if it is one and belongs at that key.
@@ -439,12 +467,33 @@ pub(crate) async fn sync_forever(
             }
         }
     };
+    let trying_since = tokio::time::Instant::now();
     let load = |why: &'static str| {
         let backend = backend.clone();
         let revocations = revocations.clone();
         async move {
             match load_revocations(&*backend, &revocations).await {
-                Ok(added) => {
+                Ok(loaded)
+                    if !revocations.is_loaded()
+                        && !may_take_tokens(loaded, trying_since.elapsed()) =>
+                {
+                    tracing::error!(
+                        unreadable = loaded.unreadable,
+                        why,
+                        "revocations: some stored revocations cannot be read; every token is \
+                         refused (unavailable) while they are tried again"
+                    )
+                }
+                Ok(Loaded { added, unreadable }) => {
+                    if unreadable > 0 {
+                        tracing::error!(
+                            unreadable,
+                            why,
+                            "revocations: some stored revocations still cannot be read; the \
+                             tokens they revoke are taken until they can be (tried at every \
+                             periodic read)"
+                        );
+                    }
                     if !revocations.is_loaded() {
                         tracing::info!(added, why, "stored revocations loaded; taking tokens");
                     } else if added > 0 {
@@ -584,9 +633,17 @@ mod tests {
             .await
             .unwrap();
         let set = Revocations::new();
-        assert_eq!(load_revocations(&store, &set).await.unwrap(), 1);
+        let loaded = load_revocations(&store, &set).await.unwrap();
+        assert_eq!(
+            loaded,
+            Loaded {
+                added: 2,
+                unreadable: 0
+            },
+            "by the signed part and by the whole text"
+        );
         assert!(set.is_revoked("a.b.c", None));
-        assert_eq!(load_revocations(&store, &set).await.unwrap(), 0);
+        assert_eq!(load_revocations(&store, &set).await.unwrap().added, 0);
     }
 
     #[test]
@@ -599,8 +656,8 @@ mod tests {
         assert!(Revocations::new().is_loaded());
     }
 
-    /// One revocation that cannot be read does not keep the others out, and the load still
-    /// reports the failure (so the set is not marked loaded on it).
+    /// One revocation that cannot be read does not keep the others out, and the load reports
+    /// it: tokens wait for it for a while, not for good.
     #[tokio::test]
     async fn an_unreadable_revocation_does_not_keep_the_others_out() {
         let store = Arc::new(ObjectStoreBackend::in_memory());
@@ -620,10 +677,23 @@ mod tests {
             .fail_next
             .store(1, std::sync::atomic::Ordering::SeqCst);
         let set = Revocations::new();
-        let error = load_revocations(&faulty, &set).await.unwrap_err();
-        assert_eq!(error.kind(), Kind::Unavailable);
+        let loaded = load_revocations(&faulty, &set).await.unwrap();
+        assert_eq!(
+            loaded,
+            Loaded {
+                added: 2,
+                unreadable: 1
+            }
+        );
         assert_eq!(set.len(), 2, "the two readable revocations are in");
-        assert_eq!(load_revocations(&faulty, &set).await.unwrap(), 1);
+        assert!(!may_take_tokens(loaded, Duration::ZERO));
+        assert!(
+            may_take_tokens(loaded, UNREADABLE_GRACE),
+            "an object that stays unreadable does not lock every token out for good"
+        );
+        let again = load_revocations(&faulty, &set).await.unwrap();
+        assert_eq!(again.added, 1);
+        assert!(may_take_tokens(again, Duration::ZERO));
     }
 
     #[tokio::test]

@@ -154,6 +154,14 @@ impl Kek {
         if message.id.is_empty() {
             return Err(Error::invalid_argument("master key has an empty id"));
         }
+        // A key's encoding is canonical (each field once, in order). Anything longer held more
+        // (two keys pasted one after the other, where the later one's fields would silently
+        // win) and is refused rather than guessed at.
+        if prost::Message::encoded_len(&message) != bytes.len() {
+            return Err(Error::invalid_argument(
+                "master key holds more than one key, or fields a key does not have",
+            ));
+        }
         KeyMaterial::new(
             message.id.clone(),
             message.created_at,
@@ -338,5 +346,18 @@ mod tests {
         assert_eq!(error.kind(), crate::Kind::InvalidArgument);
         assert!(!error.message().contains('-'), "{error}");
         assert!(!error.message().contains("offset"), "{error}");
+    }
+
+    /// Two keys pasted on two lines would decode as one message in which the second's fields
+    /// win: refused, not guessed at.
+    #[test]
+    fn a_text_of_two_keys_is_refused() {
+        use base64::Engine as _;
+        let engine = base64::engine::general_purpose::STANDARD;
+        let first = engine.decode(Kek::generate().to_base64().as_str()).unwrap();
+        let second = engine.decode(Kek::generate().to_base64().as_str()).unwrap();
+        let both = [first.as_slice(), second.as_slice()].concat();
+        let error = Kek::parse(&engine.encode(&both)).unwrap_err();
+        assert!(error.message().contains("more than one key"), "{error}");
     }
 }

@@ -261,7 +261,23 @@ async fn a_request_loop_that_ends_restarts_the_gateway() {
     let client = env.client(Format::Protobuf).await;
     client.encrypt("ws_loop", "before").await.unwrap();
     *server.hooks().faults.end_request_loop.lock().unwrap() = Some(Method::Encrypt);
-    let quick = Client::connect(
+    let dropped = impatient_client(&env)
+        .await
+        .encrypt("ws_loop", "dropped")
+        .await
+        .unwrap_err();
+    assert_eq!(dropped.kind(), Kind::Unavailable, "{dropped}");
+    let sealed = until_ok("encrypt after the loop ended", || {
+        client.encrypt("ws_loop", "after")
+    })
+    .await;
+    assert!(sealed.key_id.starts_with("dek_"));
+    server.shutdown().await.unwrap();
+}
+
+/// A client that waits 500 ms for a reply and does not retry: for requests a fault drops.
+async fn impatient_client(env: &TestEnv) -> Client {
+    Client::connect(
         env.nats.url().as_str(),
         ringvault::client::ClientOptions {
             token: Some(TOKEN.into()),
@@ -272,14 +288,39 @@ async fn a_request_loop_that_ends_restarts_the_gateway() {
         },
     )
     .await
-    .unwrap();
-    let dropped = quick.encrypt("ws_loop", "dropped").await.unwrap_err();
-    assert_eq!(dropped.kind(), Kind::Unavailable, "{dropped}");
-    let sealed = until_ok("encrypt after the loop ended", || {
-        client.encrypt("ws_loop", "after")
-    })
-    .await;
-    assert!(sealed.key_id.starts_with("dek_"));
+    .unwrap()
+}
+
+/// A gateway start that fails after spawning its tasks leaves none of them behind: after a
+/// failed restart and a good one, one instance answers discovery, not two.
+#[tokio::test]
+async fn a_failed_gateway_start_leaves_nothing_serving() {
+    let env = TestEnv::start().await;
+    let server = env
+        .service(&[("RINGVAULT_NATS_SUBSCRIPTIONS_PER_METHOD", "1")])
+        .await;
+    let client = env.client(Format::Protobuf).await;
+    let faults = server.hooks().faults.clone();
+    faults.fail_gateway_start.store(1, Ordering::SeqCst);
+    *faults.end_request_loop.lock().unwrap() = Some(Method::Liveness);
+    let _ = impatient_client(&env).await.liveness().await;
+    until_ok("liveness after the restarts", || client.liveness()).await;
+    assert_eq!(faults.fail_gateway_start.load(Ordering::SeqCst), 0);
+
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    let inbox = nats.new_inbox();
+    let mut replies = nats.subscribe(inbox.clone()).await.unwrap();
+    nats.publish_with_reply("$SRV.PING.ringvault", inbox, "".into())
+        .await
+        .unwrap();
+    let mut instances = std::collections::BTreeSet::new();
+    while let Ok(Some(reply)) =
+        tokio::time::timeout(Duration::from_millis(500), replies.next()).await
+    {
+        let ping: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        instances.insert(ping["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(instances.len(), 1, "{instances:?}");
     server.shutdown().await.unwrap();
 }
 

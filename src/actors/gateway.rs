@@ -477,49 +477,68 @@ async fn serve_method(
     let mut audit_records: Vec<AuditRecord> = Vec::new();
     let mut received: u64 = 0;
     let mut draining = Drain::No;
+    // Requests the client library already held when the drain began, taken before the rest.
+    let mut backlog: std::collections::VecDeque<async_nats::Message> =
+        std::collections::VecDeque::new();
+    // Nothing more can arrive (the drain could not be arranged): answer the backlog and stop.
+    let mut stop_taking = false;
     let quiet = tokio::time::sleep(DRAIN_QUIET);
     tokio::pin!(quiet);
     loop {
-        let message = tokio::select! {
-            // In this order: finished requests, the drain, new requests; and only when none of
-            // them is ready, the audit records gathered meanwhile. The drain comes before new
-            // requests because under a backlog a new request is always ready, and a drain
-            // behind it would never be seen.
-            biased;
-            Some(record) = requests.next() => {
-                audit_records.extend(record);
-                if audit_records.len() >= MAX_AUDIT_BATCH {
+        let message = if let Some(message) = backlog.pop_front() {
+            Some(message)
+        } else if stop_taking {
+            break;
+        } else {
+            tokio::select! {
+                // In this order: finished requests, the drain, new requests; and only when none of
+                // them is ready, the audit records gathered meanwhile. The drain comes before new
+                // requests because under a backlog a new request is always ready, and a drain
+                // behind it would never be seen.
+                biased;
+                Some(record) = requests.next() => {
+                    audit_records.extend(record);
+                    if audit_records.len() >= MAX_AUDIT_BATCH {
+                        publish_audit(&context, &mut audit_records).await;
+                    }
+                    continue;
+                }
+                _ = async { drain_signal.wait_for(|drain| *drain).await.map(|_| ()) }, if draining == Drain::No => {
+                    draining = Drain::Counted;
+                    quiet.as_mut().reset(tokio::time::Instant::now() + DRAIN_QUIET);
+                    // The allowance counts from what the client library has delivered to this
+                    // subscription, read or not: what it holds is taken now, or a limit below it
+                    // would end the subscription at once and drop what the server still sends.
+                    while let Some(Some(message)) = subscriber.next().now_or_never() {
+                        backlog.push_back(message);
+                    }
+                    let delivered = received + backlog.len() as u64;
+                    if let Err(error) = subscriber.unsubscribe_after(delivered + DRAIN_ALLOWANCE).await {
+                        tracing::warn!(method = method.name(), %error, "could not drain the subscription");
+                        stop_taking = true;
+                        continue;
+                    }
+                    // Unconfirmed (nats unreachable): no more requests can come, and waiting for
+                    // the connection would hold the shutdown; finish what is in flight and stop.
+                    if let Err(reason) = flush_while_draining(&context.nats).await {
+                        tracing::warn!(method = method.name(), reason, "not waiting for more requests");
+                        stop_taking = true;
+                    }
+                    continue;
+                }
+                message = subscriber.next() => message,
+                () = &mut quiet, if draining == Drain::Counted => {
+                    // Quiet: close for good, still reading what the server sent before.
+                    draining = Drain::Closing;
+                    if subscriber.drain().await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                () = std::future::ready(()), if !audit_records.is_empty() => {
                     publish_audit(&context, &mut audit_records).await;
+                    continue;
                 }
-                continue;
-            }
-            _ = async { drain_signal.wait_for(|drain| *drain).await.map(|_| ()) }, if draining == Drain::No => {
-                draining = Drain::Counted;
-                quiet.as_mut().reset(tokio::time::Instant::now() + DRAIN_QUIET);
-                if let Err(error) = subscriber.unsubscribe_after(received + DRAIN_ALLOWANCE).await {
-                    tracing::warn!(method = method.name(), %error, "could not drain the subscription");
-                    break;
-                }
-                // Unconfirmed (nats unreachable): no more requests can come, and waiting for
-                // the connection would hold the shutdown; finish what is in flight and stop.
-                if let Err(reason) = flush_while_draining(&context.nats).await {
-                    tracing::warn!(method = method.name(), reason, "not waiting for more requests");
-                    break;
-                }
-                continue;
-            }
-            message = subscriber.next() => message,
-            () = &mut quiet, if draining == Drain::Counted => {
-                // Quiet: close for good, still reading what the server sent before.
-                draining = Drain::Closing;
-                if subscriber.drain().await.is_err() {
-                    break;
-                }
-                continue;
-            }
-            () = std::future::ready(()), if !audit_records.is_empty() => {
-                publish_audit(&context, &mut audit_records).await;
-                continue;
             }
         };
         let Some(message) = message else {

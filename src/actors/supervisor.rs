@@ -84,6 +84,14 @@ pub enum SupervisorMsg {
     CheckRotations,
     /// Drain and stop everything, storage last; replies when done.
     Shutdown(RpcReplyPort<()>),
+    /// Start a child again, its backoff over (sent by the supervisor to itself).
+    Restart(PendingRestart),
+}
+
+/// A restart the supervisor scheduled for itself.
+pub struct PendingRestart {
+    child: Child,
+    reason: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,60 +197,53 @@ impl Supervisor {
         if state.stopping {
             return Ok(());
         }
-        Self::restart(myself, state, child, reason).await;
+        Self::restart_later(myself, state, child, reason).await;
         Ok(())
     }
 
-    /// Restarts `child` after a backoff. A restart that fails (NATS unreachable while the
-    /// gateway subscribes, say) is one more failure of the child, so it is retried and counts
-    /// towards giving up; it never fails the supervisor, which would leave a process that
-    /// serves nothing and never exits.
-    async fn restart(
+    /// Counts a failure of `child`, then gives up or schedules its restart after a backoff:
+    /// a message to itself, so that meanwhile the supervisor still takes a shutdown or
+    /// another child's failure. A restart that fails (NATS unreachable while the gateway
+    /// subscribes, say) comes back here as one more failure; it never fails the supervisor,
+    /// which would leave a process that serves nothing and never exits.
+    async fn restart_later(
         myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
         child: Child,
-        mut reason: String,
+        reason: String,
     ) {
-        loop {
-            let now = Instant::now();
-            let policy = state.args.policy;
-            state.failures.push_back(now);
-            while let Some(&first) = state.failures.front() {
-                if now.duration_since(first) <= policy.window {
-                    break;
-                }
-                state.failures.pop_front();
+        let now = Instant::now();
+        let policy = state.args.policy;
+        state.failures.push_back(now);
+        while let Some(&first) = state.failures.front() {
+            if now.duration_since(first) <= policy.window {
+                break;
             }
-            let recent = state.failures.len();
-            if recent > policy.max_restarts {
-                let message = format!(
-                    "{} failed {recent} times within {:?}: giving up ({reason})",
-                    child.name(),
-                    policy.window
-                );
-                tracing::error!(child = child.name(), failures = recent, %reason, "supervision gave up");
-                Self::escalate(myself, state, message).await;
-                return;
-            }
-            let exponent = u32::try_from(recent.saturating_sub(1))
-                .unwrap_or(u32::MAX)
-                .min(10);
-            let backoff = policy
-                .backoff
-                .saturating_mul(1 << exponent)
-                .min(Duration::from_secs(10));
-            tracing::warn!(child = child.name(), failures = recent, ?backoff, %reason, "restarting");
-            metrics::counter!("ringvault_actor_restarts_total", "actor" => child.name())
-                .increment(1);
-            tokio::time::sleep(backoff).await;
-            match Self::start_child(myself, state, child).await {
-                Ok(()) => return,
-                Err(error) => {
-                    tracing::warn!(child = child.name(), %error, "restart failed");
-                    reason = format!("restart failed: {error}");
-                }
-            }
+            state.failures.pop_front();
         }
+        let recent = state.failures.len();
+        if recent > policy.max_restarts {
+            let message = format!(
+                "{} failed {recent} times within {:?}: giving up ({reason})",
+                child.name(),
+                policy.window
+            );
+            tracing::error!(child = child.name(), failures = recent, %reason, "supervision gave up");
+            Self::escalate(myself, state, message).await;
+            return;
+        }
+        let exponent = u32::try_from(recent.saturating_sub(1))
+            .unwrap_or(u32::MAX)
+            .min(10);
+        let backoff = policy
+            .backoff
+            .saturating_mul(1 << exponent)
+            .min(Duration::from_secs(10));
+        tracing::warn!(child = child.name(), failures = recent, ?backoff, %reason, "restarting");
+        metrics::counter!("ringvault_actor_restarts_total", "actor" => child.name()).increment(1);
+        myself.send_after(backoff, move || {
+            SupervisorMsg::Restart(PendingRestart { child, reason })
+        });
     }
 
     /// Gives up: stops what writes, then reports `message` as fatal (the process exits once
@@ -381,6 +382,16 @@ impl Actor for Supervisor {
                 Self::shutdown(state).await;
                 let _ = reply.send(());
                 myself.stop(Some("shutdown".into()));
+            }
+            SupervisorMsg::Restart(PendingRestart { child, .. }) if state.stopping => {
+                tracing::debug!(child = child.name(), "not restarting: stopping");
+            }
+            SupervisorMsg::Restart(PendingRestart { child, reason }) => {
+                if let Err(error) = Self::start_child(&myself, state, child).await {
+                    tracing::warn!(child = child.name(), %error, %reason, "restart failed");
+                    Self::restart_later(&myself, state, child, format!("restart failed: {error}"))
+                        .await;
+                }
             }
         }
         Ok(())

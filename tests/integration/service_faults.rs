@@ -342,6 +342,28 @@ async fn a_restart_that_fails_is_retried() {
     server.shutdown().await.unwrap();
 }
 
+/// A restart waits out its backoff as a message the supervisor sends itself, not inside the
+/// supervisor's handler: a shutdown meanwhile is taken at once.
+#[tokio::test]
+async fn a_shutdown_during_a_restart_backoff_is_not_held_up() {
+    let env = TestEnv::start().await;
+    let server = env
+        .service(&[("RINGVAULT_SUPERVISION_RESTART_BACKOFF_MS", "8000")])
+        .await;
+    let client = env.client(Format::Protobuf).await;
+    server
+        .hooks()
+        .faults
+        .fail_storage_actor
+        .store(1, Ordering::SeqCst);
+    let error = client.encrypt("ws_backoff", "x").await.unwrap_err();
+    assert_eq!(error.kind(), Kind::Unavailable, "{error}");
+    tokio::time::timeout(Duration::from_secs(6), server.shutdown())
+        .await
+        .expect("shutdown waited for the 8 s restart backoff")
+        .unwrap();
+}
+
 /// Restarts that keep failing escalate like failures of the running actor.
 #[tokio::test]
 async fn restarts_that_keep_failing_escalate() {

@@ -218,6 +218,36 @@ async fn a_rotation_on_one_replica_reaches_the_others_within_a_second() {
     }
 }
 
+/// Rotates `keyring` in the test's store behind the service's back, with no announcement: as
+/// another replica whose event was lost would.
+async fn rotate_unannounced(env: &TestEnv, keyring: &str) -> ringvault::keyring::Rotation {
+    let master_keys = ringvault::crypto::MasterKeys::new(
+        ringvault::crypto::Kek::parse(&env.master_key).unwrap(),
+        [],
+    )
+    .unwrap();
+    let store = common::service::local_keyrings(&env.store_path(), master_keys);
+    store.rotate(keyring).await.unwrap()
+}
+
+/// The JSON of the `dek.created` event another replica would publish for `rotated`.
+fn dek_created_from_elsewhere(
+    keyring: &str,
+    rotated: &ringvault::keyring::Rotation,
+    previous_key_id: &str,
+) -> Vec<u8> {
+    serde_json::to_vec(&DekCreated {
+        version: ringvault::protocol::EVENT_VERSION,
+        keyring: keyring.into(),
+        key_id: rotated.dek.id().to_owned(),
+        previous_key_id: Some(previous_key_id.to_owned()),
+        cause: DekCause::Manual,
+        time: 0,
+        replica: "elsewhere".into(),
+    })
+    .unwrap()
+}
+
 /// A key event is applied only when its subject is its keyring's: NATS permissions are per
 /// subject, and a publisher allowed one keyring's subject must not reach another by naming it
 /// in the payload.
@@ -227,27 +257,11 @@ async fn a_key_event_on_another_keyring_s_subject_is_ignored() {
     let server = env.service(&[]).await;
     let client = env.client(Format::Protobuf).await;
     let first = client.encrypt("ws_target", "warm").await.unwrap();
-    // The key changes in storage without an announcement, as if its event were lost.
-    let master_keys = ringvault::crypto::MasterKeys::new(
-        ringvault::crypto::Kek::parse(&env.master_key).unwrap(),
-        [],
-    )
-    .unwrap();
-    let store = common::service::local_keyrings(&env.store_path(), master_keys);
-    let rotated = store.rotate("ws_target").await.unwrap();
+    let rotated = rotate_unannounced(&env, "ws_target").await;
     assert_ne!(rotated.dek.id(), first.key_id);
 
     let nats = async_nats::connect(env.nats.url()).await.unwrap();
-    let event = DekCreated {
-        version: ringvault::protocol::EVENT_VERSION,
-        keyring: "ws_target".into(),
-        key_id: rotated.dek.id().to_owned(),
-        previous_key_id: Some(first.key_id.clone()),
-        cause: DekCause::Manual,
-        time: 0,
-        replica: "elsewhere".into(),
-    };
-    let payload = serde_json::to_vec(&event).unwrap();
+    let payload = dek_created_from_elsewhere("ws_target", &rotated, &first.key_id);
     let on_subject = |keyring: &str| {
         ringvault::protocol::event_subject("vault.v1", keyring, ringvault::protocol::DEK_CREATED)
     };
@@ -292,29 +306,14 @@ async fn a_key_event_whose_actor_fails_is_still_followed_by_a_read() {
     let server = env.service(&[]).await;
     let client = env.client(Format::Protobuf).await;
     let first = client.encrypt("ws_lost", "warm").await.unwrap();
-    let master_keys = ringvault::crypto::MasterKeys::new(
-        ringvault::crypto::Kek::parse(&env.master_key).unwrap(),
-        [],
-    )
-    .unwrap();
-    let store = common::service::local_keyrings(&env.store_path(), master_keys);
-    let rotated = store.rotate("ws_lost").await.unwrap();
+    let rotated = rotate_unannounced(&env, "ws_lost").await;
 
     // The actor fails on the next message it handles: the event's reload.
     *server.hooks().faults.fail_keyring_actor.lock().unwrap() = Some("ws_lost".to_owned());
-    let event = DekCreated {
-        version: ringvault::protocol::EVENT_VERSION,
-        keyring: "ws_lost".into(),
-        key_id: rotated.dek.id().to_owned(),
-        previous_key_id: Some(first.key_id.clone()),
-        cause: DekCause::Manual,
-        time: 0,
-        replica: "elsewhere".into(),
-    };
     let nats = async_nats::connect(env.nats.url()).await.unwrap();
     nats.publish(
         ringvault::protocol::event_subject("vault.v1", "ws_lost", ringvault::protocol::DEK_CREATED),
-        serde_json::to_vec(&event).unwrap().into(),
+        dek_created_from_elsewhere("ws_lost", &rotated, &first.key_id).into(),
     )
     .await
     .unwrap();

@@ -298,11 +298,11 @@ async fn each_algorithm_and_each_failure_mode() {
     .await
     .unwrap();
     assert!(
-        eventually(Duration::from_secs(1), || async {
+        eventually(Duration::from_secs(10), || async {
             kind_of(&client, &revocable).await == Err(Kind::InvalidToken)
         })
         .await,
-        "revoked jwt still accepted after 1 s"
+        "revoked jwt still accepted after 10 s"
     );
 
     // Revoked by its text, without a jti: the token's other ECDSA signature (s → n − s), which
@@ -317,11 +317,11 @@ async fn each_algorithm_and_each_failure_mode() {
         .await
         .unwrap();
     assert!(
-        eventually(Duration::from_secs(1), || async {
+        eventually(Duration::from_secs(10), || async {
             kind_of(&client, &original).await == Err(Kind::InvalidToken)
         })
         .await,
-        "revoked jwt still accepted after 1 s"
+        "revoked jwt still accepted after 10 s"
     );
     assert_eq!(kind_of(&client, &twin).await, Err(Kind::InvalidToken));
     service.shutdown().await.unwrap();

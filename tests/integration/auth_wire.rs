@@ -252,10 +252,18 @@ async fn audit_records_on_nats() {
     let reply = raw_encrypt(&client, &admin_token, Some("ws_b"), "ws_b/app", PLAINTEXT).await;
     assert!(reply.error().is_none(), "{:?}", reply.error());
 
+    // The four expected records (within a generous bound), then a short wait for any extra.
     let mut records = Vec::new();
-    while let Ok(Some(message)) =
-        tokio::time::timeout(Duration::from_millis(700), audit.next()).await
-    {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let wait = if records.len() < 4 {
+            deadline.saturating_duration_since(tokio::time::Instant::now())
+        } else {
+            Duration::from_millis(300)
+        };
+        let Ok(Some(message)) = tokio::time::timeout(wait, audit.next()).await else {
+            break;
+        };
         // A message carries one or more records, one per line.
         let lines = String::from_utf8(message.payload.to_vec()).unwrap();
         records.extend(lines.lines().map(str::to_owned));

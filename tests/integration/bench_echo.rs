@@ -292,17 +292,32 @@ fn children_of(parent: u32) -> Vec<(u32, String)> {
     children
 }
 
+/// A child process killed when the test ends, however it ends.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn the_benchs_service_and_echo_stop_when_the_bench_is_killed() {
-    let mut bench = std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
-        .args(["bench", "--requests", "100000000", "--concurrency", "1"])
-        .env("RINGVAULT_LOG_LEVEL", "warn")
-        .env("PATH", path_with_nats_server())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start ringvault bench");
-    let bench_pid = bench.id();
+    // The bench's own temporary directory goes in one this test owns and removes.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let mut bench = KilledOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
+            .args(["bench", "--requests", "100000000", "--concurrency", "1"])
+            .env("RINGVAULT_LOG_LEVEL", "warn")
+            .env("PATH", path_with_nats_server())
+            .env("TMPDIR", temp.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start ringvault bench"),
+    );
+    let bench_pid = bench.0.id();
     // Wait for its three children: nats-server, the service and the echo responder.
     let deadline = Instant::now() + Duration::from_secs(60);
     let children = loop {
@@ -313,8 +328,8 @@ fn the_benchs_service_and_echo_stop_when_the_bench_is_killed() {
         assert!(Instant::now() < deadline, "children: {children:?}");
         std::thread::sleep(Duration::from_millis(100));
     };
-    bench.kill().expect("SIGKILL the bench");
-    bench.wait().expect("reap the bench");
+    bench.0.kill().expect("SIGKILL the bench");
+    bench.0.wait().expect("reap the bench");
 
     let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
     let (nats, ringvaults): (Vec<_>, Vec<_>) = children
@@ -324,14 +339,13 @@ fn the_benchs_service_and_echo_stop_when_the_bench_is_killed() {
     while ringvaults.iter().any(|(pid, _)| alive(*pid)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    // A SIGKILLed bench cannot stop its nats-server nor remove its store; this test does.
+    // A SIGKILLed bench cannot stop its nats-server nor remove its store; this test does (the
+    // store goes with `temp`).
     for (pid, _) in &nats {
         let _ = std::process::Command::new("kill")
             .arg(pid.to_string())
             .status();
     }
-    let _ =
-        std::fs::remove_dir_all(std::env::temp_dir().join(format!("ringvault-bench-{bench_pid}")));
     assert_eq!(ringvaults.len(), 2, "service and echo: {ringvaults:?}");
     let left: Vec<_> = ringvaults.iter().filter(|(pid, _)| alive(*pid)).collect();
     assert!(left.is_empty(), "outlived the bench: {left:?}");

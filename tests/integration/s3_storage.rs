@@ -725,16 +725,17 @@ async fn a_cached_latest_outlives_the_store_only_until_max_stale() {
         ])
         .await;
     let client = env.client(Format::Protobuf).await;
+    // The cached LATEST is read at or after this instant (first use, then the background
+    // refresh every use starts, fresh_for being 0), and at or before the store stops.
+    let earliest_read = Instant::now();
     let first = client.encrypt("ws_stale", "first").await.unwrap();
-    // Every use starts a background refresh (fresh_for is 0): let the last one finish, so that
-    // the cached LATEST was read from storage just before the outage.
     client.encrypt("ws_stale", "refresh").await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let last_read = Instant::now();
 
     env.s3.as_mut().unwrap().stop().await;
+    let latest_read = Instant::now();
     let s3 = env.s3.as_ref().unwrap();
-    if last_read.elapsed() < MAX_STALE - Duration::from_secs(1) {
+    if earliest_read.elapsed() < MAX_STALE - Duration::from_secs(1) {
         let during = timed(
             "encrypt within max-stale",
             client.encrypt("ws_stale", "during"),
@@ -743,7 +744,8 @@ async fn a_cached_latest_outlives_the_store_only_until_max_stale() {
         .unwrap();
         assert_eq!(during.key_id, first.key_id);
     }
-    tokio::time::sleep((last_read + MAX_STALE + Duration::from_millis(300)) - Instant::now()).await;
+    tokio::time::sleep((latest_read + MAX_STALE + Duration::from_millis(300)) - Instant::now())
+        .await;
     expect_unavailable(
         "encrypt past max-stale",
         timed("encrypt past max-stale", client.encrypt("ws_stale", "late")).await,

@@ -1333,8 +1333,20 @@ async fn token_revoke(args: TokenRevokeArgs) -> u8 {
             return exit_code(&error);
         }
     };
+    let whole_text = hex::encode(ringvault::auth::token_digest(args.token_or_jti.trim()));
+    let by_token = |revocation: &&ringvault::auth::Revocation| {
+        revocation.kind == ringvault::auth::RevocationKind::Token
+    };
+    let twice_by_token = revoked.iter().filter(by_token).count() > 1;
     for revocation in &revoked {
-        println!("revoked {}", revocation.describe());
+        // A JWT is revoked twice: by its signed part, and by its whole text for replicas
+        // that predate revocation by the signed part.
+        let note = if twice_by_token && by_token(&revocation) && revocation.sha256 == whole_text {
+            " (whole text, for older replicas)"
+        } else {
+            ""
+        };
+        println!("revoked {}{note}", revocation.describe());
     }
     let announced = async {
         let nats = connect_nats(&config)

@@ -398,7 +398,9 @@ async fn flush_while_draining(nats: &async_nats::Client) -> std::result::Result<
 /// auto-unsubscribe after this many more messages, so that the server and the client agree on
 /// which messages are ours (a plain unsubscribe makes the client discard those the server had
 /// routed but the client had not read yet); other replicas in the queue group take the rest.
-const DRAIN_ALLOWANCE: u64 = 256;
+/// It also covers what the connection delivers between the count and the unsubscribe (up to a
+/// socket read of small requests).
+const DRAIN_ALLOWANCE: u64 = 1024;
 /// Once nothing more arrives for this long, the subscription is closed for good.
 const DRAIN_QUIET: Duration = Duration::from_millis(200);
 
@@ -509,7 +511,11 @@ async fn serve_method(
                     // The allowance counts from what the client library has delivered to this
                     // subscription, read or not: what it holds is taken now, or a limit below it
                     // would end the subscription at once and drop what the server still sends.
-                    while let Some(Some(message)) = subscriber.next().now_or_never() {
+                    // Unconstrained: tokio's cooperative budget would report an empty queue
+                    // after 128 reads, and the count would fall short of what was delivered.
+                    while let Some(Some(message)) =
+                        tokio::task::coop::unconstrained(subscriber.next()).now_or_never()
+                    {
                         backlog.push_back(message);
                     }
                     let delivered = received + backlog.len() as u64;
@@ -520,9 +526,15 @@ async fn serve_method(
                     }
                     // Unconfirmed (nats unreachable): no more requests can come, and waiting for
                     // the connection would hold the shutdown; finish what is in flight and stop.
+                    // A connection that is up but slow to confirm (replies queued ahead of the
+                    // flush) still brings what the server routes here: keep taking it.
                     if let Err(reason) = flush_while_draining(&context.nats).await {
-                        tracing::warn!(method = method.name(), reason, "not waiting for more requests");
-                        stop_taking = true;
+                        if context.nats.connection_state()
+                            != async_nats::connection::State::Connected
+                        {
+                            tracing::warn!(method = method.name(), reason, "not waiting for more requests");
+                            stop_taking = true;
+                        }
                     }
                     continue;
                 }

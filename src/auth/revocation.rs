@@ -449,6 +449,22 @@ async fn apply_message(storage: &dyn ObjectStorage, revocations: &Revocations, p
     }
 }
 
+/// Waits before trying NATS again. Stored revocations not loaded yet are read meanwhile, every
+/// [`LOAD_RETRY_PERIOD`] at most: the store, not NATS, decides when tokens are taken.
+async fn wait_for_nats<F, Fut>(backoff: &mut Duration, revocations: &Revocations, load: &F)
+where
+    F: Fn(&'static str) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    if revocations.is_loaded() {
+        tokio::time::sleep(*backoff).await;
+    } else {
+        tokio::time::sleep((*backoff).min(LOAD_RETRY_PERIOD)).await;
+        load("retry").await;
+    }
+    *backoff = (*backoff * 2).min(Duration::from_secs(10));
+}
+
 /// Keeps `revocations` current until aborted: loads the store, subscribes to the revocation
 /// subject, loads again (nothing published in between is lost), signals `ready`, then applies
 /// every message and re-reads the store every minute.
@@ -467,16 +483,25 @@ pub(crate) async fn sync_forever(
             }
         }
     };
-    let trying_since = tokio::time::Instant::now();
+    // The grace for unreadable objects runs from the first listing that found some, not from
+    // the start: a store that was down for a while gets its full grace once it answers.
+    let unreadable_since: Arc<std::sync::Mutex<Option<tokio::time::Instant>>> = Arc::default();
     let load = |why: &'static str| {
         let backend = backend.clone();
         let revocations = revocations.clone();
+        let unreadable_since = unreadable_since.clone();
         async move {
-            match load_revocations(&*backend, &revocations).await {
-                Ok(loaded)
-                    if !revocations.is_loaded()
-                        && !may_take_tokens(loaded, trying_since.elapsed()) =>
-                {
+            let outcome = load_revocations(&*backend, &revocations).await;
+            let waited = match &outcome {
+                Ok(loaded) if loaded.unreadable > 0 => unreadable_since
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert_with(tokio::time::Instant::now)
+                    .elapsed(),
+                _ => Duration::ZERO,
+            };
+            match outcome {
+                Ok(loaded) if !revocations.is_loaded() && !may_take_tokens(loaded, waited) => {
                     tracing::error!(
                         unreadable = loaded.unreadable,
                         why,
@@ -524,8 +549,7 @@ pub(crate) async fn sync_forever(
                 .map(|sub| (client, sub)),
             Err(error) => {
                 tracing::warn!(%error, "revocations: cannot connect to nats; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                wait_for_nats(&mut backoff, &revocations, &load).await;
                 continue;
             }
         };
@@ -533,8 +557,7 @@ pub(crate) async fn sync_forever(
             Ok(pair) => pair,
             Err(error) => {
                 tracing::warn!(%error, subject, "revocations: cannot subscribe; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                wait_for_nats(&mut backoff, &revocations, &load).await;
                 continue;
             }
         };

@@ -207,6 +207,10 @@ enum Ready {
     Exited(String),
 }
 
+/// How long a server that answered on its port must stay alive to be taken as the one that
+/// bound it.
+const BIND_RACE_GRACE: Duration = Duration::from_millis(50);
+
 async fn wait_ready(child: &mut Child, port: u16, what: &str, log: &Path) -> Ready {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
@@ -214,6 +218,13 @@ async fn wait_ready(child: &mut Child, port: u16, what: &str, log: &Path) -> Rea
             return Ready::Exited(status.to_string());
         }
         if port_accepts(port).await {
+            // Another test's server may hold the port (free_port frees it before our server
+            // binds it): ours then fails to bind and exits at once. Ready only if it is alive
+            // a moment after the port answered.
+            tokio::time::sleep(BIND_RACE_GRACE).await;
+            if let Ok(Some(status)) = child.try_wait() {
+                return Ready::Exited(status.to_string());
+            }
             return Ready::Yes;
         }
         if Instant::now() >= deadline {

@@ -24,6 +24,8 @@ const AUDIENCE: &str = "ringvault";
 struct JwksServer {
     url: String,
     answer: Arc<Mutex<(u16, String)>>,
+    /// Requests answered so far.
+    fetches: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -33,12 +35,15 @@ impl JwksServer {
         let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
         let answer = Arc::new(Mutex::new((200, body)));
         let shared = answer.clone();
+        let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = fetches.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else {
                     return;
                 };
                 let shared = shared.clone();
+                let counted = counted.clone();
                 tokio::spawn(async move {
                     let mut request = Vec::new();
                     let mut buffer = [0u8; 1024];
@@ -56,14 +61,33 @@ impl JwksServer {
                     );
                     let _ = stream.write_all(response.as_bytes()).await;
                     let _ = stream.shutdown().await;
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 });
             }
         });
-        JwksServer { url, answer, task }
+        JwksServer {
+            url,
+            answer,
+            fetches,
+            task,
+        }
     }
 
     fn set(&self, status: u16, body: String) {
         *self.answer.lock().unwrap() = (status, body);
+    }
+
+    /// Waits until the service has fetched the current answer twice (it refreshes every
+    /// second in these tests), so that what follows sees its effect.
+    async fn fetched_twice(&self) {
+        let seen = self.fetches.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                self.fetches.load(std::sync::atomic::Ordering::SeqCst) >= seen + 2
+            })
+            .await,
+            "the jwks was not fetched again"
+        );
     }
 }
 
@@ -427,11 +451,11 @@ async fn jwks_rotation_while_running_and_failing_refresh_keeps_last_good_keys() 
 
     // The IdP fails: the last good set stays.
     server.set(500, "internal error".to_owned());
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    server.fetched_twice().await;
     assert_eq!(kind_of(&client, &sign(&second, &claims())).await, Ok(()));
     // And garbage is not a key set either.
     server.set(200, "{\"keys\": []}".to_owned());
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    server.fetched_twice().await;
     assert_eq!(kind_of(&client, &sign(&second, &claims())).await, Ok(()));
     service.shutdown().await.unwrap();
 }

@@ -190,9 +190,9 @@ async fn two_instances_in_one_queue_group_decrypt_each_others_ciphertexts(env: T
         let keyring = format!("ws_pair_{}", index % 4);
         let text = format!("payload {index}");
         let reply = client.encrypt(&keyring, &text).await.unwrap();
-        sealed.push((keyring, text, reply.encrypted));
+        sealed.push((keyring, text, reply.encrypted, reply.key_id));
     }
-    for (keyring, text, encrypted) in &sealed {
+    for (keyring, text, encrypted, _) in &sealed {
         assert_eq!(
             &client.decrypt(keyring, encrypted).await.unwrap().plaintext,
             text
@@ -201,9 +201,16 @@ async fn two_instances_in_one_queue_group_decrypt_each_others_ciphertexts(env: T
     // Both instances served: each cached some keyring.
     assert!(first.keyrings().cached_keyrings() > 0);
     assert!(second.keyrings().cached_keyrings() > 0);
-    // Each decrypts what the other encrypted: ask each directly by stopping the other.
+    // Each instance has every key that sealed something, whichever instance sealed it.
+    for (keyring, _, _, key_id) in &sealed {
+        for instance in [&first, &second] {
+            let dek = instance.keyrings().dek(keyring, key_id).await.unwrap();
+            assert_eq!(dek.id(), key_id);
+        }
+    }
+    // And the one left decrypts everything over the wire.
     second.shutdown().await.unwrap();
-    for (keyring, text, encrypted) in &sealed {
+    for (keyring, text, encrypted, _) in &sealed {
         assert_eq!(
             &client.decrypt(keyring, encrypted).await.unwrap().plaintext,
             text

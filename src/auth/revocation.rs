@@ -373,6 +373,10 @@ pub async fn load_revocations(storage: &dyn ObjectStorage, into: &Revocations) -
     let mut added = 0;
     let mut unreadable = 0;
     for key in keys {
+        // Known already (every periodic read lists them all): no read needed.
+        if known_revocation(&key).is_some_and(|revocation| into.contains(&revocation)) {
+            continue;
+        }
         let stored = match bounded("reading a revocation", storage.get(&key)).await {
             Ok(Some(stored)) => stored,
             Ok(None) => continue,
@@ -404,6 +408,21 @@ fn may_take_tokens(loaded: Loaded, trying_for: Duration) -> bool {
     loaded.unreadable == 0 || trying_for >= UNREADABLE_GRACE
 }
 
+/// The revocation an object key names (`revocations/<hex>` or `revocations/jti-<hex>`), as far
+/// as the key tells: what is needed to see whether the set has it.
+fn known_revocation(key: &str) -> Option<Revocation> {
+    let name = key.strip_prefix(REVOCATIONS_PREFIX)?;
+    let (kind, sha256) = match name.strip_prefix("jti-") {
+        Some(digest) => (RevocationKind::Jti, digest),
+        None => (RevocationKind::Token, name),
+    };
+    Some(Revocation {
+        kind,
+        sha256: sha256.to_owned(),
+        revoked_at: 0,
+    })
+}
+
 /// The revocation in the object stored under `key`, if it is one and belongs at that key.
 fn stored_revocation(key: &str, bytes: &[u8]) -> Option<Revocation> {
     serde_json::from_slice::<Revocation>(bytes)
@@ -418,6 +437,32 @@ pub(crate) async fn connect_nats(config: &Config) -> Result<async_nats::Client> 
     crate::server::connect_nats(config, "ringvault-revocations")
         .await
         .map_err(|error| Error::unavailable(error.to_string()))
+}
+
+/// How many revocation messages a second are each confirmed by a read of their own object;
+/// past it, the rest of the second's messages wait for one read of the whole store.
+const CONFIRMATIONS_PER_SECOND: u32 = 16;
+
+/// Counts confirmations in the current one-second window.
+#[derive(Debug, Default)]
+struct ConfirmationBudget {
+    window: Option<tokio::time::Instant>,
+    used: u32,
+}
+
+impl ConfirmationBudget {
+    /// Whether a message arriving `now` may be confirmed on its own.
+    fn take(&mut self, now: tokio::time::Instant) -> bool {
+        if self
+            .window
+            .is_none_or(|start| now.duration_since(start) >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.used = 0;
+        }
+        self.used += 1;
+        self.used <= CONFIRMATIONS_PER_SECOND
+    }
 }
 
 /// Applies a revocation message. It is only a hint: anyone allowed to publish on the subject
@@ -570,13 +615,29 @@ pub(crate) async fn sync_forever(
         resync.tick().await;
         let mut retry_load = tokio::time::interval(LOAD_RETRY_PERIOD);
         retry_load.tick().await;
+        let mut budget = ConfirmationBudget::default();
+        let mut burst_read = tokio::time::interval(Duration::from_secs(1));
+        burst_read.tick().await;
+        let mut read_for_burst = false;
         loop {
             tokio::select! {
                 message = subscriber.next() => match message {
-                    Some(message) => apply_message(&*backend, &revocations, &message.payload).await,
+                    Some(message) => {
+                        if budget.take(tokio::time::Instant::now()) {
+                            apply_message(&*backend, &revocations, &message.payload).await;
+                        } else {
+                            // A burst (real or forged): one read of the store, soon, answers
+                            // every message of it, instead of one read each.
+                            read_for_burst = true;
+                        }
+                    }
                     None => break,
                 },
                 _ = resync.tick() => load("periodic").await,
+                _ = burst_read.tick(), if read_for_burst => {
+                    read_for_burst = false;
+                    load("burst").await;
+                }
                 // Not loaded yet, the service refuses every token: try again sooner.
                 _ = retry_load.tick(), if !revocations.is_loaded() => load("retry").await,
             }
@@ -701,6 +762,27 @@ mod tests {
         let again = load_revocations(&faulty, &set).await.unwrap();
         assert_eq!(again.added, 1);
         assert!(may_take_tokens(again, Duration::ZERO));
+        // Every one known now: a periodic read lists them and reads none.
+        let reads_before = faults.calls.load(std::sync::atomic::Ordering::SeqCst);
+        let quiet = load_revocations(&faulty, &set).await.unwrap();
+        assert_eq!(quiet.added, 0);
+        assert_eq!(
+            faults.calls.load(std::sync::atomic::Ordering::SeqCst),
+            reads_before,
+            "known revocations were read again"
+        );
+    }
+
+    /// A flood of revocation messages (forged ones cost a read each to be found out) is
+    /// confirmed one by one only up to a budget a second; the rest wait for one read of the
+    /// store.
+    #[test]
+    fn confirmations_are_budgeted_per_second() {
+        let start = tokio::time::Instant::now();
+        let mut budget = ConfirmationBudget::default();
+        let taken = (0..100).filter(|_| budget.take(start)).count();
+        assert_eq!(taken, CONFIRMATIONS_PER_SECOND as usize);
+        assert!(budget.take(start + Duration::from_secs(1)));
     }
 
     #[tokio::test]

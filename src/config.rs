@@ -403,6 +403,59 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// A TOML error as its line and message, never the source line it would quote: the line may
+/// hold a master key or a token.
+fn parse_error(text: &str, error: &toml::de::Error) -> String {
+    let message = without_quoted(error.message());
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
+        }
+        None => message,
+    }
+}
+
+/// `message` with every double-quoted part replaced by `"…"`: a deserialization error quotes
+/// the value it could not take, which may be a secret.
+fn without_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut inside = false;
+    for character in message.chars() {
+        if character == '"' {
+            if inside {
+                out.push_str("…\"");
+            } else {
+                out.push('"');
+            }
+            inside = !inside;
+        } else if !inside {
+            out.push(character);
+        }
+    }
+    out
+}
+
+/// The process's `RINGVAULT_*` variables. Others are not looked at, whatever their bytes
+/// (`std::env::vars` panics on one that is not UTF-8); a `RINGVAULT_*` one that is not UTF-8
+/// is a configuration error.
+fn ringvault_env() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str().filter(|name| name.starts_with(ENV_PREFIX)) else {
+            continue;
+        };
+        let Some(value) = value.to_str() else {
+            return Err(ConfigError::Env {
+                name: name.to_owned(),
+                reason: "its value is not UTF-8".to_owned(),
+            });
+        };
+        out.push((name.to_owned(), value.to_owned()));
+    }
+    Ok(out)
+}
+
 impl Config {
     /// The embedded defaults, with no file and no environment.
     pub fn defaults() -> Config {
@@ -422,7 +475,7 @@ impl Config {
             }
             None => None,
         };
-        Self::from_sources(text.as_deref(), std::env::vars())
+        Self::from_sources(text.as_deref(), ringvault_env()?)
     }
 
     /// Builds a configuration from a TOML text (merged over the defaults) and environment
@@ -437,7 +490,7 @@ impl Config {
         if let Some(text) = file {
             let overlay: toml::Table = text
                 .parse()
-                .map_err(|error: toml::de::Error| ConfigError::Parse(error.to_string()))?;
+                .map_err(|error: toml::de::Error| ConfigError::Parse(parse_error(text, &error)))?;
             merge(&mut merged, overlay);
         }
         let env: Vec<(String, String)> = env
@@ -459,30 +512,55 @@ impl Config {
                     .to_owned(),
             });
         }
-        let config: Config = toml::Value::Table(merged)
-            .try_into()
-            .map_err(|error: toml::de::Error| ConfigError::Parse(error.to_string()))?;
+        let config: Config =
+            toml::Value::Table(merged)
+                .try_into()
+                .map_err(|error: toml::de::Error| {
+                    ConfigError::Parse(without_quoted(&error.to_string()))
+                })?;
         config.validate()?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        /// Requests in flight per replica: well past what one process serves, and within what
+        /// the drain can wait for (`u32` permits).
+        const MAX_INFLIGHT: usize = 1 << 20;
+        /// Allowed clock skew on `exp` and `nbf`: an hour is generous; more turns an expiry into
+        /// a suggestion.
+        const MAX_LEEWAY_SECS: u64 = 3600;
         let invalid = |message: String| Err(ConfigError::Invalid(message));
         if !self.nats.url.contains("://") && !self.nats.url.contains(':') {
             return invalid(format!("nats.url {:?} is not a url", self.nats.url));
         }
         if self.nats.prefix.is_empty()
-            || self.nats.prefix.contains([' ', '*', '>'])
-            || self.nats.prefix.starts_with('.')
-            || self.nats.prefix.ends_with('.')
+            || self
+                .nats
+                .prefix
+                .contains(|c: char| c.is_whitespace() || c == '*' || c == '>')
+            || self.nats.prefix.split('.').any(str::is_empty)
         {
             return invalid(format!(
                 "nats.prefix {:?} is not a valid subject prefix",
                 self.nats.prefix
             ));
         }
-        if self.nats.max_inflight == 0 {
-            return invalid("nats.max_inflight must be at least 1".into());
+        if self.nats.max_inflight == 0 || self.nats.max_inflight > MAX_INFLIGHT {
+            return invalid(format!(
+                "nats.max_inflight must be 1 to {MAX_INFLIGHT} (it is {})",
+                self.nats.max_inflight
+            ));
+        }
+        if self.nats.queue_group.is_empty()
+            || self
+                .nats
+                .queue_group
+                .contains(|c: char| c.is_whitespace() || c == '*' || c == '>')
+        {
+            return invalid(format!(
+                "nats.queue_group {:?} is not a valid queue group name",
+                self.nats.queue_group
+            ));
         }
         if self.nats.max_plaintext_bytes == 0 {
             return invalid("nats.max_plaintext_bytes must be at least 1".into());
@@ -518,6 +596,17 @@ impl Config {
         }
         if self.supervision.call_timeout_ms == 0 {
             return invalid("supervision.call_timeout_ms must be at least 1".into());
+        }
+        if self.supervision.window_secs == 0 {
+            return invalid(
+                "supervision.window_secs must be at least 1 (0 would never give up)".into(),
+            );
+        }
+        if self.auth.leeway_secs > MAX_LEEWAY_SECS {
+            return invalid(format!(
+                "auth.leeway_secs is at most {MAX_LEEWAY_SECS} (clock skew, not a grace period); it is {}",
+                self.auth.leeway_secs
+            ));
         }
         if !self.http.listen.is_empty() && self.http.token_secret.len() < 32 {
             return invalid(format!(
@@ -642,6 +731,41 @@ mod tests {
             .iter()
             .map(|(name, value)| (name.to_string(), value.to_string()))
             .collect()
+    }
+
+    /// A configuration error names the line or the setting, never the value: the value may be
+    /// a master key or a token.
+    #[test]
+    fn configuration_errors_never_quote_values() {
+        const SECRET: &str = "CiRrZWtfc2VjcmV0X3ZhbHVlX3RoYXRfbXVzdF9ub3RfbGVhaw";
+        let duplicate = format!("[master_key]\ncurrent = \"x\"\ncurrent = \"{SECRET}\"\n");
+        let wrong_type = format!("[master_key]\nprevious = \"{SECRET}\"\n");
+        for text in [duplicate, wrong_type] {
+            let error = Config::from_sources(Some(&text), Vec::new())
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(!error.contains(SECRET), "{error}");
+            assert!(!error.contains("CiRr"), "{error}");
+        }
+    }
+
+    #[test]
+    fn values_that_would_break_the_service_are_refused() {
+        for (name, value) in [
+            ("RINGVAULT_AUTH_LEEWAY_SECS", "31536000"),
+            ("RINGVAULT_NATS_MAX_INFLIGHT", "100000000000"),
+            ("RINGVAULT_NATS_QUEUE_GROUP", ""),
+            ("RINGVAULT_NATS_QUEUE_GROUP", "ring vault"),
+            ("RINGVAULT_NATS_PREFIX", "vault..v1"),
+            ("RINGVAULT_NATS_PREFIX", "vault\tv1"),
+            ("RINGVAULT_SUPERVISION_WINDOW_SECS", "0"),
+        ] {
+            assert!(
+                Config::from_sources(None, env(&[(name, value)])).is_err(),
+                "{name}={value:?} accepted"
+            );
+        }
     }
 
     #[test]

@@ -146,7 +146,7 @@ struct ClientArgs {
     #[arg(long, default_value = DEFAULT_PREFIX)]
     prefix: String,
     /// Request timeout in milliseconds.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     timeout_ms: u64,
 }
 
@@ -922,6 +922,9 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
             let jwt_key = BenchJwtKey::generate()?;
             let env = vec![
                 ("RINGVAULT_NATS_URL", nats.url.clone()),
+                // Always a throwaway local store, whatever the caller's environment says: the
+                // bench writes 10,000 keyrings, which must never land in a real bucket.
+                ("RINGVAULT_STORAGE_BACKEND", "file".to_owned()),
                 (
                     "RINGVAULT_STORAGE_PATH",
                     dir.path().join("store").display().to_string(),

@@ -443,11 +443,25 @@ fn effective_max_plaintext(config: &Config, max_payload: usize) -> usize {
     configured
 }
 
-/// Writes `contents` to `path` readable by the owner only, creating parent directories.
+/// Writes `contents` to `path` readable by the owner only, creating parent directories. All or
+/// nothing, and never over an existing file: the contents go to a temporary file beside it,
+/// synced, then linked into place (`AlreadyExists` when another process got there first), and
+/// the directory is synced, so that a crash leaves either no file or the whole one.
 fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("no file name"))?
+        .to_string_lossy()
+        .into_owned();
+    let temporary = parent.join(format!(
+        ".{file_name}.{}.tmp",
+        hex::encode(rand::random::<[u8; 6]>())
+    ));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -455,10 +469,36 @@ fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt as _;
         options.mode(0o600);
     }
-    let mut file = options.open(path)?;
-    file.write_all(contents.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()
+    let written = (|| {
+        let mut file = options.open(&temporary)?;
+        file.write_all(contents.as_bytes())?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+        std::fs::hard_link(&temporary, path)
+    })();
+    let _ = std::fs::remove_file(&temporary);
+    written?;
+    std::fs::File::open(&parent)?.sync_all()
+}
+
+/// Why this configuration may not generate a development master key, if it may not.
+fn dev_key_refusal(config: &Config) -> Option<&'static str> {
+    if !config.master_key.generate_if_missing {
+        return Some("master_key.generate_if_missing is off");
+    }
+    if !matches!(config.storage.backend.as_str(), "file" | "memory") {
+        return Some(
+            "a development key is generated only for a local store: each replica of a shared \
+             store would make up its own",
+        );
+    }
+    if !config.master_key.previous.is_empty() {
+        return Some(
+            "previous master keys are configured, so the current one exists somewhere: a \
+             missing file is a mistake, not a first start",
+        );
+    }
+    None
 }
 
 /// The configured master keys; generates the development key file when allowed and absent.
@@ -470,23 +510,41 @@ pub fn load_master_keys(config: &Config) -> Result<MasterKeys, ServerError> {
         let path = &settings.current_file;
         match std::fs::read_to_string(path) {
             Ok(text) => zeroize::Zeroizing::new(text),
-            Err(error)
-                if error.kind() == std::io::ErrorKind::NotFound && settings.generate_if_missing =>
-            {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(refusal) = dev_key_refusal(config) {
+                    return Err(ServerError::Config(format!(
+                        "no master key: master_key.current is empty and {} does not exist; \
+                         not generating one ({refusal})",
+                        path.display()
+                    )));
+                }
                 let kek = Kek::generate();
                 let text = kek.to_base64();
-                write_secret_file(path, &text).map_err(|error| {
-                    ServerError::Config(format!(
-                        "cannot write master key file {}: {error}",
-                        path.display()
-                    ))
-                })?;
-                tracing::warn!(
-                    path = %path.display(),
-                    master_key = kek.id(),
-                    "GENERATED A DEVELOPMENT MASTER KEY. Keep this file safe and private: every key in the store is sealed by it. In production, set master_key.current (RINGVAULT_MASTER_KEY_CURRENT) and generate_if_missing = false"
-                );
-                text
+                match write_secret_file(path, &text) {
+                    Ok(()) => {
+                        tracing::warn!(
+                            path = %path.display(),
+                            master_key = kek.id(),
+                            "GENERATED A DEVELOPMENT MASTER KEY. Keep this file safe and private: every key in the store is sealed by it. In production, set master_key.current (RINGVAULT_MASTER_KEY_CURRENT) and generate_if_missing = false"
+                        );
+                        text
+                    }
+                    // Another process starting beside this one wrote it first: use theirs.
+                    Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                        zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|error| {
+                            ServerError::Config(format!(
+                                "cannot read master key file {}: {error}",
+                                path.display()
+                            ))
+                        })?)
+                    }
+                    Err(error) => {
+                        return Err(ServerError::Config(format!(
+                            "cannot write master key file {}: {error}",
+                            path.display()
+                        )))
+                    }
+                }
             }
             Err(error) => {
                 return Err(ServerError::Config(format!(
@@ -551,7 +609,7 @@ pub fn load_authenticator(config: &Config) -> Result<Authenticator, ServerError>
     );
     let mut authenticator = Authenticator::new(StaticTokens::new(tokens))
         .with_policies(policies)
-        .with_revocation_sync(config.clone());
+        .with_revocation_sync(revocation_sync_config(config));
     if let Some(signed) = signed {
         authenticator = authenticator.with_signed_tokens(signed);
     }
@@ -559,6 +617,19 @@ pub fn load_authenticator(config: &Config) -> Result<Authenticator, ServerError>
         authenticator = authenticator.with_jwt(jwt);
     }
     Ok(authenticator)
+}
+
+/// What the revocation sync keeps for the life of the process: the configuration it needs to
+/// reach the store and NATS, without the secrets it does not (master keys, tokens, signing
+/// secrets), which would otherwise sit in memory unwiped beside it.
+fn revocation_sync_config(config: &Config) -> Config {
+    let mut kept = config.clone();
+    kept.master_key.current.clear();
+    kept.master_key.previous.clear();
+    kept.auth.tokens.clear();
+    kept.auth.signing_secrets.clear();
+    kept.http.token_secret.clear();
+    kept
 }
 
 /// Maps an error of the `[auth]` section named `section` to a configuration error.
@@ -577,6 +648,20 @@ fn load_dev_token(config: &Config) -> Result<Option<zeroize::Zeroizing<String>>,
             path.display()
         ))),
         Ok(text) => Ok(Some(zeroize::Zeroizing::new(text.trim().to_owned()))),
+        // The development token goes with the development key: a setup that may not make up
+        // a master key (production) gets no every-permission token made up either.
+        Err(error)
+            if error.kind() == std::io::ErrorKind::NotFound
+                && config.auth.generate_token_if_missing
+                && dev_key_refusal(config).is_some() =>
+        {
+            tracing::info!(
+                path = %path.display(),
+                "no development token: the token file does not exist, and one is generated only \
+                 with a development master key"
+            );
+            Ok(None)
+        }
         Err(error)
             if error.kind() == std::io::ErrorKind::NotFound
                 && config.auth.generate_token_if_missing =>
@@ -585,12 +670,19 @@ fn load_dev_token(config: &Config) -> Result<Option<zeroize::Zeroizing<String>>,
                 "rv_dev_{}",
                 hex::encode(rand::random::<[u8; 24]>())
             ));
-            write_secret_file(path, &token).map_err(|error| {
-                ServerError::Config(format!(
-                    "cannot write token file {}: {error}",
-                    path.display()
-                ))
-            })?;
+            match write_secret_file(path, &token) {
+                Ok(()) => {}
+                // Another process starting beside this one wrote it first: use theirs.
+                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return load_dev_token(config);
+                }
+                Err(error) => {
+                    return Err(ServerError::Config(format!(
+                        "cannot write token file {}: {error}",
+                        path.display()
+                    )))
+                }
+            }
             tracing::warn!(
                 path = %path.display(),
                 token = crate::auth::fingerprint(&token),
@@ -666,4 +758,74 @@ pub async fn connect_nats(config: &Config, name: &str) -> Result<async_nats::Cli
                 crate::config::redacted_url(&config.nats.url)
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_in(dir: &Path, extra: &[(&str, &str)]) -> Config {
+        let mut env: Vec<(String, String)> = vec![
+            (
+                "RINGVAULT_MASTER_KEY_CURRENT_FILE".into(),
+                dir.join("data/master.key").display().to_string(),
+            ),
+            (
+                "RINGVAULT_AUTH_TOKEN_FILE".into(),
+                dir.join("data/token").display().to_string(),
+            ),
+            (
+                "RINGVAULT_STORAGE_PATH".into(),
+                dir.join("data/store").display().to_string(),
+            ),
+        ];
+        env.extend(
+            extra
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string())),
+        );
+        Config::from_sources(None, env).unwrap()
+    }
+
+    /// The embedded defaults on a local store: a development key, written once (a second start
+    /// reads the same key), and a development token with it.
+    #[test]
+    fn a_local_store_gets_a_development_key_and_token_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_in(dir.path(), &[]);
+        let first = load_master_keys(&config).unwrap();
+        let again = load_master_keys(&config).unwrap();
+        assert_eq!(first.current().id(), again.current().id());
+        assert!(load_dev_token(&config).unwrap().is_some());
+        assert!(dir.path().join("data/token").exists());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("data"))
+            .unwrap()
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    }
+
+    /// A shared store, or previous keys configured, or generation turned off: a missing key
+    /// file is an error, never a made-up key; and no every-permission token is made up then.
+    #[test]
+    fn no_development_key_or_token_where_one_would_be_made_up() {
+        let previous = Kek::generate().to_base64().to_string();
+        for extra in [
+            vec![
+                ("RINGVAULT_STORAGE_BACKEND", "s3"),
+                ("RINGVAULT_STORAGE_S3_BUCKET", "shared"),
+            ],
+            vec![("RINGVAULT_MASTER_KEY_PREVIOUS", previous.as_str())],
+            vec![("RINGVAULT_MASTER_KEY_GENERATE_IF_MISSING", "false")],
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = config_in(dir.path(), &extra);
+            let error = load_master_keys(&config).map(|_| ()).unwrap_err();
+            assert_eq!(error.exit_code(), 64, "{extra:?}: {error}");
+            assert!(!dir.path().join("data/master.key").exists(), "{extra:?}");
+            assert!(load_dev_token(&config).unwrap().is_none(), "{extra:?}");
+            assert!(!dir.path().join("data/token").exists(), "{extra:?}");
+        }
+    }
 }

@@ -82,6 +82,12 @@ pub async fn ensure_stream(
 
     let jetstream = async_nats::jetstream::new(nats.clone());
     let subject = format!("{prefix}.events.>");
+    // At most the retention: nats-server refuses a window longer than the stream's max age.
+    let duplicate_window = if stream.max_age.is_zero() {
+        EVENTS_DUPLICATE_WINDOW
+    } else {
+        EVENTS_DUPLICATE_WINDOW.min(stream.max_age)
+    };
     let mut config = match jetstream.get_stream(&stream.name).await {
         Ok(existing) => existing.cached_info().config.clone(),
         Err(error)
@@ -94,7 +100,7 @@ pub async fn ensure_stream(
                     subjects: vec![subject],
                     max_age: stream.max_age,
                     max_messages: stream.max_messages,
-                    duplicate_window: EVENTS_DUPLICATE_WINDOW,
+                    duplicate_window,
                     ..Default::default()
                 })
                 .await?;
@@ -102,6 +108,26 @@ pub async fn ensure_stream(
         }
         Err(error) => return Err(error.into()),
     };
+    // A stream over the request subjects would answer every request with its own
+    // acknowledgement, and keep plaintexts and bearer tokens for its retention.
+    let private_subjects = crate::protocol::Method::ALL
+        .iter()
+        .map(|method| method.subject(prefix))
+        .chain([format!("{prefix}.audit"), format!("{prefix}.revocations")]);
+    for private in private_subjects {
+        if let Some(pattern) = config
+            .subjects
+            .iter()
+            .find(|pattern| subject_covers(pattern, &private))
+        {
+            return Err(format!(
+                "jetstream stream {:?} captures {private} (its subject {pattern:?}): it would \
+                 answer requests and keep their bodies; give it only {subject}",
+                stream.name
+            )
+            .into());
+        }
+    }
     if !config
         .subjects
         .iter()
@@ -111,7 +137,7 @@ pub async fn ensure_stream(
     }
     config.max_age = stream.max_age;
     config.max_messages = stream.max_messages;
-    config.duplicate_window = EVENTS_DUPLICATE_WINDOW;
+    config.duplicate_window = duplicate_window;
     jetstream.update_stream(&config).await?;
     Ok(())
 }

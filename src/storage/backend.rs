@@ -119,9 +119,34 @@ impl ObjectStoreBackend {
     }
 
     /// Replace-if-unchanged on a local directory: under the store's lock, the object's current
-    /// version is compared with `expected` before the (atomic) overwrite.
+    /// version is compared with `expected` before the (atomic) overwrite. It runs as a task of
+    /// its own, which a caller that gives up (a storage timeout drops its future) does not
+    /// cancel: the lock must be held until the write it guards has landed, or another writer
+    /// could pass the same check meanwhile and both writes land.
     async fn put_if_unchanged_locally(
         &self,
+        lock_path: &std::path::Path,
+        key: &str,
+        bytes: Bytes,
+        expected: Version,
+    ) -> Result<(), StorageError> {
+        let store = self.store.clone();
+        let lock_path = lock_path.to_owned();
+        let key = key.to_owned();
+        let task_key = key.clone();
+        tokio::spawn(async move {
+            Self::put_if_unchanged_under_lock(store, &lock_path, &task_key, bytes, expected).await
+        })
+        .await
+        .map_err(|error| StorageError::Unavailable {
+            operation: "put",
+            key,
+            detail: format!("the conditional write's task failed: {error}"),
+        })?
+    }
+
+    async fn put_if_unchanged_under_lock(
+        store: Arc<dyn ObjectStore>,
         lock_path: &std::path::Path,
         key: &str,
         bytes: Bytes,
@@ -147,7 +172,7 @@ impl ObjectStoreBackend {
         .map_err(|error| locked(std::io::Error::other(error)))?
         .map_err(locked)?;
         let path = object_path(key);
-        let current = match self.store.head(&path).await {
+        let current = match store.head(&path).await {
             Ok(meta) => Some(Version {
                 e_tag: meta.e_tag,
                 version: meta.version,
@@ -161,7 +186,7 @@ impl ObjectStoreBackend {
                 key: key.to_owned(),
             });
         }
-        self.store
+        store
             .put_opts(&path, bytes.into(), PutOptions::default())
             .await
             .map(|_| ())

@@ -17,8 +17,11 @@ fn allowed_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b':' | b'-')
 }
 
+/// The longest segment of a keyring name: a file name on the file store (`NAME_MAX`).
+const MAX_SEGMENT_LEN: usize = 255;
+
 /// Checks a keyring name: 1–256 bytes of `[A-Za-z0-9_.:/-]`, no leading or trailing `/`,
-/// no empty, `.` or `..` segment, and below the first segment none that is `LATEST` or starts
+/// no empty, `.` or `..` segment, none over 255 bytes, and below the first segment none that is `LATEST` or starts
 /// with `dek_` (the names of the objects of the keyring above).
 ///
 /// ```
@@ -50,6 +53,13 @@ pub fn validate_keyring(keyring: &str) -> Result<()> {
         if segment.is_empty() || segment == "." || segment == ".." {
             return Err(Error::invalid_argument(format!(
                 "keyring {keyring:?} has an empty, \".\" or \"..\" segment"
+            )));
+        }
+        // Each segment is a directory of the file store, whose names are at most 255 bytes.
+        if segment.len() > MAX_SEGMENT_LEN {
+            return Err(Error::invalid_argument(format!(
+                "keyring segments are at most {MAX_SEGMENT_LEN} bytes; one is {}",
+                segment.len()
             )));
         }
         // `a/LATEST` and `a/dek_…` are where keyring `a` keeps its objects: as keyrings, their
@@ -125,10 +135,11 @@ mod tests {
             "a/LATEST",
             "a/dek_2VJbKzD9o4H1yf7mPb8bZq",
             "a/b/dek_x",
+            &"a".repeat(256),
         ] {
             assert!(validate_keyring(bad).is_err(), "accepted {bad:?}");
         }
-        let longest = "a".repeat(256);
+        let longest = format!("{}/b", "a".repeat(254));
         for good in [
             "ws_3ZkPq9Lx",
             "env_prod/team-a/x.y",

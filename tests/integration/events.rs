@@ -124,6 +124,37 @@ async fn with_jetstream_a_subscriber_that_was_away_replays_what_it_missed() {
 
 /// A stream the operator made (here: in memory, with its own description and a subject
 /// covering the events') keeps what is theirs; ringvault only brings its retention to the configuration.
+/// An existing stream whose subjects take in the request subjects (`vault.v1.>`) is refused at
+/// start: JetStream would acknowledge every request in the service's place and keep bodies
+/// and bearer tokens for its retention.
+#[tokio::test]
+async fn an_existing_stream_over_the_request_subjects_is_refused() {
+    let env = TestEnv {
+        nats: common::NatsServer::start_jetstream().await,
+        ..TestEnv::start().await
+    };
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    async_nats::jetstream::new(nats.clone())
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "EVERYTHING".into(),
+            subjects: vec!["vault.v1.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let config = env.config(&[
+        ("RINGVAULT_EVENTS_JETSTREAM", "true"),
+        ("RINGVAULT_EVENTS_STREAM", "EVERYTHING"),
+    ]);
+    match ringvault::server::Server::start(&config, nats).await {
+        Ok(server) => {
+            let _ = server.shutdown().await;
+            panic!("started with a stream over the request subjects");
+        }
+        Err(error) => assert!(error.to_string().contains("captures"), "{error}"),
+    }
+}
+
 #[tokio::test]
 async fn an_existing_event_stream_keeps_the_operator_s_settings() {
     use async_nats::jetstream::stream::{Config, StorageType};
@@ -524,7 +555,7 @@ fn roll_deks_never_generates_a_master_key() {
     let output = roll_deks_in(dir.path(), "RINGVAULT_MASTER_KEY_PREVIOUS");
     assert_eq!(output.status.code(), Some(64), "{output:?}");
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains("master key file"),
+        String::from_utf8_lossy(&output.stderr).contains("no master key"),
         "{output:?}"
     );
     assert!(

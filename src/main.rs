@@ -109,7 +109,7 @@ struct TokenIssueArgs {
 struct TokenInspectArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// The token.
+    /// The token; `-` reads it from standard input (keeping it out of `ps` and shell history).
     token: String,
     /// Verify with http.token_secret instead of auth.signing_secrets.
     #[arg(long)]
@@ -120,8 +120,21 @@ struct TokenInspectArgs {
 struct TokenRevokeArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// The token, or a jti.
+    /// The token, or a jti; `-` reads it from standard input.
     token_or_jti: String,
+}
+
+/// A secret given on the command line, or read from standard input when it is `-`.
+fn secret_argument(argument: &str) -> Result<zeroize::Zeroizing<String>, u8> {
+    if argument != "-" {
+        return Ok(zeroize::Zeroizing::new(argument.trim().to_owned()));
+    }
+    let mut text = zeroize::Zeroizing::new(String::new());
+    if let Err(error) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
+        eprintln!("error: cannot read the token from standard input: {error}");
+        return Err(66);
+    }
+    Ok(zeroize::Zeroizing::new(text.trim().to_owned()))
 }
 
 #[derive(Args)]
@@ -495,6 +508,12 @@ async fn roll(args: ConfigArgs) -> u8 {
                 "already current", report.already_current
             );
             let _ = writeln!(out, "{:<16} {:>10}", "failed", report.failed);
+            if report.scanned == 0 {
+                eprintln!(
+                    "warning: the store holds no keys at all; if the service has keys, this is \
+                     not its store (check storage.* against the service's configuration)"
+                );
+            }
             for (key, reason) in &report.failures {
                 eprintln!("failed: {key}: {reason}");
             }
@@ -1251,7 +1270,11 @@ async fn token_inspect(args: TokenInspectArgs) -> u8 {
         Ok(signer) => signer,
         Err(code) => return code,
     };
-    let token = args.token.trim();
+    let token = match secret_argument(&args.token) {
+        Ok(token) => token,
+        Err(code) => return code,
+    };
+    let token = token.as_str();
     let claims = match signer.verify(token) {
         Ok(claims) => claims,
         Err(error) => {
@@ -1329,14 +1352,18 @@ async fn token_revoke(args: TokenRevokeArgs) -> u8 {
     };
     // The store first: it alone makes the revocation last, and replicas read it within a
     // minute even when the announcement cannot go out.
-    let revoked = match ringvault::auth::store_revocations(&*backend, &args.token_or_jti).await {
+    let token_or_jti = match secret_argument(&args.token_or_jti) {
+        Ok(text) => text,
+        Err(code) => return code,
+    };
+    let revoked = match ringvault::auth::store_revocations(&*backend, &token_or_jti).await {
         Ok(revoked) => revoked,
         Err(error) => {
             eprintln!("error: {error}");
             return exit_code(&error);
         }
     };
-    let whole_text = hex::encode(ringvault::auth::token_digest(args.token_or_jti.trim()));
+    let whole_text = hex::encode(ringvault::auth::token_digest(&token_or_jti));
     let by_token = |revocation: &&ringvault::auth::Revocation| {
         revocation.kind == ringvault::auth::RevocationKind::Token
     };

@@ -556,6 +556,24 @@ async fn token_inspect_refuses_a_revoked_token() {
     );
     let output = inspect(&kept);
     assert!(output.status.success(), "{output:?}");
+    // `-`: the token from standard input, kept out of the command line.
+    let mut from_stdin = std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
+        .args(["token", "inspect", "-"])
+        .env_remove("RINGVAULT_CONFIG")
+        .env("RINGVAULT_AUTH_SIGNING_SECRETS", NEW)
+        .env("RINGVAULT_STORAGE_PATH", env.store_path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = from_stdin.stdin.take().unwrap();
+        writeln!(stdin, "{revoked}").unwrap();
+    }
+    let output = from_stdin.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(77), "{output:?}");
 
     // Where there is no store, nothing says the token is not revoked.
     let elsewhere = tempfile::tempdir().unwrap();

@@ -409,7 +409,8 @@ fn parse_error(text: &str, error: &toml::de::Error) -> String {
     let message = without_quoted(error.message());
     match error.span() {
         Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            let line = before.iter().filter(|&&byte| byte == b'\n').count() + 1;
             format!("line {line}: {message}")
         }
         None => message,
@@ -421,7 +422,16 @@ fn parse_error(text: &str, error: &toml::de::Error) -> String {
 fn without_quoted(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut inside = false;
+    let mut escaped = false;
     for character in message.chars() {
+        if inside && escaped {
+            escaped = false;
+            continue;
+        }
+        if inside && character == '\\' {
+            escaped = true;
+            continue;
+        }
         if character == '"' {
             if inside {
                 out.push_str("…\"");
@@ -740,7 +750,8 @@ mod tests {
         const SECRET: &str = "CiRrZWtfc2VjcmV0X3ZhbHVlX3RoYXRfbXVzdF9ub3RfbGVhaw";
         let duplicate = format!("[master_key]\ncurrent = \"x\"\ncurrent = \"{SECRET}\"\n");
         let wrong_type = format!("[master_key]\nprevious = \"{SECRET}\"\n");
-        for text in [duplicate, wrong_type] {
+        let inner_quote = format!("[auth]\nsigning_secrets = 'ab\"{SECRET}'\n");
+        for text in [duplicate, wrong_type, inner_quote] {
             let error = Config::from_sources(Some(&text), Vec::new())
                 .map(|_| ())
                 .unwrap_err()

@@ -469,16 +469,24 @@ fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt as _;
         options.mode(0o600);
     }
-    let written = (|| {
-        let mut file = options.open(&temporary)?;
+    let write = |target: &Path| -> std::io::Result<()> {
+        let mut file = options.open(target)?;
         file.write_all(contents.as_bytes())?;
         file.write_all(b"\n")?;
-        file.sync_all()?;
-        std::fs::hard_link(&temporary, path)
-    })();
+        file.sync_all()
+    };
+    let linked = write(&temporary).and_then(|()| std::fs::hard_link(&temporary, path));
     let _ = std::fs::remove_file(&temporary);
-    written?;
-    std::fs::File::open(&parent)?.sync_all()
+    match linked {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => return Err(error),
+        // A file system without hard links (vfat, some FUSE mounts): written in place, still
+        // never over an existing file.
+        Err(_) => write(path)?,
+    }
+    // Some file systems cannot sync a directory; the file itself is synced either way.
+    let _ = std::fs::File::open(&parent).and_then(|directory| directory.sync_all());
+    Ok(())
 }
 
 /// Why this configuration may not generate a development master key, if it may not.
@@ -674,7 +682,19 @@ fn load_dev_token(config: &Config) -> Result<Option<zeroize::Zeroizing<String>>,
                 Ok(()) => {}
                 // Another process starting beside this one wrote it first: use theirs.
                 Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return load_dev_token(config);
+                    return match std::fs::read_to_string(path) {
+                        Ok(text) if !text.trim().is_empty() => {
+                            Ok(Some(zeroize::Zeroizing::new(text.trim().to_owned())))
+                        }
+                        Ok(_) => Err(ServerError::Config(format!(
+                            "token file {} is empty",
+                            path.display()
+                        ))),
+                        Err(error) => Err(ServerError::Config(format!(
+                            "cannot read token file {}: {error}",
+                            path.display()
+                        ))),
+                    };
                 }
                 Err(error) => {
                     return Err(ServerError::Config(format!(

@@ -109,12 +109,12 @@ pub async fn ensure_stream(
         Err(error) => return Err(error.into()),
     };
     // A stream over the request subjects would answer every request with its own
-    // acknowledgement, and keep plaintexts and bearer tokens for its retention.
-    let private_subjects = crate::protocol::Method::ALL
+    // acknowledgement, and keep plaintexts and bearer tokens for its retention. (Audit records
+    // and revocations are plain publishes with neither: an operator may keep them.)
+    let request_subjects = crate::protocol::Method::ALL
         .iter()
-        .map(|method| method.subject(prefix))
-        .chain([format!("{prefix}.audit"), format!("{prefix}.revocations")]);
-    for private in private_subjects {
+        .map(|method| method.subject(prefix));
+    for private in request_subjects {
         if let Some(pattern) = config
             .subjects
             .iter()

@@ -468,14 +468,36 @@ impl ConfirmationBudget {
 /// Applies a revocation message. It is only a hint: anyone allowed to publish on the subject
 /// could send one, and each new entry grows the set and empties the verified-token cache, so
 /// it counts once the store holds the same revocation (`revoke` writes the store first).
-async fn apply_message(storage: &dyn ObjectStorage, revocations: &Revocations, payload: &[u8]) {
+/// Malformed and known ones cost nothing; the others are read one by one within `budget`.
+/// Returns false for one past the budget: it waits for a read of the whole store.
+async fn apply_message(
+    storage: &dyn ObjectStorage,
+    revocations: &Revocations,
+    payload: &[u8],
+    budget: &mut ConfirmationBudget,
+) -> bool {
+    let Some(revocation) = new_revocation_in(revocations, payload) else {
+        return true;
+    };
+    if !budget.take(tokio::time::Instant::now()) {
+        return false;
+    }
+    confirm(storage, revocations, &revocation).await;
+    true
+}
+
+/// The revocation a message names, unless it is malformed or known already (neither needs a
+/// read of the store).
+fn new_revocation_in(revocations: &Revocations, payload: &[u8]) -> Option<Revocation> {
     let Ok(revocation) = serde_json::from_slice::<Revocation>(payload) else {
         tracing::warn!("ignoring a malformed revocation message");
-        return;
+        return None;
     };
-    if revocations.contains(&revocation) {
-        return;
-    }
+    (!revocations.contains(&revocation)).then_some(revocation)
+}
+
+/// Adds `revocation` once the store holds it.
+async fn confirm(storage: &dyn ObjectStorage, revocations: &Revocations, revocation: &Revocation) {
     let key = revocation.object_key();
     let stored = match bounded("reading a revocation", storage.get(&key)).await {
         Ok(stored) => stored,
@@ -617,15 +639,16 @@ pub(crate) async fn sync_forever(
         retry_load.tick().await;
         let mut budget = ConfirmationBudget::default();
         let mut burst_read = tokio::time::interval(Duration::from_secs(1));
+        // Ticks missed while no burst was waiting are not owed: at most one read a second.
+        burst_read.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         burst_read.tick().await;
         let mut read_for_burst = false;
         loop {
             tokio::select! {
                 message = subscriber.next() => match message {
                     Some(message) => {
-                        if budget.take(tokio::time::Instant::now()) {
-                            apply_message(&*backend, &revocations, &message.payload).await;
-                        } else {
+                        let payload = &message.payload;
+                        if !apply_message(&*backend, &revocations, payload, &mut budget).await {
                             // A burst (real or forged): one read of the store, soon, answers
                             // every message of it, instead of one read each.
                             read_for_burst = true;
@@ -791,7 +814,7 @@ mod tests {
         let set = Revocations::new();
         let revocation = &revocations_for("x.y.z")[0];
         let message = serde_json::to_vec(revocation).unwrap();
-        apply_message(&store, &set, &message).await;
+        assert!(apply_message(&store, &set, &message, &mut ConfirmationBudget::default()).await);
         assert!(!set.is_revoked("x.y.z", None), "a forged message");
         assert_eq!(set.generation(), 0, "the token cache was not emptied");
         store
@@ -802,7 +825,7 @@ mod tests {
             )
             .await
             .unwrap();
-        apply_message(&store, &set, &message).await;
+        assert!(apply_message(&store, &set, &message, &mut ConfirmationBudget::default()).await);
         assert!(set.is_revoked("x.y.z", None));
         assert_eq!(set.generation(), 1);
     }

@@ -103,7 +103,11 @@ impl ObjectStoreBackend {
     /// from the process's standard `AWS_*` variables, then from the usual AWS chain (web
     /// identity, container role, instance profile).
     pub fn s3(settings: &S3Settings, request_timeout: Duration) -> Result<Self, StorageError> {
-        let store = s3_builder(settings, std::env::vars(), request_timeout)
+        // Only variables that are UTF-8 (`std::env::vars` panics on any other).
+        let environment = std::env::vars_os().filter_map(|(name, value)| {
+            Some((name.into_string().ok()?, value.into_string().ok()?))
+        });
+        let store = s3_builder(settings, environment, request_timeout)
             .build()
             .map_err(|error| StorageError::Unavailable {
                 operation: "open",

@@ -22,8 +22,8 @@ pub use policy::{intersect, Policies, Policy};
 pub use principal::{in_workspace, parse_grants, Action, CredentialSource, Grant, Principal};
 pub use rate_limit::RateLimiter;
 pub use revocation::{
-    announce_revocations, load_revocations, revocation_subject, revocations_for, revoke,
-    store_revocations, Loaded, Revocation, RevocationKind, Revocations, REVOCATIONS_PREFIX,
+    announce_revocations, load_revocations, revocation_digest, revocation_subject, revocations_for,
+    revoke, store_revocations, Loaded, Revocation, RevocationKind, Revocations, REVOCATIONS_PREFIX,
 };
 pub use signed::{SignedTokens, MIN_SECRET_BYTES};
 pub use static_tokens::{StaticToken, StaticTokens};

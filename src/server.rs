@@ -515,52 +515,7 @@ pub fn load_master_keys(config: &Config) -> Result<MasterKeys, ServerError> {
     let current_text = if !settings.current.is_empty() {
         zeroize::Zeroizing::new(settings.current.clone())
     } else {
-        let path = &settings.current_file;
-        match std::fs::read_to_string(path) {
-            Ok(text) => zeroize::Zeroizing::new(text),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                if let Some(refusal) = dev_key_refusal(config) {
-                    return Err(ServerError::Config(format!(
-                        "no master key: master_key.current is empty and {} does not exist; \
-                         not generating one ({refusal})",
-                        path.display()
-                    )));
-                }
-                let kek = Kek::generate();
-                let text = kek.to_base64();
-                match write_secret_file(path, &text) {
-                    Ok(()) => {
-                        tracing::warn!(
-                            path = %path.display(),
-                            master_key = kek.id(),
-                            "GENERATED A DEVELOPMENT MASTER KEY. Keep this file safe and private: every key in the store is sealed by it. In production, set master_key.current (RINGVAULT_MASTER_KEY_CURRENT) and generate_if_missing = false"
-                        );
-                        text
-                    }
-                    // Another process starting beside this one wrote it first: use theirs.
-                    Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-                        zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|error| {
-                            ServerError::Config(format!(
-                                "cannot read master key file {}: {error}",
-                                path.display()
-                            ))
-                        })?)
-                    }
-                    Err(error) => {
-                        return Err(ServerError::Config(format!(
-                            "cannot write master key file {}: {error}",
-                            path.display()
-                        )))
-                    }
-                }
-            }
-            Err(error) => {
-                return Err(ServerError::Config(format!(
-                    "cannot read master key file {}: {error}",
-                    path.display()
-                )))
-            }
-        }
+        read_or_generate_master_key(config)?
     };
     let current = Kek::parse(&current_text)
         .map_err(|error| ServerError::Config(format!("master_key.current: {}", error.message())))?;
@@ -650,69 +605,109 @@ fn load_dev_token(config: &Config) -> Result<Option<zeroize::Zeroizing<String>>,
     if path.as_os_str().is_empty() {
         return Ok(None);
     }
+    if let Some(token) = read_token_file(path)? {
+        return Ok(Some(token));
+    }
+    if !config.auth.generate_token_if_missing {
+        return Err(ServerError::Config(format!(
+            "cannot read token file {}: it does not exist",
+            path.display()
+        )));
+    }
+    // The development token goes with the development key: a setup that may not make up a
+    // master key (production) gets no every-permission token made up either.
+    if dev_key_refusal(config).is_some() {
+        tracing::info!(
+            path = %path.display(),
+            "no development token: the token file does not exist, and one is generated only \
+             with a development master key"
+        );
+        return Ok(None);
+    }
+    let token = zeroize::Zeroizing::new(format!(
+        "rv_dev_{}",
+        hex::encode(rand::random::<[u8; 24]>())
+    ));
+    if !write_new_secret(path, &token, "token")? {
+        return read_token_file(path)?.map(Some).ok_or_else(|| {
+            ServerError::Config(format!(
+                "cannot read token file {}: it does not exist",
+                path.display()
+            ))
+        });
+    }
+    tracing::warn!(
+        path = %path.display(),
+        token = crate::auth::fingerprint(&token),
+        "GENERATED A DEVELOPMENT TOKEN with every permission; send it as \"Authorization: Bearer $(cat {})\"",
+        path.display()
+    );
+    Ok(Some(token))
+}
+
+/// The token in the file at `path` (surrounding whitespace ignored), `None` when there is no
+/// such file; an empty one is an error.
+fn read_token_file(path: &Path) -> Result<Option<zeroize::Zeroizing<String>>, ServerError> {
     match std::fs::read_to_string(path) {
         Ok(text) if text.trim().is_empty() => Err(ServerError::Config(format!(
             "token file {} is empty",
             path.display()
         ))),
         Ok(text) => Ok(Some(zeroize::Zeroizing::new(text.trim().to_owned()))),
-        // The development token goes with the development key: a setup that may not make up
-        // a master key (production) gets no every-permission token made up either.
-        Err(error)
-            if error.kind() == std::io::ErrorKind::NotFound
-                && config.auth.generate_token_if_missing
-                && dev_key_refusal(config).is_some() =>
-        {
-            tracing::info!(
-                path = %path.display(),
-                "no development token: the token file does not exist, and one is generated only \
-                 with a development master key"
-            );
-            Ok(None)
-        }
-        Err(error)
-            if error.kind() == std::io::ErrorKind::NotFound
-                && config.auth.generate_token_if_missing =>
-        {
-            let token = zeroize::Zeroizing::new(format!(
-                "rv_dev_{}",
-                hex::encode(rand::random::<[u8; 24]>())
-            ));
-            match write_secret_file(path, &token) {
-                Ok(()) => {}
-                // Another process starting beside this one wrote it first: use theirs.
-                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return match std::fs::read_to_string(path) {
-                        Ok(text) if !text.trim().is_empty() => {
-                            Ok(Some(zeroize::Zeroizing::new(text.trim().to_owned())))
-                        }
-                        Ok(_) => Err(ServerError::Config(format!(
-                            "token file {} is empty",
-                            path.display()
-                        ))),
-                        Err(error) => Err(ServerError::Config(format!(
-                            "cannot read token file {}: {error}",
-                            path.display()
-                        ))),
-                    };
-                }
-                Err(error) => {
-                    return Err(ServerError::Config(format!(
-                        "cannot write token file {}: {error}",
-                        path.display()
-                    )))
-                }
-            }
-            tracing::warn!(
-                path = %path.display(),
-                token = crate::auth::fingerprint(&token),
-                "GENERATED A DEVELOPMENT TOKEN with every permission; send it as \"Authorization: Bearer $(cat {})\"",
-                path.display()
-            );
-            Ok(Some(token))
-        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(error) => Err(ServerError::Config(format!(
             "cannot read token file {}: {error}",
+            path.display()
+        ))),
+    }
+}
+
+/// The master key in `master_key.current_file`, or a development key generated there when the
+/// file is missing and [`dev_key_refusal`] allows it.
+fn read_or_generate_master_key(config: &Config) -> Result<zeroize::Zeroizing<String>, ServerError> {
+    let path = &config.master_key.current_file;
+    let read = || std::fs::read_to_string(path).map(zeroize::Zeroizing::new);
+    let read_error = |error: std::io::Error| {
+        ServerError::Config(format!(
+            "cannot read master key file {}: {error}",
+            path.display()
+        ))
+    };
+    match read() {
+        Ok(text) => return Ok(text),
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            return Err(read_error(error))
+        }
+        Err(_) => {}
+    }
+    if let Some(refusal) = dev_key_refusal(config) {
+        return Err(ServerError::Config(format!(
+            "no master key: master_key.current is empty and {} does not exist; not generating \
+             one ({refusal})",
+            path.display()
+        )));
+    }
+    let kek = Kek::generate();
+    let text = kek.to_base64();
+    if !write_new_secret(path, &text, "master key")? {
+        return read().map_err(read_error);
+    }
+    tracing::warn!(
+        path = %path.display(),
+        master_key = kek.id(),
+        "GENERATED A DEVELOPMENT MASTER KEY. Keep this file safe and private: every key in the store is sealed by it. In production, set master_key.current (RINGVAULT_MASTER_KEY_CURRENT) and generate_if_missing = false"
+    );
+    Ok(text)
+}
+
+/// Writes a freshly generated secret (`what`, for errors) to `path`: true when this process
+/// wrote it, false when another process starting beside this one wrote it first (read theirs).
+fn write_new_secret(path: &Path, contents: &str, what: &str) -> Result<bool, ServerError> {
+    match write_secret_file(path, contents) {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(error) => Err(ServerError::Config(format!(
+            "cannot write {what} file {}: {error}",
             path.display()
         ))),
     }

@@ -45,7 +45,7 @@ impl RateLimiter {
         self.check_at(workspace, Instant::now())
     }
 
-    fn check_at(&self, workspace: &str, now: Instant) -> Result<(), Duration> {
+    pub(crate) fn check_at(&self, workspace: &str, now: Instant) -> Result<(), Duration> {
         let take = |bucket: &mut Bucket| {
             let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
             bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::claims::{looks_like_jwt, now_secs, peek_payload};
-use super::token_digest;
+use super::{token_digest, RateLimiter};
 use crate::config::Config;
 use crate::error::{Error, Kind, Result};
 use crate::storage::{ObjectStorage, PutCondition};
@@ -439,30 +439,15 @@ pub(crate) async fn connect_nats(config: &Config) -> Result<async_nats::Client> 
         .map_err(|error| Error::unavailable(error.to_string()))
 }
 
-/// How many revocation messages a second are each confirmed by a read of their own object;
-/// past it, the rest of the second's messages wait for one read of the whole store.
-const CONFIRMATIONS_PER_SECOND: u32 = 16;
+/// How many revocation messages a second are each confirmed by a read of their own object
+/// (also the burst allowed at once); past it, the rest wait for one read of the whole store.
+const CONFIRMATIONS_PER_SECOND: u64 = 16;
+/// The one bucket of the confirmation limiter.
+const CONFIRMATIONS: &str = "confirmations";
 
-/// Counts confirmations in the current one-second window.
-#[derive(Debug, Default)]
-struct ConfirmationBudget {
-    window: Option<tokio::time::Instant>,
-    used: u32,
-}
-
-impl ConfirmationBudget {
-    /// Whether a message arriving `now` may be confirmed on its own.
-    fn take(&mut self, now: tokio::time::Instant) -> bool {
-        if self
-            .window
-            .is_none_or(|start| now.duration_since(start) >= Duration::from_secs(1))
-        {
-            self.window = Some(now);
-            self.used = 0;
-        }
-        self.used += 1;
-        self.used <= CONFIRMATIONS_PER_SECOND
-    }
+/// The limiter of revocation confirmations: [`CONFIRMATIONS_PER_SECOND`].
+fn confirmation_limiter() -> RateLimiter {
+    RateLimiter::new(CONFIRMATIONS_PER_SECOND, CONFIRMATIONS_PER_SECOND)
 }
 
 /// Applies a revocation message. It is only a hint: anyone allowed to publish on the subject
@@ -474,12 +459,12 @@ async fn apply_message(
     storage: &dyn ObjectStorage,
     revocations: &Revocations,
     payload: &[u8],
-    budget: &mut ConfirmationBudget,
+    budget: &RateLimiter,
 ) -> bool {
     let Some(revocation) = new_revocation_in(revocations, payload) else {
         return true;
     };
-    if !budget.take(tokio::time::Instant::now()) {
+    if budget.check(CONFIRMATIONS).is_err() {
         return false;
     }
     confirm(storage, revocations, &revocation).await;
@@ -637,7 +622,7 @@ pub(crate) async fn sync_forever(
         resync.tick().await;
         let mut retry_load = tokio::time::interval(LOAD_RETRY_PERIOD);
         retry_load.tick().await;
-        let mut budget = ConfirmationBudget::default();
+        let budget = confirmation_limiter();
         let mut burst_read = tokio::time::interval(Duration::from_secs(1));
         // Ticks missed while no burst was waiting are not owed: at most one read a second.
         burst_read.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -648,7 +633,7 @@ pub(crate) async fn sync_forever(
                 message = subscriber.next() => match message {
                     Some(message) => {
                         let payload = &message.payload;
-                        if !apply_message(&*backend, &revocations, payload, &mut budget).await {
+                        if !apply_message(&*backend, &revocations, payload, &budget).await {
                             // A burst (real or forged): one read of the store, soon, answers
                             // every message of it, instead of one read each.
                             read_for_burst = true;
@@ -801,11 +786,15 @@ mod tests {
     /// store.
     #[test]
     fn confirmations_are_budgeted_per_second() {
-        let start = tokio::time::Instant::now();
-        let mut budget = ConfirmationBudget::default();
-        let taken = (0..100).filter(|_| budget.take(start)).count();
+        let start = std::time::Instant::now();
+        let budget = confirmation_limiter();
+        let taken = (0..100)
+            .filter(|_| budget.check_at(CONFIRMATIONS, start).is_ok())
+            .count();
         assert_eq!(taken, CONFIRMATIONS_PER_SECOND as usize);
-        assert!(budget.take(start + Duration::from_secs(1)));
+        assert!(budget
+            .check_at(CONFIRMATIONS, start + Duration::from_secs(1))
+            .is_ok());
     }
 
     #[tokio::test]
@@ -814,7 +803,7 @@ mod tests {
         let set = Revocations::new();
         let revocation = &revocations_for("x.y.z")[0];
         let message = serde_json::to_vec(revocation).unwrap();
-        assert!(apply_message(&store, &set, &message, &mut ConfirmationBudget::default()).await);
+        assert!(apply_message(&store, &set, &message, &confirmation_limiter()).await);
         assert!(!set.is_revoked("x.y.z", None), "a forged message");
         assert_eq!(set.generation(), 0, "the token cache was not emptied");
         store
@@ -825,7 +814,7 @@ mod tests {
             )
             .await
             .unwrap();
-        assert!(apply_message(&store, &set, &message, &mut ConfirmationBudget::default()).await);
+        assert!(apply_message(&store, &set, &message, &confirmation_limiter()).await);
         assert!(set.is_revoked("x.y.z", None));
         assert_eq!(set.generation(), 1);
     }

@@ -1363,15 +1363,14 @@ async fn token_revoke(args: TokenRevokeArgs) -> u8 {
             return exit_code(&error);
         }
     };
-    let whole_text = hex::encode(ringvault::auth::token_digest(&token_or_jti));
-    let by_token = |revocation: &&ringvault::auth::Revocation| {
-        revocation.kind == ringvault::auth::RevocationKind::Token
-    };
-    let twice_by_token = revoked.iter().filter(by_token).count() > 1;
+    // A JWT (a token whose revocation digest is not its whole text's) is revoked twice: by its
+    // signed part, and by its whole text for replicas that predate revocation by the signed
+    // part.
+    let is_jwt = ringvault::auth::revocation_digest(&token_or_jti)
+        != ringvault::auth::token_digest(&token_or_jti);
+    let whole_text = ringvault::auth::Revocation::whole_token(&token_or_jti).object_key();
     for revocation in &revoked {
-        // A JWT is revoked twice: by its signed part, and by its whole text for replicas
-        // that predate revocation by the signed part.
-        let note = if twice_by_token && by_token(&revocation) && revocation.sha256 == whole_text {
+        let note = if is_jwt && revocation.object_key() == whole_text {
             " (whole text, for older replicas)"
         } else {
             ""

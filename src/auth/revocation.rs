@@ -92,6 +92,31 @@ impl Revocation {
         }
     }
 
+    /// The revocation an object key names (the inverse of [`Revocation::object_key`]), as far
+    /// as the key tells: enough to see whether a set has it, not its time.
+    fn from_object_key(key: &str) -> Option<Revocation> {
+        let name = key.strip_prefix(REVOCATIONS_PREFIX)?;
+        let (kind, sha256) = match name.strip_prefix("jti-") {
+            Some(digest) => (RevocationKind::Jti, digest),
+            None => (RevocationKind::Token, name),
+        };
+        Some(Revocation {
+            kind,
+            sha256: sha256.to_owned(),
+            revoked_at: 0,
+        })
+    }
+
+    /// The revocation of `token` by the digest of its whole text: how revocations were keyed
+    /// before a JWT's was its signed part, and how replicas from then still look them up.
+    pub fn whole_token(token: &str) -> Self {
+        Self {
+            kind: RevocationKind::Token,
+            sha256: hex::encode(token_digest(token)),
+            revoked_at: now_secs(),
+        }
+    }
+
     fn digest(&self) -> Option<[u8; 32]> {
         hex::decode(&self.sha256).ok()?.try_into().ok()
     }
@@ -129,11 +154,7 @@ pub fn revocations_for(token_or_jti: &str) -> Vec<Revocation> {
         // Also by the digest of the whole text, as replicas before revocations were keyed by
         // a JWT's signed part look them up: a rolling upgrade must not let the token through
         // on the replicas not yet upgraded.
-        out.push(Revocation {
-            kind: RevocationKind::Token,
-            sha256: hex::encode(token_digest(text)),
-            revoked_at: now_secs(),
-        });
+        out.push(Revocation::whole_token(text));
         if let Some(jti) = peek_payload(text)
             .as_ref()
             .and_then(|claims| claims.get("jti"))
@@ -374,7 +395,7 @@ pub async fn load_revocations(storage: &dyn ObjectStorage, into: &Revocations) -
     let mut unreadable = 0;
     for key in keys {
         // Known already (every periodic read lists them all): no read needed.
-        if known_revocation(&key).is_some_and(|revocation| into.contains(&revocation)) {
+        if Revocation::from_object_key(&key).is_some_and(|revocation| into.contains(&revocation)) {
             continue;
         }
         let stored = match bounded("reading a revocation", storage.get(&key)).await {
@@ -406,21 +427,6 @@ pub async fn load_revocations(storage: &dyn ObjectStorage, into: &Revocations) -
 /// periodic read.
 fn may_take_tokens(loaded: Loaded, trying_for: Duration) -> bool {
     loaded.unreadable == 0 || trying_for >= UNREADABLE_GRACE
-}
-
-/// The revocation an object key names (`revocations/<hex>` or `revocations/jti-<hex>`), as far
-/// as the key tells: what is needed to see whether the set has it.
-fn known_revocation(key: &str) -> Option<Revocation> {
-    let name = key.strip_prefix(REVOCATIONS_PREFIX)?;
-    let (kind, sha256) = match name.strip_prefix("jti-") {
-        Some(digest) => (RevocationKind::Jti, digest),
-        None => (RevocationKind::Token, name),
-    };
-    Some(Revocation {
-        kind,
-        sha256: sha256.to_owned(),
-        revoked_at: 0,
-    })
 }
 
 /// The revocation in the object stored under `key`, if it is one and belongs at that key.
@@ -694,11 +700,7 @@ mod tests {
         }
         assert!(set.is_revoked("aGVhZGVy.cGF5bG9hZA.c2lnLTI", None));
         assert!(!set.is_revoked("aGVhZGVy.b3RoZXI.c2lnLTE", None));
-        let legacy = Revocation {
-            kind: RevocationKind::Token,
-            sha256: hex::encode(token_digest("aGVhZGVy.bGVnYWN5.c2ln")),
-            revoked_at: 0,
-        };
+        let legacy = Revocation::whole_token("aGVhZGVy.bGVnYWN5.c2ln");
         set.insert(&legacy);
         assert!(set.is_revoked("aGVhZGVy.bGVnYWN5.c2ln", None));
     }

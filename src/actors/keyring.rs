@@ -279,10 +279,9 @@ impl KeyringRegistry {
     /// its mailbox, and the events since were coalesced into that reload: it is scheduled
     /// again for a fresh actor, so that the last event of a burst is still followed by a read.
     pub fn failed(&self, id: ActorId) -> bool {
-        let Some(name) = self.names.get(&id).map(|name| name.clone()) else {
+        let Some(name) = self.forget_named(id) else {
             return false;
         };
-        self.forget(id);
         if self.keyrings.cancel_event_reload(&name) {
             if let Some(wait) = self.keyrings.schedule_event_reload(&name) {
                 // Off the caller (the supervisor), which must not wait on a keyring actor.
@@ -414,12 +413,15 @@ impl KeyringRegistry {
     /// Forgets the actor with `id` after it failed or stopped; returns whether it was one of
     /// ours.
     pub fn forget(&self, id: ActorId) -> bool {
-        let Some((_, name)) = self.names.remove(&id) else {
-            return false;
-        };
+        self.forget_named(id).is_some()
+    }
+
+    /// [`KeyringRegistry::forget`], returning the keyring the actor was for.
+    fn forget_named(&self, id: ActorId) -> Option<String> {
+        let (_, name) = self.names.remove(&id)?;
         self.actors
             .remove_if(&name, |_, actor| actor.get_id() == id);
-        true
+        Some(name)
     }
 
     /// Stops the actors of keyrings that the cache no longer holds.

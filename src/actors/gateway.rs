@@ -94,19 +94,11 @@ pub struct Gateway;
 pub struct GatewayState {
     nats: async_nats::Client,
     draining: watch::Sender<bool>,
-    request_loops: Vec<JoinHandle<()>>,
-    discovery_loops: Vec<JoinHandle<()>>,
+    /// Aborted with the state: a gateway that failed leaves nothing serving behind it.
+    request_loops: OwnedTasks,
+    discovery_loops: OwnedTasks,
     inflight: Arc<Semaphore>,
     max_inflight: usize,
-}
-
-impl Drop for GatewayState {
-    fn drop(&mut self) {
-        // A gateway that failed leaves nothing serving behind it.
-        for task in self.request_loops.iter().chain(&self.discovery_loops) {
-            task.abort();
-        }
-    }
 }
 
 /// Counters of one endpoint, as `$SRV.STATS` reports them.
@@ -249,7 +241,7 @@ impl Actor for Gateway {
         // Aborted if this start fails after spawning them: a failed start must leave nothing
         // serving outside supervision (async-nats would even re-create their subscriptions
         // when it reconnects).
-        let mut request_loops = StartedTasks::default();
+        let mut request_loops = OwnedTasks::default();
         for (index, method) in Method::ALL.into_iter().enumerate() {
             for _ in 0..subscriptions {
                 let subscriber = args
@@ -278,7 +270,7 @@ impl Actor for Gateway {
             prefix: args.prefix.clone(),
             queue_group: args.queue_group.clone(),
         });
-        let mut discovery_loops = StartedTasks::default();
+        let mut discovery_loops = OwnedTasks::default();
         for kind in ["PING", "INFO", "STATS"] {
             for subject in [
                 format!("$SRV.{kind}"),
@@ -323,8 +315,8 @@ impl Actor for Gateway {
         Ok(GatewayState {
             nats: args.nats,
             draining,
-            request_loops: request_loops.keep(),
-            discovery_loops: discovery_loops.keep(),
+            request_loops,
+            discovery_loops,
             inflight,
             max_inflight: args.max_inflight,
         })
@@ -359,23 +351,19 @@ async fn drain(state: &mut GatewayState) {
     state.draining.send_replace(true);
     let mut loops = std::mem::take(&mut state.request_loops);
     let finished =
-        tokio::time::timeout(DRAIN_TIMEOUT, futures::future::join_all(loops.iter_mut())).await;
+        tokio::time::timeout(DRAIN_TIMEOUT, futures::future::join_all(loops.0.iter_mut())).await;
     if finished.is_err() {
-        // Stopped, not left running: they would go on taking requests after the keyring
-        // actors and storage have stopped.
         tracing::warn!("subscriptions did not drain within the drain timeout; stopping them");
-        for request_loop in &loops {
-            request_loop.abort();
-        }
     }
+    // Dropped, so any still running are stopped, not left taking requests after the keyring
+    // actors and storage have stopped.
+    drop(loops);
     let all = u32::try_from(state.max_inflight).unwrap_or(u32::MAX);
     match tokio::time::timeout(DRAIN_TIMEOUT, state.inflight.acquire_many(all)).await {
         Ok(Ok(permits)) => permits.forget(),
         _ => tracing::warn!("requests still in flight after the drain timeout"),
     }
-    for task in state.discovery_loops.drain(..) {
-        task.abort();
-    }
+    drop(std::mem::take(&mut state.discovery_loops));
     if let Err(reason) = flush_while_draining(&state.nats).await {
         tracing::warn!(reason, "the last replies may not have left");
     }
@@ -415,22 +403,18 @@ enum Drain {
     Closing,
 }
 
-/// Tasks spawned by a gateway start still under way: aborted when dropped, unless the start
-/// finished and [`StartedTasks::keep`] handed them to the gateway's state.
+/// Tasks the gateway owns: aborted when dropped, whether by a start that failed after
+/// spawning them or with the state of a gateway that stopped or failed.
 #[derive(Default)]
-struct StartedTasks(Vec<JoinHandle<()>>);
+struct OwnedTasks(Vec<JoinHandle<()>>);
 
-impl StartedTasks {
+impl OwnedTasks {
     fn push(&mut self, task: JoinHandle<()>) {
         self.0.push(task);
     }
-
-    fn keep(mut self) -> Vec<JoinHandle<()>> {
-        std::mem::take(&mut self.0)
-    }
 }
 
-impl Drop for StartedTasks {
+impl Drop for OwnedTasks {
     fn drop(&mut self) {
         for task in &self.0 {
             task.abort();

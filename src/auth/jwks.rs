@@ -47,7 +47,7 @@ const MAX_QUOTED_KID_CHARS: usize = 64;
 /// What a refresh loaded.
 struct Refreshed {
     keys: usize,
-    /// The document differs from the one loaded before.
+    /// Its keys differ from those loaded before.
     changed: bool,
 }
 
@@ -254,9 +254,6 @@ pub struct JwtVerifier {
     http: reqwest::Client,
     /// Woken by a token whose `kid` no key has: the provider may have published a new key.
     unknown_kid: Arc<tokio::sync::Notify>,
-    /// [`KeySet`]'s fingerprint of the last set loaded, to tell a changed key set from the
-    /// same one.
-    loaded_fingerprint: Arc<std::sync::Mutex<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -307,7 +304,6 @@ impl JwtVerifier {
             workspace_claim: workspace_claim.into(),
             http,
             unknown_kid: Arc::new(tokio::sync::Notify::new()),
-            loaded_fingerprint: Arc::new(std::sync::Mutex::new([0; 32])),
         })
     }
 
@@ -405,13 +401,7 @@ impl JwtVerifier {
         };
         let set = KeySet::parse(&bytes)?;
         let keys = set.len();
-        let changed = {
-            let mut loaded = self
-                .loaded_fingerprint
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            std::mem::replace(&mut *loaded, set.fingerprint) != set.fingerprint
-        };
+        let changed = self.keys.load().fingerprint != set.fingerprint;
         self.replace_keys(set);
         Ok(Refreshed { keys, changed })
     }

@@ -114,16 +114,21 @@ impl StorageWriter {
                 // Err: the previous write's task ended, which is all this waits for.
                 let _ = previous.await;
             }
-            // Checked again once a slot is free: a store slow enough to fill every slot is
-            // when callers give up while their writes wait.
-            if !reply.is_closed() {
-                if let Ok(_slot) = slots.acquire_owned().await {
-                    if !reply.is_closed() {
-                        let outcome = write(backend, key.clone()).await;
-                        let _ = reply.send(outcome);
-                    }
+            let write_for_caller = async {
+                if reply.is_closed() {
+                    return;
                 }
-            }
+                let Ok(_slot) = slots.acquire_owned().await else {
+                    return;
+                };
+                // Checked again once a slot is free: a store slow enough to fill every slot
+                // is when callers give up while their writes wait.
+                if reply.is_closed() {
+                    return;
+                }
+                let _ = reply.send(write(backend, key.clone()).await);
+            };
+            write_for_caller.await;
             last_writes.remove_if(&key, |_, (last, _)| *last == number);
             drop(done);
             drop(unanswered);

@@ -1227,6 +1227,16 @@ fn token_issue(args: TokenIssueArgs) -> u8 {
         eprintln!("error: --workspace is empty; leave it out for a token bound to no workspace");
         return 64;
     }
+    // The service refuses a token whose workspace no keyring could have: better said now
+    // than at the first request.
+    if let Some(Err(error)) = args
+        .workspace
+        .as_deref()
+        .map(|workspace| ringvault::auth::validate_workspace(workspace.trim()))
+    {
+        eprintln!("error: --workspace: {}", error.message());
+        return 64;
+    }
     let mut claims = Claims::new(args.subject.trim(), ttl);
     claims.workspace = args.workspace.map(|workspace| workspace.trim().to_owned());
     claims.permissions = permissions;

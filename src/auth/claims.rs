@@ -168,11 +168,11 @@ impl Claims {
         if present_but_empty {
             return Err(invalid(&format!("has an empty {workspace_claim:?} claim")));
         }
-        // A workspace is a keyring prefix: a name no keyring could have (`*billing`) would
-        // bind to nothing real and could collide with the keys ringvault derives from it.
+        // A name no keyring could have (`*billing`) could also collide with the keys ringvault
+        // derives from it.
         if workspace
             .as_deref()
-            .is_some_and(|workspace| crate::storage::validate_keyring(workspace).is_err())
+            .is_some_and(|workspace| super::validate_workspace(workspace).is_err())
         {
             return Err(invalid(&format!(
                 "has a {workspace_claim:?} claim that is not a valid workspace name"

@@ -19,7 +19,9 @@ pub use audit::{AuditRecord, Outcome};
 pub use claims::{looks_like_jwt, Claims};
 pub use jwks::{JwksSource, JwtVerifier, KeySet};
 pub use policy::{intersect, Policies, Policy};
-pub use principal::{in_workspace, parse_grants, Action, CredentialSource, Grant, Principal};
+pub use principal::{
+    in_workspace, parse_grants, validate_workspace, Action, CredentialSource, Grant, Principal,
+};
 pub use rate_limit::RateLimiter;
 pub use revocation::{
     announce_revocations, load_revocations, revocation_digest, revocation_subject, revocations_for,

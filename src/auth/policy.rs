@@ -34,6 +34,13 @@ impl Policy {
                 entry.subject, entry.workspace
             ))
         })?;
+        // Checked here because a policy fails open: one whose workspace matches no principal
+        // (`ws_*` where a name was meant) would start fine and cap nobody.
+        if !entry.workspace.is_empty() {
+            super::validate_workspace(&entry.workspace).map_err(|error| {
+                error.context(format!("policy for subject {:?}", entry.subject))
+            })?;
+        }
         Ok(Self {
             subject: (!entry.subject.is_empty()).then(|| entry.subject.clone()),
             workspace: (!entry.workspace.is_empty()).then(|| entry.workspace.clone()),
@@ -253,5 +260,26 @@ mod tests {
         assert!(!covers("ws_1/*", "ws_*"));
         assert!(!covers("*/prod", "ws_1/*"));
         assert!(covers("*/prod", "ws_1/prod"));
+    }
+
+    /// A policy whose workspace no principal can have would cap nobody: refused at start.
+    #[test]
+    fn a_policy_for_an_impossible_workspace_is_refused() {
+        let entry = |workspace: &str| PolicyConfig {
+            subject: String::new(),
+            workspace: workspace.to_owned(),
+            permissions: vec!["decrypt".to_owned()],
+        };
+        for workspace in ["ws_*", "ws_42/", " ws_42", "ws 42", "a//b"] {
+            let error = Policy::from_config(&entry(workspace)).unwrap_err();
+            assert_eq!(error.kind(), crate::error::Kind::InvalidArgument);
+            assert!(error.message().contains("workspace"), "{error}");
+        }
+        for workspace in ["", "ws_42", "ws_42/team"] {
+            assert!(
+                Policy::from_config(&entry(workspace)).is_ok(),
+                "{workspace}"
+            );
+        }
     }
 }

@@ -194,6 +194,18 @@ pub fn in_workspace(workspace: &str, keyring: &str) -> bool {
     }
 }
 
+/// Checks that `workspace` is a name a workspace can have: a keyring name, since a workspace is
+/// a keyring prefix. A name no keyring could have (`ws_*`, `ws_42/`) would bind to nothing
+/// real: a policy naming it would cap nobody, a token bound to it would reach nothing.
+pub fn validate_workspace(workspace: &str) -> Result<()> {
+    crate::storage::validate_keyring(workspace).map_err(|_| {
+        crate::error::Error::invalid_argument(format!(
+            "{workspace:?} is not a valid workspace name (a keyring name: no patterns, no empty \
+             segments)"
+        ))
+    })
+}
+
 /// Parses permission strings (`encrypt`, `decrypt:ws_42/*`).
 pub fn parse_grants<S: AsRef<str>>(permissions: &[S]) -> Result<Vec<Grant>> {
     permissions

@@ -52,6 +52,10 @@ impl StaticToken {
     pub fn from_config(entry: &StaticTokenConfig) -> Result<Self> {
         let permissions: Vec<Grant> = super::parse_grants(&entry.permissions)
             .map_err(|error| error.context(format!("token for {:?}", entry.subject)))?;
+        if !entry.workspace.is_empty() {
+            super::validate_workspace(&entry.workspace)
+                .map_err(|error| error.context(format!("token for {:?}", entry.subject)))?;
+        }
         let principal = Principal {
             workspace: (!entry.workspace.is_empty()).then(|| entry.workspace.clone()),
             subject: entry.subject.clone(),
@@ -125,5 +129,24 @@ mod tests {
         assert_eq!(tokens.verify("t2").unwrap().subject, "two");
         assert!(tokens.verify("t3").is_none());
         assert!(StaticToken::from_sha256("abc", principal("x")).is_err());
+    }
+
+    /// A token bound to a workspace no keyring could have would reach nothing: refused at
+    /// start instead of failing every request.
+    #[test]
+    fn a_token_bound_to_an_impossible_workspace_is_refused() {
+        let entry = |workspace: &str| StaticTokenConfig {
+            token: "t1".to_owned(),
+            sha256: String::new(),
+            subject: "svc".to_owned(),
+            workspace: workspace.to_owned(),
+            permissions: vec!["encrypt".to_owned()],
+        };
+        for workspace in ["ws_*", "ws_42/", "ws 42"] {
+            let error = StaticToken::from_config(&entry(workspace)).unwrap_err();
+            assert!(error.message().contains("workspace"), "{error}");
+        }
+        assert!(StaticToken::from_config(&entry("ws_42/team")).is_ok());
+        assert!(StaticToken::from_config(&entry("")).is_ok());
     }
 }

@@ -447,9 +447,10 @@ fn short_signing_secrets_refuse_to_start() {
 }
 
 /// `ringvault token issue --workspace ""` (an unset variable in a script) is refused rather
-/// than minting a token for every keyring.
+/// than minting a token for every keyring, and so is a workspace no keyring could have, which
+/// the service would refuse at every request.
 #[test]
-fn token_issue_refuses_an_empty_workspace() {
+fn token_issue_refuses_an_empty_or_invalid_workspace() {
     let issue = |workspace: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
             .args([
@@ -466,9 +467,9 @@ fn token_issue_refuses_an_empty_workspace() {
             .output()
             .unwrap()
     };
-    for empty in ["", " "] {
-        let output = issue(empty);
-        assert_eq!(output.status.code(), Some(64), "{output:?}");
+    for refused in ["", " ", "ws 1", "ws_*", "ws_1/", "/ws_1", "ws_1//a"] {
+        let output = issue(refused);
+        assert_eq!(output.status.code(), Some(64), "{refused:?}: {output:?}");
         assert!(String::from_utf8_lossy(&output.stderr).contains("--workspace"));
     }
     let output = issue("ws_1");

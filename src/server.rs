@@ -779,6 +779,51 @@ pub async fn connect_nats(config: &Config, name: &str) -> Result<async_nats::Cli
 mod tests {
     use super::*;
 
+    /// `[[rotation.keyrings]]`: the first matching pattern wins, `0` means never, and a keyring
+    /// no pattern matches takes `rotation.rotate_after_secs`.
+    #[test]
+    fn rotation_ages_by_keyring_pattern() {
+        let config = Config::from_sources(
+            Some(
+                r#"
+                [rotation]
+                rotate_after_secs = 86400
+                [[rotation.keyrings]]
+                pattern = "busy/*"
+                rotate_after_secs = 3600
+                [[rotation.keyrings]]
+                pattern = "busy/archive"
+                rotate_after_secs = 60
+                [[rotation.keyrings]]
+                pattern = "frozen*"
+                rotate_after_secs = 0
+                "#,
+            ),
+            Vec::new(),
+        )
+        .unwrap();
+        let policy = rotation_policy(&config);
+        assert!(policy.is_enabled());
+        let hours = |hours: u64| Some(Duration::from_secs(hours * 3600));
+        assert_eq!(policy.rotate_after("busy/a"), hours(1));
+        // Listed second: `busy/*` matches first.
+        assert_eq!(policy.rotate_after("busy/archive"), hours(1));
+        assert_eq!(policy.rotate_after("frozen_1"), None);
+        assert_eq!(policy.rotate_after("ws_1"), hours(24));
+        assert_eq!(policy.rotate_after("busy"), hours(24));
+
+        let only_patterns = Config::from_sources(
+            Some("[[rotation.keyrings]]\npattern = \"a*\"\nrotate_after_secs = 5\n"),
+            Vec::new(),
+        )
+        .unwrap();
+        let policy = rotation_policy(&only_patterns);
+        assert!(policy.is_enabled());
+        assert_eq!(policy.rotate_after("ab"), Some(Duration::from_secs(5)));
+        assert_eq!(policy.rotate_after("b"), None);
+        assert!(!rotation_policy(&Config::defaults()).is_enabled());
+    }
+
     fn config_in(dir: &Path, extra: &[(&str, &str)]) -> Config {
         let mut env: Vec<(String, String)> = vec![
             (

@@ -15,6 +15,7 @@ mod auth_jwks;
 mod auth_tokens;
 mod auth_wire;
 mod bench_echo;
+mod cli_client;
 mod events;
 mod harness;
 mod s3_storage;

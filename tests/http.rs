@@ -164,6 +164,72 @@ async fn health_and_metrics_need_their_roles() {
     );
     assert!(counter_sum(&after, "ringvault_rotations_total", "first_use") >= 1.0);
     assert!(after.contains("ringvault_cache_keys"));
+    // The first Encrypt of ws_metrics missed the cache, created its key (storage writes) and
+    // announced it.
+    assert!(counter_sum(&after, "ringvault_cache_misses_total", "latest") >= 1.0);
+    assert!(
+        counter_sum(&after, "ringvault_storage_duration_seconds_count", "") >= 2.0,
+        "{after}"
+    );
+    assert!(counter_sum(&after, "ringvault_events_published_total", "") >= 1.0);
+    assert!(counter_sum(&after, "ringvault_cache_keyrings", "") >= 1.0);
+    assert_eq!(counter_sum(&after, "ringvault_nats_reconnects", ""), 0.0);
+
+    // A second replica's rotation reaches this one, which caches ws_metrics: one applied event.
+    let applied = |text: &str| counter_sum(text, "ringvault_events_applied_total", "");
+    let other = env.service(&[]).await;
+    other.keyrings().rotate("ws_metrics").await.unwrap();
+    let mut applied_after = 0.0;
+    for _ in 0..500 {
+        let (_, now) = get(address, "/metrics", Some(&both)).await;
+        applied_after = applied(&now);
+        if applied_after > applied(&after) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(applied_after > applied(&after), "no event applied");
+    other.shutdown().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+/// `/health` answers 503 with `"status": "degraded"` once the NATS connection is down, while
+/// `/health/live` still answers 200.
+#[tokio::test]
+async fn health_is_degraded_while_nats_is_down() {
+    let mut env = TestEnv::start().await;
+    let server = env
+        .service(&[
+            ("RINGVAULT_HTTP_LISTEN", "127.0.0.1:0"),
+            ("RINGVAULT_HTTP_TOKEN_SECRET", SECRET),
+        ])
+        .await;
+    let address = server.http_address().unwrap();
+    let token = role_token(
+        SECRET,
+        &["runtime.health:read"],
+        None,
+        Duration::from_secs(3600),
+    );
+    let (status, body) = get(address, "/health", Some(&token)).await;
+    assert_eq!(status, 200, "{body}");
+
+    env.nats.kill().await;
+    let mut last = (0, String::new());
+    for _ in 0..500 {
+        last = get(address, "/health", Some(&token)).await;
+        if last.0 == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = last;
+    assert_eq!(status, 503, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["status"], "degraded", "{report}");
+    assert_eq!(report["nats"], "disconnected", "{report}");
+    // Liveness is the process, not its dependencies.
+    assert_eq!(get(address, "/health/live", None).await, (200, "ok".into()));
     server.shutdown().await.unwrap();
 }
 

@@ -26,11 +26,12 @@ use super::AuthHandle;
 use crate::auth::{AuditRecord, Policies, Principal, RateLimiter};
 use crate::error::{Error, Kind, Result};
 use crate::protocol::{
-    decode, encode, encode_decrypt_response, encode_encrypt_response, DecryptBulkRequest,
-    DecryptBulkResponse, DecryptRequest, DescribeKeyringRequest, DescribeKeyringResponse,
-    EncryptBulkRequest, EncryptBulkResponse, EncryptRequest, ErrorBody, Format, LivenessResponse,
-    Method, ReEncryptRequest, ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse,
-    AUTHORIZATION, CONTENT_TYPE, JSON_CONTENT_TYPE, REQUEST_ID, SERVICE_ERROR, SERVICE_ERROR_CODE,
+    decode, encode, encode_decrypt_response, encode_encrypt_response, request_keyring,
+    DecryptBulkRequest, DecryptBulkResponse, DecryptRequest, DescribeKeyringRequest,
+    DescribeKeyringResponse, EncryptBulkRequest, EncryptBulkResponse, EncryptRequest, ErrorBody,
+    Format, LivenessResponse, Method, ReEncryptRequest, ReEncryptResponse, RotateKeyringRequest,
+    RotateKeyringResponse, AUTHORIZATION, CONTENT_TYPE, JSON_CONTENT_TYPE, REQUEST_ID,
+    SERVICE_ERROR, SERVICE_ERROR_CODE,
 };
 use crate::rpc::{Decrypted, Sealed, Vault};
 use crate::storage::validate_keyring;
@@ -895,7 +896,17 @@ async fn serve(
     facts: &mut AuditFacts,
 ) -> std::result::Result<Bytes, Failure> {
     let bound_to = principal.workspace.clone();
-    let principal = acting_principal(principal, headers.tenant_id, &context.policies, facts)?;
+    // Refusals before the body is decoded still name the keyring in their audit record.
+    let refused_before_decoding = |facts: &mut AuditFacts| {
+        facts.keyring = request_keyring(format, payload);
+    };
+    let principal = match acting_principal(principal, headers.tenant_id, &context.policies, facts) {
+        Ok(principal) => principal,
+        Err(error) => {
+            refused_before_decoding(facts);
+            return Err(error.into());
+        }
+    };
     if let Some(limiter) = &context.rate_limiter {
         // One bucket per workspace: the principal's own when it is bound to one (acting for a
         // workspace below it does not give it a fresh bucket each), else the one it acts for;
@@ -909,6 +920,7 @@ async fn serve(
             ),
         };
         if let Err(wait) = limiter.check(&key) {
+            refused_before_decoding(facts);
             return Err(Failure {
                 error: Error::new(
                     Kind::RateLimited,

@@ -55,6 +55,22 @@ where
     }
 }
 
+/// The `keyring` field (1, `keyring`) that every request but Liveness carries, read on its
+/// own: for the audit record of a request refused before its body is decoded (over a rate
+/// limit, a refused `X-Tenant-ID`). Empty when the body has none or does not decode.
+pub fn request_keyring(format: Format, body: &[u8]) -> String {
+    /// Any request, every field but its keyring skipped.
+    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
+    #[serde(default)]
+    struct KeyringOnly {
+        #[prost(string, tag = "1")]
+        keyring: String,
+    }
+    decode::<KeyringOnly>(format, body)
+        .map(|request| request.keyring)
+        .unwrap_or_default()
+}
+
 fn malformed_json(error: &serde_json::Error) -> Error {
     Error::invalid_argument(format!("malformed json request: {error}"))
 }
@@ -167,7 +183,27 @@ impl ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{EncryptRequest, ReEncryptRequest};
+    use crate::protocol::{DecryptBulkRequest, EncryptRequest, ReEncryptRequest};
+
+    #[test]
+    fn request_keyring_reads_the_keyring_of_any_request() {
+        let encrypt = EncryptRequest {
+            keyring: "ws_1/a".into(),
+            data: "plaintext".into(),
+        };
+        let bulk = DecryptBulkRequest {
+            keyring: "ws_2".into(),
+            items: [("a".to_owned(), "b".to_owned())].into(),
+        };
+        for format in [Format::Protobuf, Format::Json] {
+            assert_eq!(request_keyring(format, &encode(format, &encrypt)), "ws_1/a");
+            assert_eq!(request_keyring(format, &encode(format, &bulk)), "ws_2");
+            assert_eq!(request_keyring(format, b""), "");
+        }
+        assert_eq!(request_keyring(Format::Protobuf, b"\x0a\x20truncated"), "");
+        assert_eq!(request_keyring(Format::Json, br#"{"keyring":"ws_1""#), "");
+        assert_eq!(request_keyring(Format::Json, br#"{"keyring":null}"#), "");
+    }
 
     #[test]
     fn json_null_fields_are_unset_fields() {

@@ -8,8 +8,8 @@ pub(crate) mod fields;
 mod messages;
 
 pub use codec::{
-    decode, encode, encode_decrypt_response, encode_encrypt_response, ErrorBody, Format,
-    MAX_ERROR_MESSAGE_CHARS,
+    decode, encode, encode_decrypt_response, encode_encrypt_response, request_keyring, ErrorBody,
+    Format, MAX_ERROR_MESSAGE_CHARS,
 };
 pub(crate) use envelope::tolerant_decode;
 pub use envelope::{

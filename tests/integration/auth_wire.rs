@@ -71,6 +71,9 @@ async fn rate_limit_is_per_workspace_with_retry_after() {
             ("RINGVAULT_AUTH_RATE_LIMIT_BURST", "3"),
         ])
         .await;
+    let watcher = async_nats::connect(env.nats.url()).await.unwrap();
+    let mut audit = watcher.subscribe("vault.v1.audit").await.unwrap();
+    watcher.flush().await.unwrap();
     let client = env.client(Format::Json).await;
     let ws_a = token("svc-a", "ws_a", &["encrypt"]);
     let ws_b = token("svc-b", "ws_b", &["encrypt"]);
@@ -97,6 +100,29 @@ async fn rate_limit_is_per_workspace_with_retry_after() {
         limited >= 2,
         "6 quick requests against a burst of 3: {limited} limited"
     );
+    // Each of the six left a record, the limited ones with their keyring and error code.
+    let mut records: Vec<serde_json::Value> = Vec::new();
+    while records.len() < 6 {
+        let message = tokio::time::timeout(Duration::from_secs(10), audit.next())
+            .await
+            .expect("six audit records within 10 s")
+            .unwrap();
+        let lines = String::from_utf8(message.payload.to_vec()).unwrap();
+        records.extend(
+            lines
+                .lines()
+                .map(|line| serde_json::from_str(line).unwrap()),
+        );
+    }
+    let limited_records: Vec<_> = records
+        .iter()
+        .filter(|record| record["error_code"] == "rate_limited")
+        .collect();
+    assert_eq!(limited_records.len(), limited, "{records:#?}");
+    for record in limited_records {
+        assert_eq!(record["keyring"], "ws_a/app", "{record}");
+        assert_eq!(record["subject"], "svc-a", "{record}");
+    }
 
     for _ in 0..3 {
         let reply = raw_encrypt(&client, &ws_b, None, "ws_b/app", "hello").await;
@@ -251,12 +277,18 @@ async fn audit_records_on_nats() {
     );
     let reply = raw_encrypt(&client, &admin_token, Some("ws_b"), "ws_b/app", PLAINTEXT).await;
     assert!(reply.error().is_none(), "{:?}", reply.error());
+    // Refused before its body is decoded: its record still names the keyring.
+    let reply = raw_encrypt(&client, &ws_a_token, Some("ws_b"), "ws_b/app", PLAINTEXT).await;
+    assert_eq!(
+        reply.error().map(|error| error.kind()),
+        Some(Kind::AccessDenied)
+    );
 
-    // The four expected records (within a generous bound), then a short wait for any extra.
+    // The five expected records (within a generous bound), then a short wait for any extra.
     let mut records = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let wait = if records.len() < 4 {
+        let wait = if records.len() < 5 {
             deadline.saturating_duration_since(tokio::time::Instant::now())
         } else {
             Duration::from_millis(300)
@@ -268,7 +300,7 @@ async fn audit_records_on_nats() {
         let lines = String::from_utf8(message.payload.to_vec()).unwrap();
         records.extend(lines.lines().map(str::to_owned));
     }
-    assert_eq!(records.len(), 4, "{records:#?}");
+    assert_eq!(records.len(), 5, "{records:#?}");
     for raw in &records {
         for secret in [PLAINTEXT, &sealed.encrypted, &ws_a_token, &admin_token] {
             assert!(!raw.contains(secret), "audit leaks a secret: {raw}");
@@ -311,4 +343,10 @@ async fn audit_records_on_nats() {
     assert_eq!(acting["acting_for"], "ws_b");
     assert_eq!(acting["keyring"], "ws_b/app");
     assert_eq!(acting["outcome"], "ok");
+
+    let refused_tenant = &json[4];
+    assert_eq!(refused_tenant["subject"], "svc-a");
+    assert_eq!(refused_tenant["acting_for"], "ws_b");
+    assert_eq!(refused_tenant["keyring"], "ws_b/app");
+    assert_eq!(refused_tenant["error_code"], "access_denied");
 }

@@ -335,13 +335,21 @@ impl Actor for Gateway {
                 let _ = reply.send(());
             }
             GatewayMsg::LoopEnded(method) => {
-                if !*state.draining.borrow() {
-                    return Err(format!(
-                        "the request loop of {} ended without a drain",
-                        method.name()
-                    )
-                    .into());
+                if *state.draining.borrow() {
+                    return Ok(());
                 }
+                tracing::error!(
+                    method = method.name(),
+                    "a request loop ended without a drain; draining the others, then restarting"
+                );
+                // The other loops hold requests they have taken; failing now would abort them
+                // unanswered, and their callers would wait out their own timeouts.
+                drain(state).await;
+                return Err(format!(
+                    "the request loop of {} ended without a drain",
+                    method.name()
+                )
+                .into());
             }
         }
         Ok(())
@@ -714,6 +722,10 @@ async fn handle_request(
         .map(str::to_owned)
         .unwrap_or_else(new_request_id);
     let format = Format::from_content_type(headers.content_type);
+    #[cfg(feature = "test-hooks")]
+    if let Some(delay) = context.hooks.faults.take_request_delay(method) {
+        tokio::time::sleep(delay).await;
+    }
     let (outcome, record) = AssertUnwindSafe(dispatch(
         context,
         method,

@@ -148,6 +148,8 @@ pub struct FaultHooks {
     pub fail_gateway_start: std::sync::atomic::AtomicUsize,
     /// The request loop that takes the next request of this method ends (dropping it).
     pub end_request_loop: std::sync::Mutex<Option<crate::protocol::Method>>,
+    /// The next request of this method is held this long before it is handled.
+    pub delay_next_request: std::sync::Mutex<Option<(crate::protocol::Method, Duration)>>,
 }
 
 #[cfg(feature = "test-hooks")]
@@ -171,6 +173,21 @@ impl FaultHooks {
             return true;
         }
         false
+    }
+
+    /// Consumes the pending delay of the next request of `method`.
+    pub fn take_request_delay(&self, method: crate::protocol::Method) -> Option<Duration> {
+        let mut pending = self
+            .delay_next_request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match *pending {
+            Some((delayed, delay)) if delayed == method => {
+                *pending = None;
+                Some(delay)
+            }
+            _ => None,
+        }
     }
 
     /// Consumes one pending failure of a gateway start.

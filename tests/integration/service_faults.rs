@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::service::{files_under, TestEnv, TOKEN};
+use common::service::{eventually, files_under, TestEnv, TOKEN};
 use futures::StreamExt as _;
 use rand::{Rng as _, SeedableRng as _};
 use ringvault::client::{request_headers, Client, RawReply};
@@ -272,6 +272,43 @@ async fn a_request_loop_that_ends_restarts_the_gateway() {
     })
     .await;
     assert!(sealed.key_id.starts_with("dek_"));
+    server.shutdown().await.unwrap();
+}
+
+/// When one request loop ends outside a drain, the gateway drains the others before it is
+/// restarted: a request another method's loop has taken is answered, not aborted.
+#[tokio::test]
+async fn a_request_loop_that_ends_lets_the_others_answer_what_they_hold() {
+    let env = TestEnv::start().await;
+    let server = env
+        .service(&[("RINGVAULT_NATS_SUBSCRIPTIONS_PER_METHOD", "1")])
+        .await;
+    let client = env.client(Format::Protobuf).await;
+    let sealed = client.encrypt("ws_held", "held").await.unwrap();
+    let faults = server.hooks().faults.clone();
+    *faults.delay_next_request.lock().unwrap() = Some((Method::Decrypt, Duration::from_secs(1)));
+    let held = tokio::spawn({
+        let client = client.clone();
+        async move { client.decrypt("ws_held", &sealed.encrypted).await }
+    });
+    // Taken by the Decrypt loop, and held there.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            faults.delay_next_request.lock().unwrap().is_none()
+        })
+        .await
+    );
+    *faults.end_request_loop.lock().unwrap() = Some(Method::Encrypt);
+    let _ = impatient_client(&env)
+        .await
+        .encrypt("ws_held", "dropped")
+        .await;
+    let opened = held.await.unwrap().expect("the held Decrypt is answered");
+    assert_eq!(opened.plaintext, "held");
+    until_ok("encrypt after the restart", || {
+        client.encrypt("ws_held", "after")
+    })
+    .await;
     server.shutdown().await.unwrap();
 }
 

@@ -187,7 +187,11 @@ impl AuthHandle {
     /// The current revocation generation, clearing the cache when it moved.
     fn current_generation(&self) -> Option<u64> {
         let generation = self.revocations.get()?.generation();
-        if self.seen_generation.swap(generation, Ordering::AcqRel) != generation {
+        // A load first: every request passes here, and a write would move the cache line
+        // between cores each time.
+        if self.seen_generation.load(Ordering::Acquire) != generation
+            && self.seen_generation.swap(generation, Ordering::AcqRel) != generation
+        {
             self.verified.clear();
         }
         Some(generation)

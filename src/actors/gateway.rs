@@ -479,6 +479,12 @@ async fn serve_method(
     let mut stop_taking = false;
     let quiet = tokio::time::sleep(DRAIN_QUIET);
     tokio::pin!(quiet);
+    // Made once: a fresh wait per pass of the loop below would register with the watch (its
+    // lock, a waker clone) and deregister again for every request.
+    let drain_requested = async move {
+        let _ = drain_signal.wait_for(|drain| *drain).await;
+    };
+    tokio::pin!(drain_requested);
     loop {
         let message = if let Some(message) = backlog.pop_front() {
             Some(message)
@@ -498,7 +504,7 @@ async fn serve_method(
                     }
                     continue;
                 }
-                _ = async { drain_signal.wait_for(|drain| *drain).await.map(|_| ()) }, if draining == Drain::No => {
+                () = &mut drain_requested, if draining == Drain::No => {
                     draining = Drain::Counted;
                     quiet.as_mut().reset(tokio::time::Instant::now() + DRAIN_QUIET);
                     // The allowance counts from what the client library has delivered to this
@@ -559,23 +565,25 @@ async fn serve_method(
                 .as_mut()
                 .reset(tokio::time::Instant::now() + DRAIN_QUIET);
         }
+        // Borrowed, not cloned: `requests` ends before this function's arguments, and an `Arc`
+        // clone per request is two atomic writes on a line every core shares.
         let permit = loop {
-            match inflight.clone().try_acquire_owned() {
+            match inflight.try_acquire() {
                 Ok(permit) => break Some(permit),
                 Err(tokio::sync::TryAcquireError::Closed) => break None,
                 // At the limit: let this subscription's own requests finish meanwhile.
                 Err(tokio::sync::TryAcquireError::NoPermits) => tokio::select! {
                     Some(record) = requests.next() => audit_records.extend(record),
-                    permit = inflight.clone().acquire_owned() => break permit.ok(),
+                    permit = inflight.acquire() => break permit.ok(),
                 },
             }
         };
         let Some(permit) = permit else {
             break;
         };
-        let context = context.clone();
+        let context = &*context;
         requests.push(async move {
-            let record = handle_request(&context, method, index, message).await;
+            let record = handle_request(context, method, index, message).await;
             drop(permit);
             record
         });

@@ -109,16 +109,23 @@ pub struct Rotation {
 /// LATEST as cached.
 struct CachedLatest {
     dek: Arc<Dek>,
+    /// The last use of the same key in the keyring's `deks`, shared so that the hot path
+    /// stamps it without a second lookup.
+    last_used: Arc<AtomicU64>,
     /// When the read (or the rotation) that found it finished.
     read_at: Instant,
     /// When that read started: the key is at least as new as LATEST was then.
     read_started: Instant,
 }
 
-/// A cached DEK and when it was last used (a logical clock, for LRU eviction).
+/// A cached DEK and when it was last used, for LRU eviction: the value of the cache's
+/// clock, which advances once per key inserted. A use stamps the clock's current value and
+/// writes only when that moved, so that the requests of every core using one key do not
+/// each write the same cache line (nor the clock's); keys used since the last insert tie,
+/// which is as fine-grained as eviction, done on insert, needs.
 struct CachedDek {
     dek: Arc<Dek>,
-    last_used: AtomicU64,
+    last_used: Arc<AtomicU64>,
 }
 
 /// One keyring's cache.
@@ -362,7 +369,7 @@ impl Keyrings {
         if age >= self.shared.policy.fresh_for {
             self.refresh_in_background(&ring);
         }
-        self.touch(&ring, latest.dek.id());
+        self.touch(&latest.last_used);
         Some(latest.dek.clone())
     }
 
@@ -406,7 +413,7 @@ impl Keyrings {
                 .ok_or_else(|| {
                     Error::not_found(format!("key {key_id:?} not found in keyring {name:?}"))
                 })?;
-            Ok(self.insert_dek(&ring, dek))
+            Ok(self.insert_dek(&ring, dek).0)
         })
         .await
     }
@@ -571,18 +578,16 @@ impl Keyrings {
 
     fn cached_dek(&self, ring: &Keyring, key_id: &str) -> Option<Arc<Dek>> {
         let cached = ring.deks.get(key_id)?;
-        cached.last_used.store(self.tick(), Ordering::Relaxed);
+        self.touch(&cached.last_used);
         Some(cached.dek.clone())
     }
 
-    fn touch(&self, ring: &Keyring, key_id: &str) {
-        if let Some(cached) = ring.deks.get(key_id) {
-            cached.last_used.store(self.tick(), Ordering::Relaxed);
+    /// Stamps a use of a cached key (see [`CachedDek`]).
+    fn touch(&self, last_used: &AtomicU64) {
+        let now = self.shared.clock.load(Ordering::Relaxed);
+        if last_used.load(Ordering::Relaxed) < now {
+            last_used.store(now, Ordering::Relaxed);
         }
-    }
-
-    fn tick(&self) -> u64 {
-        self.shared.clock.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Reads LATEST (creating the first DEK on an explicit not-found), single-flight per
@@ -633,27 +638,33 @@ impl Keyrings {
 
     /// Caches `dek` as the keyring's LATEST, read from storage now.
     fn install_latest(&self, ring: &Arc<Keyring>, dek: Dek, read_started: Instant) -> Arc<Dek> {
-        let dek = self.insert_dek(ring, dek);
-        set_latest(ring, dek.clone(), read_started);
+        let (dek, last_used) = self.insert_dek(ring, dek);
+        ring.latest.store(Some(Arc::new(CachedLatest {
+            dek: dek.clone(),
+            last_used,
+            read_at: Instant::now(),
+            read_started,
+        })));
         dek
     }
 
     /// Caches `dek` by id, reusing an equal cached one, and keeps the cache within capacity.
-    fn insert_dek(&self, ring: &Arc<Keyring>, dek: Dek) -> Arc<Dek> {
-        let last_used = AtomicU64::new(self.tick());
+    /// Returns the cached key and its last-use stamp.
+    fn insert_dek(&self, ring: &Arc<Keyring>, dek: Dek) -> (Arc<Dek>, Arc<AtomicU64>) {
         let mut inserted = false;
-        let cached = ring
-            .deks
-            .entry(dek.id().to_owned())
-            .or_insert_with(|| {
+        // In a block of its own: the entry holds its shard's lock, which eviction below takes.
+        let cached = {
+            let entry = ring.deks.entry(dek.id().to_owned()).or_insert_with(|| {
                 inserted = true;
+                let stamp = self.shared.clock.fetch_add(1, Ordering::Relaxed) + 1;
                 CachedDek {
                     dek: Arc::new(dek),
-                    last_used,
+                    last_used: Arc::new(AtomicU64::new(stamp)),
                 }
-            })
-            .dek
-            .clone();
+            });
+            self.touch(&entry.last_used);
+            (entry.dek.clone(), entry.last_used.clone())
+        };
         if inserted {
             let entries = self.shared.entries.fetch_add(1, Ordering::AcqRel) + 1;
             if entries > self.shared.policy.max_entries {
@@ -711,15 +722,6 @@ impl Keyrings {
         }
         tracing::debug!(evicted = to_evict, "evicted least recently used keys");
     }
-}
-
-/// Makes `dek` the keyring's cached LATEST, read from storage now.
-fn set_latest(ring: &Keyring, dek: Arc<Dek>, read_started: Instant) {
-    ring.latest.store(Some(Arc::new(CachedLatest {
-        dek,
-        read_at: Instant::now(),
-        read_started,
-    })));
 }
 
 #[cfg(test)]

@@ -151,6 +151,37 @@ async fn capacity_evicts_least_recently_used() {
     );
 }
 
+/// A use of LATEST from the cache (the hot path, which stamps the use without looking the key
+/// up by id) keeps the key from eviction as a lookup by id does.
+#[tokio::test(start_paused = true)]
+async fn a_cached_latest_use_counts_for_eviction() {
+    let policy = CachePolicy {
+        max_entries: 4,
+        ..CachePolicy::default()
+    };
+    let (keyrings, faults) = keyrings_with(policy);
+    let mut ids = Vec::new();
+    for name in ["ws_a", "ws_b", "ws_c", "ws_d"] {
+        ids.push(keyrings.latest(name).await.unwrap().id().to_owned());
+    }
+    let before = calls(&faults);
+    keyrings.latest("ws_a").await.unwrap();
+    assert_eq!(calls(&faults), before, "served from the cache");
+    keyrings.latest("ws_e").await.unwrap();
+    let before = calls(&faults);
+    keyrings.dek("ws_a", &ids[0]).await.unwrap();
+    assert_eq!(
+        calls(&faults),
+        before,
+        "ws_a's key, just used, stayed cached"
+    );
+    keyrings.dek("ws_b", &ids[1]).await.unwrap();
+    assert!(
+        calls(&faults) > before,
+        "ws_b's key, the least recently used, went"
+    );
+}
+
 #[tokio::test]
 async fn concurrent_first_use_creates_exactly_one_dek() {
     let (keyrings, faults) = keyrings_with(CachePolicy::default());

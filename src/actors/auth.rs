@@ -209,8 +209,13 @@ impl AuthHandle {
         None
     }
 
-    /// The principal of an `Authorization` header value.
-    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<Principal>> {
+    /// The principal of an `Authorization` header value; `request_id` names the request in the
+    /// log line of a refusal.
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        request_id: &str,
+    ) -> Result<Arc<Principal>> {
         let token = bearer_token(authorization)?;
         let digest = token_digest(token);
         let generation = self.current_generation();
@@ -222,11 +227,16 @@ impl AuthHandle {
         }
         // Boxed: the actor call's future is large, and every request's future would otherwise
         // carry it for the few that miss the cache.
-        Box::pin(self.verify(token, digest)).await
+        Box::pin(self.verify(token, digest, request_id)).await
     }
 
     /// Has the authenticator verify `token` and caches the principal it yields.
-    async fn verify(&self, token: &str, digest: [u8; 32]) -> Result<Arc<Principal>> {
+    async fn verify(
+        &self,
+        token: &str,
+        digest: [u8; 32],
+        request_id: &str,
+    ) -> Result<Arc<Principal>> {
         // A refusal is remembered from when it was asked for, not from when the answer came.
         let asked = Instant::now();
         let owned = Zeroizing::new(token.to_owned());
@@ -251,6 +261,7 @@ impl AuthHandle {
                 tracing::info!(
                     token = fingerprint(token),
                     code = error.kind().code(),
+                    request_id,
                     "credential refused"
                 );
                 self.remember_refusal(digest, &error, asked);
@@ -364,8 +375,8 @@ mod tests {
         let (handle, _slot, _actor) = handle_over(Authenticator::new(tokens)).await;
         let both = async {
             tokio::join!(
-                handle.authenticate(Some("Bearer side-by-side-a")),
-                handle.authenticate(Some("Bearer side-by-side-b")),
+                handle.authenticate(Some("Bearer side-by-side-a"), "req-a"),
+                handle.authenticate(Some("Bearer side-by-side-b"), "req-b"),
             )
         };
         let (a, b) = tokio::time::timeout(Duration::from_secs(10), both)
@@ -390,7 +401,7 @@ mod tests {
 
     async fn refused(handle: &AuthHandle, token: &str) -> Error {
         handle
-            .authenticate(Some(&format!("Bearer {token}")))
+            .authenticate(Some(&format!("Bearer {token}")), "req-1")
             .await
             .unwrap_err()
     }
@@ -407,13 +418,19 @@ mod tests {
         let (handle, slot, actor) = handle_over(Authenticator::new(tokens)).await;
         let first = refused(&handle, "forged").await;
         assert_eq!(first.kind(), Kind::InvalidToken, "{first}");
-        assert!(handle.authenticate(Some("Bearer good")).await.is_ok());
+        assert!(handle
+            .authenticate(Some("Bearer good"), "req-1")
+            .await
+            .is_ok());
 
         // Without the actor, only memory can answer: the refusal is repeated as it was, and
         // the verified token still passes, while a token never seen cannot be checked.
         slot.clear();
         assert_eq!(refused(&handle, "forged").await, first);
-        assert!(handle.authenticate(Some("Bearer good")).await.is_ok());
+        assert!(handle
+            .authenticate(Some("Bearer good"), "req-1")
+            .await
+            .is_ok());
         let unseen = refused(&handle, "unseen").await;
         assert_eq!(unseen.kind(), Kind::Unavailable, "{unseen}");
 

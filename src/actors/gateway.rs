@@ -886,7 +886,11 @@ async fn dispatch(
         return (Ok(encode(format, &response)), None);
     }
     // Verifying a credential is not an audit event: a request that fails here leaves none.
-    let principal = match context.auth.authenticate(headers.authorization).await {
+    let principal = match context
+        .auth
+        .authenticate(headers.authorization, request_id)
+        .await
+    {
         Ok(principal) => principal,
         Err(error) => return (Err(error.into()), None),
     };

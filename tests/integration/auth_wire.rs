@@ -219,6 +219,14 @@ async fn workspace_isolation_and_tenant_header() {
     assert_eq!(reply.error().map(|e| e.kind()), Some(Kind::AccessDenied));
     let reply = raw_encrypt(&client, &non_admin, Some("ws_a"), "ws_a/app", "x").await;
     assert!(reply.error().is_none(), "{:?}", reply.error());
+
+    // An X-Tenant-ID that is no workspace name is the caller's mistake, not a refusal.
+    for invalid in ["ws_*", "ws_b/", "../ws_b"] {
+        let reply = raw_encrypt(&client, &admin, Some(invalid), "ws_b/app", "x").await;
+        let error = reply.error().expect("refused");
+        assert_eq!(error.kind(), Kind::InvalidArgument, "{invalid}: {error}");
+        assert!(error.message().contains("X-Tenant-ID"), "{error}");
+    }
 }
 
 /// An admin acting for a workspace is limited by that workspace's policies, as the

@@ -312,6 +312,48 @@ async fn a_request_loop_that_ends_lets_the_others_answer_what_they_hold() {
     server.shutdown().await.unwrap();
 }
 
+/// `nats.max_inflight` bounds the requests in progress across every method: with a limit of
+/// one, a Liveness waits for a held Encrypt; without it, it does not.
+#[tokio::test]
+async fn max_inflight_bounds_requests_across_methods() {
+    for (limit, liveness_waits) in [("1", true), ("64", false)] {
+        let env = TestEnv::start().await;
+        let server = env
+            .service(&[
+                ("RINGVAULT_NATS_MAX_INFLIGHT", limit),
+                ("RINGVAULT_NATS_SUBSCRIPTIONS_PER_METHOD", "1"),
+            ])
+            .await;
+        let client = env.client(Format::Protobuf).await;
+        client.encrypt("ws_inflight", "warm").await.unwrap();
+        let faults = server.hooks().faults.clone();
+        *faults.delay_next_request.lock().unwrap() =
+            Some((Method::Encrypt, Duration::from_millis(1500)));
+        let held = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client.encrypt("ws_inflight", "held").await.unwrap();
+                tokio::time::Instant::now()
+            }
+        });
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                faults.delay_next_request.lock().unwrap().is_none()
+            })
+            .await
+        );
+        client.liveness().await.unwrap();
+        let liveness_done = tokio::time::Instant::now();
+        let held_done = held.await.unwrap();
+        assert_eq!(
+            liveness_done >= held_done,
+            liveness_waits,
+            "max_inflight {limit}: liveness at {liveness_done:?}, held encrypt at {held_done:?}"
+        );
+        server.shutdown().await.unwrap();
+    }
+}
+
 /// A client that waits 500 ms for a reply and does not retry: for requests a fault drops.
 async fn impatient_client(env: &TestEnv) -> Client {
     Client::connect(

@@ -103,6 +103,23 @@ async fn json_by_hand_uses_camel_case_and_accepts_snake_case(env: TestEnv) {
         .unwrap();
     assert!(reply.error().is_none(), "{:?}", reply.error());
     assert_eq!(reply.request_id().as_deref(), Some("my-request-1"));
+    // One that could not be echoed safely (too long, a `:` or a space in it) is replaced by a
+    // fresh one, never left out.
+    for unusable in ["a".repeat(129), "a:b".to_owned(), "a b".to_owned()] {
+        let mut headers = ringvault::client::request_headers(Some(TOKEN), Format::Json).unwrap();
+        headers.insert("X-Request-ID", unusable.as_str());
+        let reply = client
+            .request_raw(
+                Method::Encrypt,
+                headers,
+                r#"{"keyring":"ws_json","data":"x"}"#.into(),
+            )
+            .await
+            .unwrap();
+        assert!(reply.error().is_none(), "{:?}", reply.error());
+        let echoed = reply.request_id().expect("a request id");
+        assert!(!echoed.is_empty() && echoed != unusable, "{echoed}");
+    }
     let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
     assert!(
         body["keyId"].as_str().unwrap().starts_with("dek_"),

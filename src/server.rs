@@ -779,6 +779,43 @@ pub async fn connect_nats(config: &Config, name: &str) -> Result<async_nats::Cli
 mod tests {
     use super::*;
 
+    /// `nats.max_plaintext_bytes` is lowered to what the server's `max_payload` can carry: the
+    /// Encrypt reply of the largest accepted plaintext (base64 of the envelope, in either
+    /// format, with room for headers) fits, and the limit is not far below what would.
+    #[test]
+    fn max_plaintext_is_lowered_to_fit_the_server_max_payload() {
+        use crate::protocol::{encode_encrypt_response, Format};
+
+        let mut config = Config::defaults();
+        config.nats.max_plaintext_bytes = 64 * 1024 * 1024;
+        let dek = crate::crypto::Dek::generate();
+        for max_payload in [8 * 1024, 64 * 1024, 1024 * 1024, 8 * 1024 * 1024] {
+            let fits = effective_max_plaintext(&config, max_payload);
+            assert!(fits < max_payload, "{max_payload}: {fits}");
+            assert!(
+                fits * 4 / 3 + REPLY_OVERHEAD >= max_payload - 8,
+                "{max_payload}: {fits}"
+            );
+            let envelope = dek.seal_envelope(&vec![b'a'; fits]);
+            for format in [Format::Protobuf, Format::Json] {
+                let body = encode_encrypt_response(format, &envelope, dek.id());
+                // Headers: the request id (at most 128 bytes) and the framing around it.
+                assert!(
+                    body.len() + 512 <= max_payload,
+                    "{max_payload} {format:?}: {}",
+                    body.len()
+                );
+            }
+        }
+        config.nats.max_plaintext_bytes = 1000;
+        assert_eq!(effective_max_plaintext(&config, 1024 * 1024), 1000);
+        assert_eq!(
+            effective_max_plaintext(&config, 0),
+            1000,
+            "max_payload unknown"
+        );
+    }
+
     /// `[[rotation.keyrings]]`: the first matching pattern wins, `0` means never, and a keyring
     /// no pattern matches takes `rotation.rotate_after_secs`.
     #[test]

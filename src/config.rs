@@ -123,7 +123,8 @@ pub struct NatsConfig {
     pub queue_group: String,
     /// Requests handled at once.
     pub max_inflight: usize,
-    /// Queue subscriptions per method, each served by its own task (0: one per core).
+    /// Queue subscriptions per method, each served by its own task (0: one per two cores, at
+    /// least one).
     pub subscriptions_per_method: usize,
     /// Largest plaintext accepted (bytes).
     pub max_plaintext_bytes: usize,

@@ -1,7 +1,8 @@
 //! Gateway: the NATS-facing actor. It queue-subscribes to one subject per method (replicas
 //! in the queue group share the load), answers the NATS micro discovery subjects
 //! (`$SRV.PING|INFO|STATS`, as async-nats' service API would), and runs requests inside the
-//! subscription tasks (one per core and method), at most `max_inflight` at once.
+//! subscription tasks (per method, one per two cores, at least one), at most `max_inflight` at
+//! once.
 //!
 //! It manages its subscriptions itself rather than through async-nats' service endpoints so
 //! that shutdown can *drain* them: stop-and-discard would drop requests the server had already
@@ -65,7 +66,7 @@ pub struct GatewayArgs {
     pub queue_group: String,
     /// Requests handled at once.
     pub max_inflight: usize,
-    /// Queue subscriptions per method (0: one per core).
+    /// Queue subscriptions per method (0: one per two cores, at least one).
     pub subscriptions_per_method: usize,
     /// Authentication.
     pub auth: AuthHandle,
@@ -618,14 +619,22 @@ async fn publish_audit(context: &RequestContext, records: &mut Vec<AuditRecord>)
 const MAX_AUDIT_BATCH: usize = 256;
 
 /// How many queue subscriptions each method has on one connection: `configured`, or with 0
-/// one per core the runtime can use, so that requests of one method run in parallel (each
-/// subscription serves its requests in its own task).
+/// one per two cores the runtime can use (at least one), so that large requests of one method
+/// run in parallel (each subscription serves its requests in its own task).
+///
+/// Not one per core: the connection task hands each message to its subscription's task, and
+/// when a method's messages alternate between subscriptions, tokio wakes another worker for
+/// them. On the 2-core machine of BENCHMARKS.md that cost 1.7 µs of CPU per request, a fifth
+/// of the service's, and a second subscription gained nothing measurable even at 64 KiB,
+/// where the nats-server and the callers were the bound. Larger machines keep subscriptions
+/// to spread large payloads' sealing over.
 fn subscriptions_per_method(configured: usize) -> usize {
     if configured > 0 {
         return configured.min(MAX_SUBSCRIPTIONS_PER_METHOD);
     }
-    std::thread::available_parallelism()
-        .map_or(1, |cores| cores.get().min(MAX_SUBSCRIPTIONS_PER_METHOD))
+    std::thread::available_parallelism().map_or(1, |cores| {
+        (cores.get() / 2).clamp(1, MAX_SUBSCRIPTIONS_PER_METHOD)
+    })
 }
 
 /// The most subscriptions per method, whatever the core count.

@@ -722,10 +722,10 @@ async fn handle_request(
     context: &RequestContext,
     method: Method,
     index: usize,
-    request: async_nats::Message,
+    mut request: async_nats::Message,
 ) -> Option<AuditRecord> {
     let started = Instant::now();
-    let Some(reply_subject) = request.reply.clone() else {
+    let Some(reply_subject) = request.reply.take() else {
         tracing::debug!(
             method = method.name(),
             "ignoring a message without a reply subject"
@@ -789,9 +789,14 @@ async fn handle_request(
         }
     };
     let body_len = body.len();
+    // Kept for an error reply only where this reply could exceed the server's max_payload:
+    // cloning the subject costs an allocation. (A reconnection to a server with a smaller
+    // max_payload between here and the publish leaves that reply unsent.)
+    let error_reply_subject = (body_len + REPLY_HEADERS_MARGIN >= context.nats.max_payload())
+        .then(|| reply_subject.clone());
     let sent = context
         .nats
-        .publish_with_headers(reply_subject.clone(), reply_headers, body)
+        .publish_with_headers(reply_subject, reply_headers, body)
         .await;
     let mut record = record;
     match sent {
@@ -807,15 +812,22 @@ async fn handle_request(
                 ),
             );
             record = record.map(|record| record.failed(too_large.kind()));
-            let mut headers = HeaderMap::new();
-            headers.insert(REQUEST_ID_HEADER, request_id.as_str());
-            let body = error_body(&mut headers, &too_large, None);
-            if let Err(error) = context
-                .nats
-                .publish_with_headers(reply_subject, headers, body)
-                .await
-            {
-                tracing::debug!(method = method.name(), request_id, %error, "error reply not sent");
+            match error_reply_subject {
+                Some(reply_subject) => {
+                    let mut headers = HeaderMap::new();
+                    headers.insert(REQUEST_ID_HEADER, request_id.as_str());
+                    let body = error_body(&mut headers, &too_large, None);
+                    if let Err(error) = context
+                        .nats
+                        .publish_with_headers(reply_subject, headers, body)
+                        .await
+                    {
+                        tracing::debug!(method = method.name(), request_id, %error, "error reply not sent");
+                    }
+                }
+                None => {
+                    tracing::debug!(method = method.name(), request_id, %error, "reply not sent")
+                }
             }
             failure = Some(too_large);
         }
@@ -844,6 +856,10 @@ async fn handle_request(
     );
     record
 }
+
+/// More than the headers of any reply take on the wire (the request id, the error headers with
+/// their message cut to 512 characters).
+const REPLY_HEADERS_MARGIN: usize = 4096;
 
 /// Sets the error headers of a reply (and `Retry-After` when given) and returns its JSON body.
 fn error_body(headers: &mut HeaderMap, error: &Error, retry_after: Option<Duration>) -> Bytes {

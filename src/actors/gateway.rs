@@ -1133,11 +1133,10 @@ trait AuditedRequest {
     }
 }
 
-/// What an operation returns: the key it used or created when it names one (an envelope's key
-/// id for Decrypt; not a secret), and the reply body.
+/// What an operation returns: the reply body, and the key it used or created when it names one
+/// (an envelope's key id for Decrypt; not a secret), handed over rather than copied.
 trait AuditedResponse {
-    fn key_id(&self) -> Option<&str>;
-    fn into_body(self, format: Format) -> Bytes;
+    fn into_parts(self, format: Format) -> (Bytes, Option<String>);
 }
 
 fn count(len: usize) -> u64 {
@@ -1196,12 +1195,11 @@ impl AuditedRequest for DescribeKeyringRequest {
 macro_rules! response_is_message {
     ($($response:ty => |$this:ident| $key_id:expr;)*) => {$(
         impl AuditedResponse for $response {
-            fn key_id(&self) -> Option<&str> {
-                let $this = self;
-                $key_id
-            }
-            fn into_body(self, format: Format) -> Bytes {
-                encode(format, &self)
+            fn into_parts(self, format: Format) -> (Bytes, Option<String>) {
+                let $this = &self;
+                let key_id: Option<&str> = $key_id;
+                let key_id = key_id.map(str::to_owned);
+                (encode(format, &self), key_id)
             }
         }
     )*};
@@ -1217,20 +1215,18 @@ response_is_message! {
 }
 
 impl AuditedResponse for Sealed {
-    fn key_id(&self) -> Option<&str> {
-        Some(&self.key_id)
-    }
-    fn into_body(self, format: Format) -> Bytes {
-        encode_encrypt_response(format, &self.envelope, &self.key_id)
+    fn into_parts(self, format: Format) -> (Bytes, Option<String>) {
+        let body = encode_encrypt_response(format, &self.envelope, &self.key_id);
+        (body, Some(self.key_id))
     }
 }
 
 impl AuditedResponse for Decrypted {
-    fn key_id(&self) -> Option<&str> {
-        Some(&self.key_id)
-    }
-    fn into_body(self, format: Format) -> Bytes {
-        encode_decrypt_response(format, &self.response)
+    fn into_parts(self, format: Format) -> (Bytes, Option<String>) {
+        (
+            encode_decrypt_response(format, &self.response),
+            Some(self.key_id),
+        )
     }
 }
 
@@ -1250,11 +1246,9 @@ where
     let request: Req = decode(format, payload)?;
     facts.keyring = request.keyring().to_owned();
     facts.item_count = request.item_count();
-    let response = operation(request).await?;
-    if let Some(key_id) = response.key_id().filter(|id| !id.is_empty()) {
-        facts.key_id = Some(key_id.to_owned());
-    }
-    Ok(response.into_body(format))
+    let (body, key_id) = operation(request).await?.into_parts(format);
+    facts.key_id = key_id.filter(|id| !id.is_empty());
+    Ok(body)
 }
 
 #[cfg(test)]

@@ -93,11 +93,22 @@ impl Vault {
 
     /// Encrypt: seal `data` with the keyring's current DEK.
     pub async fn encrypt(&self, principal: &Principal, request: EncryptRequest) -> Result<Sealed> {
-        authorize(principal, Action::Encrypt, &request.keyring)?;
-        self.check_size(request.data.len())?;
-        let dek = self.registry.latest(&request.keyring).await?;
+        self.encrypt_text(principal, &request.keyring, &request.data)
+            .await
+    }
+
+    /// [`Vault::encrypt`] of a request's fields borrowed from where they lie.
+    pub async fn encrypt_text(
+        &self,
+        principal: &Principal,
+        keyring: &str,
+        data: &str,
+    ) -> Result<Sealed> {
+        authorize(principal, Action::Encrypt, keyring)?;
+        self.check_size(data.len())?;
+        let dek = self.registry.latest(keyring).await?;
         Ok(Sealed {
-            envelope: dek.seal_envelope(request.data.as_bytes()),
+            envelope: dek.seal_envelope(data.as_bytes()),
             key_id: dek.id().to_owned(),
         })
     }
@@ -108,8 +119,19 @@ impl Vault {
         principal: &Principal,
         request: DecryptRequest,
     ) -> Result<Decrypted> {
-        authorize(principal, Action::Decrypt, &request.keyring)?;
-        let (plaintext, key_id) = self.open(&request.keyring, &request.encrypted).await?;
+        self.decrypt_text(principal, &request.keyring, &request.encrypted)
+            .await
+    }
+
+    /// [`Vault::decrypt`] of a request's fields borrowed from where they lie.
+    pub async fn decrypt_text(
+        &self,
+        principal: &Principal,
+        keyring: &str,
+        encrypted: &str,
+    ) -> Result<Decrypted> {
+        authorize(principal, Action::Decrypt, keyring)?;
+        let (plaintext, key_id) = self.open(keyring, encrypted).await?;
         Ok(Decrypted {
             response: DecryptResponse { plaintext },
             key_id,

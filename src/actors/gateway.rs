@@ -27,12 +27,12 @@ use super::AuthHandle;
 use crate::auth::{AuditRecord, Policies, Principal, RateLimiter};
 use crate::error::{Error, Kind, Result};
 use crate::protocol::{
-    decode, encode, encode_decrypt_response, encode_encrypt_response, request_keyring,
-    DecryptBulkRequest, DecryptBulkResponse, DecryptRequest, DescribeKeyringRequest,
-    DescribeKeyringResponse, EncryptBulkRequest, EncryptBulkResponse, EncryptRequest, ErrorBody,
-    Format, LivenessResponse, Method, ReEncryptRequest, ReEncryptResponse, RotateKeyringRequest,
-    RotateKeyringResponse, AUTHORIZATION, CONTENT_TYPE, JSON_CONTENT_TYPE, REQUEST_ID,
-    SERVICE_ERROR, SERVICE_ERROR_CODE,
+    borrow_keyring_and_text, decode, encode, encode_decrypt_response, encode_encrypt_response,
+    request_keyring, DecryptBulkRequest, DecryptBulkResponse, DecryptRequest,
+    DescribeKeyringRequest, DescribeKeyringResponse, EncryptBulkRequest, EncryptBulkResponse,
+    EncryptRequest, ErrorBody, Format, LivenessResponse, Method, ReEncryptRequest,
+    ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse, AUTHORIZATION, CONTENT_TYPE,
+    JSON_CONTENT_TYPE, REQUEST_ID, SERVICE_ERROR, SERVICE_ERROR_CODE,
 };
 use crate::rpc::{Decrypted, Sealed, Vault};
 use crate::storage::validate_keyring;
@@ -988,8 +988,26 @@ async fn serve(
         Method::Liveness => Err(Error::internal(
             "liveness is answered before authentication",
         )),
-        Method::Encrypt => run(format, payload, facts, |r| vault.encrypt(principal, r)).await,
-        Method::Decrypt => run(format, payload, facts, |r| vault.decrypt(principal, r)).await,
+        // Protobuf bodies of the plain layout are read in place, not copied into a request.
+        Method::Encrypt => match borrowed_fields(format, payload) {
+            Some((keyring, data)) => {
+                run_borrowed(
+                    format,
+                    keyring,
+                    facts,
+                    vault.encrypt_text(principal, keyring, data),
+                )
+                .await
+            }
+            None => run(format, payload, facts, |r| vault.encrypt(principal, r)).await,
+        },
+        Method::Decrypt => match borrowed_fields(format, payload) {
+            Some((keyring, encrypted)) => {
+                let operation = vault.decrypt_text(principal, keyring, encrypted);
+                run_borrowed(format, keyring, facts, operation).await
+            }
+            None => run(format, payload, facts, |r| vault.decrypt(principal, r)).await,
+        },
         // Boxed: every request's future is as large as the largest method's, and these are
         // neither the common ones nor cheap next to an allocation.
         Method::ReEncrypt => {
@@ -1228,6 +1246,29 @@ impl AuditedResponse for Decrypted {
             Some(self.key_id),
         )
     }
+}
+
+/// The keyring and the text of an Encrypt or Decrypt request, borrowed from a protobuf body of
+/// the plain layout ([`borrow_keyring_and_text`]).
+fn borrowed_fields(format: Format, payload: &[u8]) -> Option<(&str, &str)> {
+    match format {
+        Format::Protobuf => borrow_keyring_and_text(payload),
+        Format::Json => None,
+    }
+}
+
+/// [`run`] for a request read in place: one keyring, one item.
+async fn run_borrowed<Resp: AuditedResponse>(
+    format: Format,
+    keyring: &str,
+    facts: &mut AuditFacts,
+    operation: impl std::future::Future<Output = Result<Resp>>,
+) -> Result<Bytes> {
+    facts.keyring = keyring.to_owned();
+    facts.item_count = 1;
+    let (body, key_id) = operation.await?.into_parts(format);
+    facts.key_id = key_id.filter(|id| !id.is_empty());
+    Ok(body)
 }
 
 /// Decodes the request, runs the operation, encodes the reply in the request's format; notes

@@ -8,8 +8,8 @@ pub(crate) mod fields;
 mod messages;
 
 pub use codec::{
-    decode, encode, encode_decrypt_response, encode_encrypt_response, request_keyring, ErrorBody,
-    Format, MAX_ERROR_MESSAGE_CHARS,
+    borrow_keyring_and_text, decode, encode, encode_decrypt_response, encode_encrypt_response,
+    request_keyring, ErrorBody, Format, MAX_ERROR_MESSAGE_CHARS,
 };
 pub(crate) use envelope::tolerant_decode;
 pub use envelope::{

@@ -291,12 +291,22 @@ async fn audit_records_on_nats() {
         reply.error().map(|error| error.kind()),
         Some(Kind::AccessDenied)
     );
+    // In protobuf, whose Encrypt and Decrypt bodies are read in place.
+    let protobuf = env
+        .client(Format::Protobuf)
+        .await
+        .with_token(Some(ws_a_token.clone()));
+    let sealed_pb = protobuf.encrypt("ws_a/pb", PLAINTEXT).await.unwrap();
+    protobuf
+        .decrypt("ws_a/pb", &sealed_pb.encrypted)
+        .await
+        .unwrap();
 
-    // The five expected records (within a generous bound), then a short wait for any extra.
+    // The seven expected records (within a generous bound), then a short wait for any extra.
     let mut records = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let wait = if records.len() < 5 {
+        let wait = if records.len() < 7 {
             deadline.saturating_duration_since(tokio::time::Instant::now())
         } else {
             Duration::from_millis(300)
@@ -308,9 +318,15 @@ async fn audit_records_on_nats() {
         let lines = String::from_utf8(message.payload.to_vec()).unwrap();
         records.extend(lines.lines().map(str::to_owned));
     }
-    assert_eq!(records.len(), 5, "{records:#?}");
+    assert_eq!(records.len(), 7, "{records:#?}");
     for raw in &records {
-        for secret in [PLAINTEXT, &sealed.encrypted, &ws_a_token, &admin_token] {
+        for secret in [
+            PLAINTEXT,
+            &sealed.encrypted,
+            &sealed_pb.encrypted,
+            &ws_a_token,
+            &admin_token,
+        ] {
             assert!(!raw.contains(secret), "audit leaks a secret: {raw}");
         }
         assert!(!raw.contains("not-a-valid-token"), "{raw}");
@@ -357,4 +373,12 @@ async fn audit_records_on_nats() {
     assert_eq!(refused_tenant["acting_for"], "ws_b");
     assert_eq!(refused_tenant["keyring"], "ws_b/app");
     assert_eq!(refused_tenant["error_code"], "access_denied");
+
+    for (record, action) in [(&json[5], "encrypt"), (&json[6], "decrypt")] {
+        assert_eq!(record["action"], action, "{record}");
+        assert_eq!(record["keyring"], "ws_a/pb", "{record}");
+        assert_eq!(record["key_id"], sealed_pb.key_id.as_str(), "{record}");
+        assert_eq!(record["item_count"], 1, "{record}");
+        assert_eq!(record["outcome"], "ok", "{record}");
+    }
 }

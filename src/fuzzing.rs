@@ -15,9 +15,10 @@ use crate::auth::{
 };
 use crate::crypto::{validate_envelope, Dek, Kek, MasterKeys};
 use crate::protocol::{
-    decode, decode_envelope, DecryptBulkRequest, DecryptRequest, DekCreated,
-    DescribeKeyringRequest, EncryptBulkRequest, EncryptRequest, EncryptedDataEncryptionKey, Format,
-    KekRolled, LivenessRequest, ReEncryptRequest, RotateKeyringRequest,
+    borrow_keyring_and_text, decode, decode_envelope, DecryptBulkRequest, DecryptRequest,
+    DekCreated, DescribeKeyringRequest, EncryptBulkRequest, EncryptRequest,
+    EncryptedDataEncryptionKey, Format, KekRolled, LivenessRequest, ReEncryptRequest,
+    RotateKeyringRequest,
 };
 
 /// The keys and verifiers the targets check against, made once per process.
@@ -92,7 +93,8 @@ const FUZZ_JWKS: &str = r#"{"keys":[
   {"kty":"OKP","crv":"Ed25519","kid":"ed","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}
 ]}"#;
 
-/// A request body (the first byte picks the format), decoded as every request message.
+/// A request body (the first byte picks the format), decoded as every request message; and
+/// wherever the in-place read of Encrypt and Decrypt answers, prost answers the same.
 pub fn request(data: &[u8]) {
     let Some((&selector, body)) = data.split_first() else {
         return;
@@ -102,8 +104,14 @@ pub fn request(data: &[u8]) {
     } else {
         Format::Json
     };
-    let _ = decode::<EncryptRequest>(format, body);
-    let _ = decode::<DecryptRequest>(format, body);
+    let encrypt = decode::<EncryptRequest>(format, body);
+    let decrypt = decode::<DecryptRequest>(format, body);
+    if let (Format::Protobuf, Some((keyring, text))) = (format, borrow_keyring_and_text(body)) {
+        let encrypt = encrypt.expect("prost reads what the in-place read reads");
+        let decrypt = decrypt.expect("prost reads what the in-place read reads");
+        assert_eq!((keyring, text), (&*encrypt.keyring, &*encrypt.data));
+        assert_eq!((keyring, text), (&*decrypt.keyring, &*decrypt.encrypted));
+    }
     let _ = decode::<EncryptBulkRequest>(format, body);
     let _ = decode::<DecryptBulkRequest>(format, body);
     let _ = decode::<ReEncryptRequest>(format, body);

@@ -173,6 +173,7 @@ async fn health_and_metrics_need_their_roles() {
     );
     assert!(counter_sum(&after, "ringvault_events_published_total", "") >= 1.0);
     assert!(counter_sum(&after, "ringvault_cache_keyrings", "") >= 1.0);
+    assert!(after.contains("\nringvault_nats_reconnects "), "{after}");
     assert_eq!(counter_sum(&after, "ringvault_nats_reconnects", ""), 0.0);
 
     // A second replica's rotation reaches this one, which caches ws_metrics: one applied event.

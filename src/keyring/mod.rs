@@ -118,11 +118,12 @@ struct CachedLatest {
     read_started: Instant,
 }
 
-/// A cached DEK and when it was last used, for LRU eviction: the value of the cache's
-/// clock, which advances once per key inserted. A use stamps the clock's current value and
-/// writes only when that moved, so that the requests of every core using one key do not
-/// each write the same cache line (nor the clock's); keys used since the last insert tie,
-/// which is as fine-grained as eviction, done on insert, needs.
+/// A cached DEK and when it was last used, for LRU eviction: a value of the cache's clock,
+/// which moves only when a key is inserted (by two: the new key takes the value between, so
+/// that a key used after it ranks above it). A use stamps the clock's current value and writes
+/// only when that moved, so that the requests of every core using one key do not each write
+/// the same cache line, nor one clock per use. The order among keys used between two inserts
+/// is not kept: they tie, all used since the last insert, and eviction happens on insert.
 struct CachedDek {
     dek: Arc<Dek>,
     last_used: Arc<AtomicU64>,
@@ -582,11 +583,12 @@ impl Keyrings {
         Some(cached.dek.clone())
     }
 
-    /// Stamps a use of a cached key (see [`CachedDek`]).
+    /// Stamps a use of a cached key (see [`CachedDek`]). Never backwards: a use that read the
+    /// clock before an insert moved it must not undo a later use's stamp.
     fn touch(&self, last_used: &AtomicU64) {
         let now = self.shared.clock.load(Ordering::Relaxed);
         if last_used.load(Ordering::Relaxed) < now {
-            last_used.store(now, Ordering::Relaxed);
+            last_used.fetch_max(now, Ordering::Relaxed);
         }
     }
 
@@ -638,6 +640,9 @@ impl Keyrings {
 
     /// Caches `dek` as the keyring's LATEST, read from storage now.
     fn install_latest(&self, ring: &Arc<Keyring>, dek: Dek, read_started: Instant) -> Arc<Dek> {
+        // Should eviction take this key between the two lines, LATEST keeps a stamp no entry
+        // shares: its uses then go unstamped until the key is cached again and LATEST with it
+        // (a refresh), and a lookup by id of the re-cached key stamps that entry as usual.
         let (dek, last_used) = self.insert_dek(ring, dek);
         ring.latest.store(Some(Arc::new(CachedLatest {
             dek: dek.clone(),
@@ -656,13 +661,15 @@ impl Keyrings {
         let cached = {
             let entry = ring.deks.entry(dek.id().to_owned()).or_insert_with(|| {
                 inserted = true;
-                let stamp = self.shared.clock.fetch_add(1, Ordering::Relaxed) + 1;
+                let stamp = self.shared.clock.fetch_add(2, Ordering::Relaxed) + 1;
                 CachedDek {
                     dek: Arc::new(dek),
                     last_used: Arc::new(AtomicU64::new(stamp)),
                 }
             });
-            self.touch(&entry.last_used);
+            if !inserted {
+                self.touch(&entry.last_used);
+            }
             (entry.dek.clone(), entry.last_used.clone())
         };
         if inserted {

@@ -151,6 +151,26 @@ async fn capacity_evicts_least_recently_used() {
     );
 }
 
+/// A key used after the last insert ranks above the key that insert brought: with room for
+/// two, A, B, a use of A, then C evicts B.
+#[tokio::test(start_paused = true)]
+async fn a_use_after_an_insert_ranks_above_the_inserted_key() {
+    let policy = CachePolicy {
+        max_entries: 2,
+        ..CachePolicy::default()
+    };
+    let (keyrings, faults) = keyrings_with(policy);
+    let a = keyrings.latest("ws_a").await.unwrap().id().to_owned();
+    let b = keyrings.latest("ws_b").await.unwrap().id().to_owned();
+    keyrings.dek("ws_a", &a).await.unwrap();
+    keyrings.latest("ws_c").await.unwrap();
+    let before = calls(&faults);
+    keyrings.dek("ws_a", &a).await.unwrap();
+    assert_eq!(calls(&faults), before, "ws_a, used after ws_b came, stayed");
+    keyrings.dek("ws_b", &b).await.unwrap();
+    assert!(calls(&faults) > before, "ws_b went");
+}
+
 /// A use of LATEST from the cache (the hot path, which stamps the use without looking the key
 /// up by id) keeps the key from eviction as a lookup by id does.
 #[tokio::test(start_paused = true)]

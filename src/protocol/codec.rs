@@ -59,19 +59,22 @@ where
 /// data or the envelope), borrowed from the message instead of copied out of it: the hot path
 /// of the two busiest methods, where the second field is the payload (64 KiB and more). `None`
 /// for anything but that plain layout (another field or wire type, a truncated field, text
-/// that is not UTF-8), which [`decode`] then reads with its own answer; where this answers, it
-/// is what [`decode`] answers (last value wins when a field repeats, as in prost).
+/// that is not UTF-8, even in a value a later one replaces), which [`decode`] then reads with
+/// its own answer; where this answers, it is what [`decode`] answers (in any order, the last
+/// value winning when a field repeats, as in prost).
 pub fn borrow_keyring_and_text(body: &[u8]) -> Option<(&str, &str)> {
     const KEYRING_KEY: u64 = 1 << 3 | 2;
     const TEXT_KEY: u64 = 2 << 3 | 2;
-    let mut keyring: &[u8] = &[];
-    let mut text: &[u8] = &[];
+    let mut keyring = "";
+    let mut text = "";
     let mut rest = body;
     while !rest.is_empty() {
         let key = prost::encoding::decode_varint(&mut rest).ok()?;
         let len = prost::encoding::decode_varint(&mut rest).ok()?;
         let len = usize::try_from(len).ok().filter(|&len| len <= rest.len())?;
         let (value, after) = rest.split_at(len);
+        // Every value is checked, as prost checks each one it merges.
+        let value = std::str::from_utf8(value).ok()?;
         match key {
             KEYRING_KEY => keyring = value,
             TEXT_KEY => text = value,
@@ -79,16 +82,21 @@ pub fn borrow_keyring_and_text(body: &[u8]) -> Option<(&str, &str)> {
         }
         rest = after;
     }
-    Some((
-        std::str::from_utf8(keyring).ok()?,
-        std::str::from_utf8(text).ok()?,
-    ))
+    Some((keyring, text))
 }
+
+/// The largest JSON body [`request_keyring`] reads.
+pub const REQUEST_KEYRING_JSON_LIMIT: usize = 16 * 1024;
 
 /// The `keyring` field (1, `keyring`) that every request but Liveness carries, read on its
 /// own: for the audit record of a request refused before its body is decoded (over a rate
 /// limit, a refused `X-Tenant-ID`). Empty when the body has none or does not decode.
 pub fn request_keyring(format: Format, body: &[u8]) -> String {
+    // A refusal must stay cheap under a flood: protobuf skips the other fields by their length,
+    // but JSON has to be scanned to its end, so a large JSON body is not read for this.
+    if format == Format::Json && body.len() > REQUEST_KEYRING_JSON_LIMIT {
+        return String::new();
+    }
     /// Any request, every field but its keyring skipped.
     #[derive(Clone, PartialEq, prost::Message, Deserialize)]
     #[serde(default)]
@@ -214,6 +222,7 @@ impl ErrorBody {
 mod tests {
     use super::*;
     use crate::protocol::{DecryptBulkRequest, DecryptRequest, EncryptRequest, ReEncryptRequest};
+    use proptest::strategy::Strategy as _;
 
     #[test]
     fn borrowed_requests_read_the_plain_layout_and_leave_the_rest_to_prost() {
@@ -239,6 +248,8 @@ mod tests {
             b"\x0a\x05ab",
             b"\x12\x02\xff\xfe",
             b"\x0a",
+            // Invalid UTF-8 replaced by a later value: prost refuses it all the same.
+            b"\x0a\x01\xff\x0a\x01a",
         ] {
             assert_eq!(borrow_keyring_and_text(body), None, "{body:?}");
         }
@@ -249,14 +260,30 @@ mod tests {
         /// as a Decrypt request; and every encoded request is read.
         #[test]
         fn borrowed_requests_agree_with_prost(
-            body in proptest::collection::vec(proptest::prop_oneof![
-                proptest::strategy::Just(0x0au8),
-                proptest::strategy::Just(0x12u8),
+            fields in proptest::collection::vec((
+                proptest::prop_oneof![
+                    proptest::strategy::Just(0x0au8),
+                    proptest::strategy::Just(0x12u8),
+                    proptest::num::u8::ANY,
+                ],
+                proptest::prop_oneof![
+                    ".{0,6}".prop_map(String::into_bytes),
+                    proptest::collection::vec(proptest::num::u8::ANY, 0..6),
+                ],
                 proptest::num::u8::ANY,
-            ], 0..24),
+            ), 0..5),
             keyring in ".{0,8}",
             data in ".{0,40}",
         ) {
+            // Mostly well-formed fields (a key, a length, that many bytes, UTF-8 or not), now
+            // and then a length that does not fit.
+            let mut body = Vec::new();
+            for (key, value, skew) in fields {
+                body.push(key);
+                let len = if skew < 16 { value.len() + 1 } else { value.len() };
+                body.push(len as u8);
+                body.extend_from_slice(&value);
+            }
             if let Some((keyring, text)) = borrow_keyring_and_text(&body) {
                 let encrypt: EncryptRequest = decode(Format::Protobuf, &body).unwrap();
                 proptest::prop_assert_eq!((keyring, text), (&*encrypt.keyring, &*encrypt.data));
@@ -290,6 +317,19 @@ mod tests {
         assert_eq!(request_keyring(Format::Protobuf, b"\x0a\x20truncated"), "");
         assert_eq!(request_keyring(Format::Json, br#"{"keyring":"ws_1""#), "");
         assert_eq!(request_keyring(Format::Json, br#"{"keyring":null}"#), "");
+        // A large JSON body is not scanned for it; protobuf skips the payload by its length.
+        let large = EncryptRequest {
+            keyring: "ws_3".into(),
+            data: "x".repeat(REQUEST_KEYRING_JSON_LIMIT),
+        };
+        assert_eq!(
+            request_keyring(Format::Json, &encode(Format::Json, &large)),
+            ""
+        );
+        assert_eq!(
+            request_keyring(Format::Protobuf, &encode(Format::Protobuf, &large)),
+            "ws_3"
+        );
     }
 
     #[test]

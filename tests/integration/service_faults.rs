@@ -286,18 +286,11 @@ async fn a_request_loop_that_ends_lets_the_others_answer_what_they_hold() {
     let client = env.client(Format::Protobuf).await;
     let sealed = client.encrypt("ws_held", "held").await.unwrap();
     let faults = server.hooks().faults.clone();
-    *faults.delay_next_request.lock().unwrap() = Some((Method::Decrypt, Duration::from_secs(1)));
-    let held = tokio::spawn({
+    let held = hold_next_request(&faults, Method::Decrypt, Duration::from_secs(1), {
         let client = client.clone();
         async move { client.decrypt("ws_held", &sealed.encrypted).await }
-    });
-    // Taken by the Decrypt loop, and held there.
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            faults.delay_next_request.lock().unwrap().is_none()
-        })
-        .await
-    );
+    })
+    .await;
     *faults.end_request_loop.lock().unwrap() = Some(Method::Encrypt);
     let _ = impatient_client(&env)
         .await
@@ -327,21 +320,15 @@ async fn max_inflight_bounds_requests_across_methods() {
         let client = env.client(Format::Protobuf).await;
         client.encrypt("ws_inflight", "warm").await.unwrap();
         let faults = server.hooks().faults.clone();
-        *faults.delay_next_request.lock().unwrap() =
-            Some((Method::Encrypt, Duration::from_millis(1500)));
-        let held = tokio::spawn({
+        let hold = Duration::from_millis(1500);
+        let held = hold_next_request(&faults, Method::Encrypt, hold, {
             let client = client.clone();
             async move {
                 client.encrypt("ws_inflight", "held").await.unwrap();
                 tokio::time::Instant::now()
             }
-        });
-        assert!(
-            eventually(Duration::from_secs(10), || async {
-                faults.delay_next_request.lock().unwrap().is_none()
-            })
-            .await
-        );
+        })
+        .await;
         client.liveness().await.unwrap();
         let liveness_done = tokio::time::Instant::now();
         let held_done = held.await.unwrap();
@@ -352,6 +339,26 @@ async fn max_inflight_bounds_requests_across_methods() {
         );
         server.shutdown().await.unwrap();
     }
+}
+
+/// Has the service hold its next request of `method` for `hold`, sends it (`request`, spawned),
+/// and returns once the service has taken it.
+async fn hold_next_request<T: Send + 'static>(
+    faults: &ringvault::actors::FaultHooks,
+    method: Method,
+    hold: Duration,
+    request: impl std::future::Future<Output = T> + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    *faults.delay_next_request.lock().unwrap() = Some((method, hold));
+    let sent = tokio::spawn(request);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            faults.delay_next_request.lock().unwrap().is_none()
+        })
+        .await,
+        "the held request was not taken"
+    );
+    sent
 }
 
 /// A client that waits 500 ms for a reply and does not retry: for requests a fault drops.

@@ -211,20 +211,28 @@ impl KeyringRegistry {
             return Ok(dek);
         }
         metrics::counter!("ringvault_cache_misses_total", "lookup" => "latest").increment(1);
-        self.call(name, |reply| KeyringMsg::Latest {
-            from_storage: false,
-            reply,
-        })
+        self.call(
+            name,
+            |reply| KeyringMsg::Latest {
+                from_storage: false,
+                reply,
+            },
+            || self.keyrings.cached_latest(name).map(Ok),
+        )
         .await?
     }
 
     /// The keyring's current DEK read from storage now (ReEncrypt); only this keyring's
     /// cache changes.
     pub async fn latest_from_storage(&self, name: &str) -> Result<Arc<Dek>> {
-        self.call(name, |reply| KeyringMsg::Latest {
-            from_storage: true,
-            reply,
-        })
+        self.call(
+            name,
+            |reply| KeyringMsg::Latest {
+                from_storage: true,
+                reply,
+            },
+            || None,
+        )
         .await?
     }
 
@@ -235,23 +243,31 @@ impl KeyringRegistry {
             return Ok(dek);
         }
         metrics::counter!("ringvault_cache_misses_total", "lookup" => "key_id").increment(1);
-        self.call(name, |reply| KeyringMsg::Dek {
-            key_id: key_id.to_owned(),
-            reply,
-        })
+        self.call(
+            name,
+            |reply| KeyringMsg::Dek {
+                key_id: key_id.to_owned(),
+                reply,
+            },
+            || self.keyrings.cached_dek_of(name, key_id).map(Ok),
+        )
         .await?
     }
 
     /// Makes a new DEK the keyring's LATEST.
     pub async fn rotate(&self, name: &str) -> Result<Rotation> {
-        self.call(name, |reply| KeyringMsg::Rotate { reply })
+        self.call(name, |reply| KeyringMsg::Rotate { reply }, || None)
             .await?
     }
 
     /// Rotates the keyring if its LATEST is at least `max_age` old.
     pub async fn rotate_if_older(&self, name: &str, max_age: Duration) -> Result<Option<Rotation>> {
-        self.call(name, |reply| KeyringMsg::RotateIfOlder { max_age, reply })
-            .await?
+        self.call(
+            name,
+            |reply| KeyringMsg::RotateIfOlder { max_age, reply },
+            || None,
+        )
+        .await?
     }
 
     /// Applies another replica's new LATEST to a keyring this process caches; keyrings it
@@ -332,28 +348,42 @@ impl KeyringRegistry {
         self.keyrings.cancel_event_reload(name);
     }
 
-    /// Sends the keyring's actor `build`'s message and waits for the reply.
+    /// Sends the keyring's actor `build`'s message and waits for the reply; `cached` answers
+    /// instead, when it can, before a call is offered to another actor.
     ///
     /// Boxed: a call may spawn the actor, whose future is large, and the cache-hit paths that
     /// await this one would otherwise carry that size in every request's future.
-    async fn call<T, F>(&self, name: &str, build: F) -> Result<T>
+    async fn call<T, F>(&self, name: &str, build: F, cached: impl Fn() -> Option<T>) -> Result<T>
     where
         T: Send + 'static,
         F: Fn(RpcReplyPort<T>) -> KeyringMsg,
     {
-        Box::pin(self.call_unboxed(name, build)).await
+        Box::pin(self.call_unboxed(name, build, cached)).await
     }
 
-    async fn call_unboxed<T, F>(&self, name: &str, build: F) -> Result<T>
+    async fn call_unboxed<T, F>(
+        &self,
+        name: &str,
+        build: F,
+        cached: impl Fn() -> Option<T>,
+    ) -> Result<T>
     where
         T: Send + 'static,
         F: Fn(RpcReplyPort<T>) -> KeyringMsg,
     {
         // The actor may have started draining since the lookup; the message then never reaches
         // it, and a fresh actor takes the call instead. Under a burst of cache misses on one
-        // keyring the fresh actor may itself be done before this call reaches it, so this is
-        // tried a few times before it is an error.
-        for _ in 0..ACTOR_DELIVERY_ATTEMPTS {
+        // keyring, an actor serves the calls that reached it before it drained and the others
+        // are refused, and so may a fresh actor's: so this is tried a few times, and before
+        // each retry the cache is asked again, which the actor that refused has most likely
+        // just filled (without that, a burst of 64 first uses on one subscription ran out of
+        // attempts).
+        for attempt in 0..ACTOR_DELIVERY_ATTEMPTS {
+            if attempt > 0 {
+                if let Some(result) = cached() {
+                    return Ok(result);
+                }
+            }
             let actor = self.actor(name).await?;
             if let Some(result) =
                 super::try_call("keyring actor", &actor, &build, self.call_timeout).await

@@ -246,6 +246,18 @@ async fn a_burst_of_first_uses_of_one_keyring_all_succeed() {
             .collect();
         assert_eq!(key_ids.len(), 1, "{keyring}: {key_ids:?}");
     }
+    // ReEncrypt reads storage each time, so the cache cannot answer its retries: a burst of
+    // them on one keyring still reaches actors, one after another.
+    let sealed = client.encrypt("ws_burst_re", "burst").await.unwrap();
+    for round in 0..4 {
+        let replies = futures::future::join_all(
+            (0..64).map(|_| client.reencrypt("ws_burst_re", &sealed.encrypted)),
+        )
+        .await;
+        for reply in replies {
+            reply.unwrap_or_else(|error| panic!("reencrypt round {round}: {error}"));
+        }
+    }
     server.shutdown().await.unwrap();
 }
 

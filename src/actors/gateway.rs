@@ -991,13 +991,8 @@ async fn serve(
         // Protobuf bodies of the plain layout are read in place, not copied into a request.
         Method::Encrypt => match borrowed_fields(format, payload) {
             Some((keyring, data)) => {
-                run_borrowed(
-                    format,
-                    keyring,
-                    facts,
-                    vault.encrypt_text(principal, keyring, data),
-                )
-                .await
+                let operation = vault.encrypt_text(principal, keyring, data);
+                run_borrowed(format, keyring, facts, operation).await
             }
             None => run(format, payload, facts, |r| vault.encrypt(principal, r)).await,
         },
@@ -1266,6 +1261,15 @@ async fn run_borrowed<Resp: AuditedResponse>(
 ) -> Result<Bytes> {
     facts.keyring = keyring.to_owned();
     facts.item_count = 1;
+    respond(format, facts, operation).await
+}
+
+/// Runs the operation and encodes its reply in `format`, noting the key it names.
+async fn respond<Resp: AuditedResponse>(
+    format: Format,
+    facts: &mut AuditFacts,
+    operation: impl std::future::Future<Output = Result<Resp>>,
+) -> Result<Bytes> {
     let (body, key_id) = operation.await?.into_parts(format);
     facts.key_id = key_id.filter(|id| !id.is_empty());
     Ok(body)
@@ -1287,9 +1291,7 @@ where
     let request: Req = decode(format, payload)?;
     facts.keyring = request.keyring().to_owned();
     facts.item_count = request.item_count();
-    let (body, key_id) = operation(request).await?.into_parts(format);
-    facts.key_id = key_id.filter(|id| !id.is_empty());
-    Ok(body)
+    respond(format, facts, operation(request)).await
 }
 
 #[cfg(test)]

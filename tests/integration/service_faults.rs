@@ -272,10 +272,7 @@ async fn a_request_loop_that_ends_restarts_the_gateway() {
         .await;
     let client = env.client(Format::Protobuf).await;
     client.encrypt("ws_loop", "before").await.unwrap();
-    *server.hooks().faults.end_request_loop.lock().unwrap() = Some(Method::Encrypt);
-    let dropped = impatient_client(&env)
-        .await
-        .encrypt("ws_loop", "dropped")
+    let dropped = end_the_encrypt_loop(&env, &server, "ws_loop")
         .await
         .unwrap_err();
     assert_eq!(dropped.kind(), Kind::Unavailable, "{dropped}");
@@ -303,11 +300,7 @@ async fn a_request_loop_that_ends_lets_the_others_answer_what_they_hold() {
         async move { client.decrypt("ws_held", &sealed.encrypted).await }
     })
     .await;
-    *faults.end_request_loop.lock().unwrap() = Some(Method::Encrypt);
-    let _ = impatient_client(&env)
-        .await
-        .encrypt("ws_held", "dropped")
-        .await;
+    let _ = end_the_encrypt_loop(&env, &server, "ws_held").await;
     let opened = held.await.unwrap().expect("the held Decrypt is answered");
     assert_eq!(opened.plaintext, "held");
     until_ok("encrypt after the restart", || {
@@ -371,6 +364,20 @@ async fn hold_next_request<T: Send + 'static>(
         "the held request was not taken"
     );
     sent
+}
+
+/// Ends the Encrypt request loop that takes the next request, and sends it one: the loop
+/// drops it, so its caller is answered by no one.
+async fn end_the_encrypt_loop(
+    env: &TestEnv,
+    server: &ringvault::server::Server,
+    keyring: &str,
+) -> ringvault::Result<ringvault::protocol::EncryptResponse> {
+    *server.hooks().faults.end_request_loop.lock().unwrap() = Some(Method::Encrypt);
+    impatient_client(env)
+        .await
+        .encrypt(keyring, "dropped")
+        .await
 }
 
 /// A client that waits 500 ms for a reply and does not retry: for requests a fault drops.

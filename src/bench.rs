@@ -5,12 +5,20 @@
 //! timing every request with [`Instant`]. [`run_service_case`] measures the service;
 //! [`run_echo_case`] sends requests of the same shape (the same protobuf body size, the same
 //! headers) to a bare echo responder ([`start_echo_responder`]), which is the NATS round-trip
-//! floor the service is compared with. [`table`] and [`BenchResult::json_line`] report both.
+//! floor the service is compared with.
 //!
-//! [`run_pair`] runs a case as several alternating rounds of service and echo, so that a
-//! machine whose speed drifts during a run (other load, frequency changes) affects both sides
-//! alike; each side's rounds are merged into one [`BenchResult`]. [`run_alternating`] does the
-//! same for any two [`Side`]s (the ES256-vs-static-token comparison).
+//! The same responder also answers as a *reply-shaped echo*: on
+//! [`shaped_echo_subject`] it replies as the service does, with the request's `X-Request-ID`
+//! header and a body as long as the service's reply, and still does nothing else. The plain
+//! echo is the floor of NATS itself; the shaped echo is the floor of this protocol, whose
+//! replies carry a header and (for Encrypt) a base64 envelope longer than the request. The
+//! service's distance to the shaped echo is what ringvault itself costs.
+//!
+//! [`run_row`] runs a case as several alternating rounds of service, echo and shaped echo, so
+//! that a machine whose speed drifts during a run (other load, frequency changes) affects every
+//! side alike; each side's rounds are merged into one [`BenchResult`]. [`run_alternating`] does
+//! the same for any [`Side`]s (the ES256-vs-static-token comparison). [`table`] and
+//! [`BenchRow::json_line`] report them.
 //!
 //! Failed requests are counted and the first failure is kept; they do not stop a run. Latency
 //! percentiles are over successful requests, and `req_per_sec` counts successful requests only.
@@ -20,6 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use futures::StreamExt as _;
 
 use crate::client::{request_headers, Client, RawReply};
@@ -32,7 +41,7 @@ pub const DEFAULT_KEYRING: &str = "bench";
 pub const COLD_KEYRING_PREFIX: &str = "bench-cold";
 /// New keyrings created by the cold-keyring case (at scale 1).
 pub const COLD_KEYRINGS: usize = 10_000;
-/// Alternating service/echo rounds per case.
+/// Alternating rounds per case (each round runs every side once).
 pub const ROUNDS: usize = 4;
 /// How often the progress callback is called while a case runs.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -134,21 +143,38 @@ pub struct BenchResult {
     pub max: Duration,
 }
 
-impl BenchResult {
-    /// One JSON object (no trailing newline) describing this service result next to `echo`,
-    /// the echo result of the same case.
-    pub fn json_line(&self, echo: &BenchResult) -> String {
-        let line = serde_json::json!({
-            "method": self.case.method.name(),
-            "payload_bytes": self.case.payload_bytes,
-            "concurrency": self.case.concurrency,
-            "requests": self.case.requests,
-            "keyring": self.case.keyring,
-            "credential": self.case.credential.name(),
-            "ratio": ratio(self, echo),
-            "service": json_side(self),
-            "echo": json_side(echo),
+/// One case measured on the service and on the echo responders beside it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchRow {
+    /// The service.
+    pub service: BenchResult,
+    /// The plain echo: the floor of NATS itself.
+    pub echo: BenchResult,
+    /// The reply-shaped echo: the floor of this protocol (none for the cold-keyring case, whose
+    /// subject is the first use of each keyring, not the reply).
+    pub shaped: Option<BenchResult>,
+}
+
+impl BenchRow {
+    /// One JSON object (no trailing newline): the case, each side, and the service's ratio to
+    /// each echo (`ratio` to the plain echo, `ratio_to_shaped` to the shaped one).
+    pub fn json_line(&self) -> String {
+        let case = &self.service.case;
+        let mut line = serde_json::json!({
+            "method": case.method.name(),
+            "payload_bytes": case.payload_bytes,
+            "concurrency": case.concurrency,
+            "requests": case.requests,
+            "keyring": case.keyring,
+            "credential": case.credential.name(),
+            "ratio": ratio(&self.service, &self.echo),
+            "service": json_side(&self.service),
+            "echo": json_side(&self.echo),
         });
+        if let Some(shaped) = &self.shaped {
+            line["ratio_to_shaped"] = ratio(&self.service, shaped).into();
+            line["shaped_echo"] = json_side(shaped);
+        }
         line.to_string()
     }
 }
@@ -246,64 +272,82 @@ pub async fn run_service_case(
     progress: impl Fn(usize),
 ) -> Result<Samples> {
     let keyring: Arc<str> = Arc::from(case.keyring.as_str());
-    let plaintext: Arc<str> = Arc::from(payload(case.payload_bytes));
-    let format = client.options().format;
-    let (method, data, reply_len) = match case.method {
-        BenchMethod::ColdEncrypt => {
-            // A fresh name space per call, so that every round creates new keyrings; every
-            // reply is decoded, as each is the first of its keyring.
-            let prefix: Arc<str> = Arc::from(format!(
-                "{keyring}-{}",
-                hex::encode(rand::random::<[u8; 4]>())
-            ));
-            let next = Arc::new(AtomicUsize::new(0));
+    if case.method == BenchMethod::ColdEncrypt {
+        // A fresh name space per call, so that every round creates new keyrings; every reply
+        // is decoded, as each is the first of its keyring.
+        let plaintext: Arc<str> = Arc::from(payload(case.payload_bytes));
+        let prefix: Arc<str> = Arc::from(format!(
+            "{keyring}-{}",
+            hex::encode(rand::random::<[u8; 4]>())
+        ));
+        let next = Arc::new(AtomicUsize::new(0));
+        let client = client.clone();
+        let operation = move || {
             let client = client.clone();
-            let operation = move || {
-                let client = client.clone();
-                let keyring = format!("{prefix}-{}", next.fetch_add(1, Ordering::Relaxed));
-                let plaintext = plaintext.clone();
-                async move { client.encrypt(&keyring, &plaintext).await.map(drop) }
-            };
-            return run_workers(case, operation, progress).await;
-        }
-        BenchMethod::Encrypt | BenchMethod::Decrypt => {
-            let sealed = client
-                .encrypt(&keyring, &plaintext)
-                .await
-                .map_err(|error| error.context("cannot encrypt the bench payload"))?;
-            let envelope = protocol::decode_envelope(&sealed.encrypted)?;
-            if envelope.ciphertext.len() != case.payload_bytes + crate::crypto::TAG_LEN
-                || envelope.encryption_key_id != sealed.key_id
-            {
-                return Err(Error::internal(
-                    "encrypt returned an envelope of the wrong size or key",
-                ));
-            }
-            let opened = client.decrypt(&keyring, &sealed.encrypted).await?;
-            if opened.plaintext.as_str() != &*plaintext {
-                return Err(Error::internal(
-                    "decrypting the encrypted payload returned a different plaintext",
-                ));
-            }
-            if case.method == BenchMethod::Encrypt {
-                let reply_len = protocol::encode(format, &sealed).len();
-                (Method::Encrypt, plaintext, reply_len)
-            } else {
-                let reply_len = protocol::encode(format, &opened).len();
-                (Method::Decrypt, Arc::from(sealed.encrypted), reply_len)
-            }
-        }
-    };
+            let keyring = format!("{prefix}-{}", next.fetch_add(1, Ordering::Relaxed));
+            let plaintext = plaintext.clone();
+            async move { client.encrypt(&keyring, &plaintext).await.map(drop) }
+        };
+        return run_workers(case, operation, progress).await;
+    }
+    let prepared = prepare(client, case).await?;
     let shape = Shape {
         nats: client.nats().clone(),
-        subject: Arc::from(client.subject(method)),
+        subject: Arc::from(client.subject(prepared.method)),
         token: client.token().map(Arc::from),
-        format,
+        format: client.options().format,
         method: case.method,
         keyring,
-        data,
+        data: prepared.data,
     };
+    let reply_len = prepared.reply_len;
     run_workers(case, move || shape.clone().send(Some(reply_len)), progress).await
+}
+
+/// What the timed requests of an Encrypt or Decrypt case send, and what they get back.
+struct Prepared {
+    method: Method,
+    /// The plaintext (Encrypt) or its envelope (Decrypt).
+    data: Arc<str>,
+    /// The length of the service's reply.
+    reply_len: usize,
+}
+
+/// Seals the case's payload and opens it again through `client`, checking both replies in full.
+async fn prepare(client: &Client, case: &BenchCase) -> Result<Prepared> {
+    let plaintext = payload(case.payload_bytes);
+    let sealed = client
+        .encrypt(&case.keyring, &plaintext)
+        .await
+        .map_err(|error| error.context("cannot encrypt the bench payload"))?;
+    let envelope = protocol::decode_envelope(&sealed.encrypted)?;
+    if envelope.ciphertext.len() != case.payload_bytes + crate::crypto::TAG_LEN
+        || envelope.encryption_key_id != sealed.key_id
+    {
+        return Err(Error::internal(
+            "encrypt returned an envelope of the wrong size or key",
+        ));
+    }
+    let opened = client.decrypt(&case.keyring, &sealed.encrypted).await?;
+    if opened.plaintext != plaintext {
+        return Err(Error::internal(
+            "decrypting the encrypted payload returned a different plaintext",
+        ));
+    }
+    let format = client.options().format;
+    Ok(if case.method == BenchMethod::Encrypt {
+        Prepared {
+            method: Method::Encrypt,
+            reply_len: protocol::encode(format, &sealed).len(),
+            data: Arc::from(plaintext),
+        }
+    } else {
+        Prepared {
+            method: Method::Decrypt,
+            reply_len: protocol::encode(format, &opened).len(),
+            data: Arc::from(sealed.encrypted),
+        }
+    })
 }
 
 /// What a bench request sends: the same for the service and the echo.
@@ -367,32 +411,104 @@ impl Shape {
     }
 }
 
-/// Subscribes to `subject` and answers every request with its own payload (no headers), from one
-/// task, until the returned handle is aborted or the connection closes.
+/// Subscribes to `subject` and answers every request with its own payload (no headers); and,
+/// as the reply-shaped echo, to [`shaped_echo_subject`]s, answering as the service does (see
+/// [`shaped_reply`]). From one task each, until the returned handle is aborted or the
+/// connection closes.
 pub async fn start_echo_responder(
     nats: &async_nats::Client,
     subject: &str,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let mut subscriber = nats
-        .subscribe(subject.to_owned())
-        .await
-        .map_err(|error| Error::unavailable(format!("cannot subscribe to {subject}: {error}")))?;
-    // Make sure the server knows the subscription before anyone sends to it.
+    let subscribe = |subject: String| async move {
+        nats.subscribe(subject.clone())
+            .await
+            .map_err(|error| Error::unavailable(format!("cannot subscribe to {subject}: {error}")))
+    };
+    let mut plain = subscribe(subject.to_owned()).await?;
+    let mut shaped = subscribe(format!("{subject}.{SHAPED}.*")).await?;
+    // Make sure the server knows the subscriptions before anyone sends to them.
     nats.flush()
         .await
         .map_err(|error| Error::unavailable(format!("cannot flush nats: {error}")))?;
-    let nats = nats.clone();
-    let handle = tokio::spawn(async move {
-        while let Some(message) = subscriber.next().await {
+    let plain_nats = nats.clone();
+    let plain_echo = async move {
+        while let Some(message) = plain.next().await {
             let Some(reply) = message.reply else {
                 continue;
             };
-            if nats.publish(reply, message.payload).await.is_err() {
+            if plain_nats.publish(reply, message.payload).await.is_err() {
                 return;
             }
         }
-    });
-    Ok(handle)
+    };
+    let shaped_nats = nats.clone();
+    let shaped_echo = async move {
+        let mut filler = Bytes::new();
+        while let Some(message) = shaped.next().await {
+            let Some((reply, headers, body)) = shaped_reply(&message, &mut filler) else {
+                continue;
+            };
+            if shaped_nats
+                .publish_with_headers(reply, headers, body)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    };
+    // Each in a task of its own, as the plain echo was alone; aborting the returned task
+    // aborts both, and it ends when either does.
+    let mut echoes = AbortOnDrop([tokio::spawn(plain_echo), tokio::spawn(shaped_echo)]);
+    Ok(tokio::spawn(async move {
+        let [plain, shaped] = &mut echoes.0;
+        futures::future::select(plain, shaped).await;
+    }))
+}
+
+/// Aborts its tasks when dropped.
+struct AbortOnDrop<const N: usize>([tokio::task::JoinHandle<()>; N]);
+
+impl<const N: usize> Drop for AbortOnDrop<N> {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// The subject token that marks the reply-shaped echo.
+const SHAPED: &str = "shaped";
+
+/// The subject on which the echo responder on `subject` answers as the reply-shaped echo with
+/// replies of `reply_len` bytes.
+pub fn shaped_echo_subject(subject: &str, reply_len: usize) -> String {
+    format!("{subject}.{SHAPED}.{reply_len}")
+}
+
+/// The reply of the shaped echo to `message`: the headers a successful service reply carries
+/// (the request's `X-Request-ID`, and `Content-Type` for JSON) and a body of the length its
+/// subject names, sliced from `filler` (grown when too short). None without a reply subject or
+/// a length.
+fn shaped_reply(
+    message: &async_nats::Message,
+    filler: &mut Bytes,
+) -> Option<(async_nats::Subject, async_nats::HeaderMap, Bytes)> {
+    let reply = message.reply.clone()?;
+    let reply_len: usize = message.subject.rsplit('.').next()?.parse().ok()?;
+    if filler.len() < reply_len {
+        *filler = Bytes::from(vec![b'a'; reply_len]);
+    }
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(request_headers) = &message.headers {
+        if let Some(request_id) = request_headers.get(protocol::REQUEST_ID) {
+            headers.insert(protocol::REQUEST_ID, request_id.as_str());
+        }
+        if let Some(content_type) = request_headers.get(protocol::CONTENT_TYPE) {
+            headers.insert(protocol::CONTENT_TYPE, content_type.as_str());
+        }
+    }
+    Some((reply, headers, filler.slice(..reply_len)))
 }
 
 /// A base64 envelope of the size the service produces for a `payload_bytes` plaintext
@@ -411,13 +527,15 @@ fn stand_in_envelope(payload_bytes: usize) -> String {
     protocol::encode_envelope(&encrypted)
 }
 
-/// Runs `case` against an echo responder on `subject`, with requests shaped like the service's:
+/// Runs `case` against the echo responder on `subject`, with requests shaped like the service's:
 /// the same request message in `format` (a stand-in envelope of the right size for Decrypt), a
-/// fresh `X-Request-ID`, and `Authorization` when `token` is given. Same worker model and
-/// `progress` as [`run_service_case`].
+/// fresh `X-Request-ID`, and `Authorization` when `token` is given. With `reply_len`, against
+/// the reply-shaped echo, whose replies must be that long. Same worker model and `progress` as
+/// [`run_service_case`].
 pub async fn run_echo_case(
     nats: &async_nats::Client,
     subject: &str,
+    reply_len: Option<usize>,
     case: &BenchCase,
     token: Option<&str>,
     format: Format,
@@ -426,6 +544,10 @@ pub async fn run_echo_case(
     let data: Arc<str> = match case.method {
         BenchMethod::Encrypt | BenchMethod::ColdEncrypt => Arc::from(payload(case.payload_bytes)),
         BenchMethod::Decrypt => Arc::from(stand_in_envelope(case.payload_bytes)),
+    };
+    let subject = match reply_len {
+        Some(reply_len) => shaped_echo_subject(subject, reply_len),
+        None => subject.to_owned(),
     };
     let shape = Shape {
         nats: nats.clone(),
@@ -436,7 +558,7 @@ pub async fn run_echo_case(
         keyring: Arc::from(case.keyring.as_str()),
         data,
     };
-    run_workers(case, move || shape.clone().send(None), progress).await
+    run_workers(case, move || shape.clone().send(reply_len), progress).await
 }
 
 /// What workers measured: latencies of successful requests, failures, wall time.
@@ -478,6 +600,8 @@ pub enum Side<'a> {
     Service(&'a Client),
     /// The echo responder on this subject, with requests shaped like this client's.
     Echo(&'a Client, &'a str),
+    /// The reply-shaped echo of the responder on this subject, with replies of this length.
+    ShapedEcho(&'a Client, &'a str, usize),
 }
 
 impl Side<'_> {
@@ -488,6 +612,19 @@ impl Side<'_> {
                 run_echo_case(
                     client.nats(),
                     subject,
+                    None,
+                    case,
+                    client.token(),
+                    client.options().format,
+                    progress,
+                )
+                .await
+            }
+            Side::ShapedEcho(client, subject, reply_len) => {
+                run_echo_case(
+                    client.nats(),
+                    subject,
+                    Some(reply_len),
                     case,
                     client.token(),
                     client.options().format,
@@ -499,17 +636,17 @@ impl Side<'_> {
     }
 }
 
-/// Runs `case` on both `sides` in [`ROUNDS`] alternating rounds (a share of the requests on
-/// the first, the same share on the second, and again), so that a machine whose speed drifts
-/// during the run affects both alike; returns each side's merged result. `progress` gets the
-/// requests done on both sides together (2 × `case.requests` at the end).
-pub async fn run_alternating(
-    sides: [Side<'_>; 2],
+/// Runs `case` on each of `sides` in [`ROUNDS`] alternating rounds (a share of the requests on
+/// the first, the same share on the next, and again), so that a machine whose speed drifts
+/// during the run affects all alike; returns each side's merged result. `progress` gets the
+/// requests done on all sides together (N × `case.requests` at the end).
+pub async fn run_alternating<const N: usize>(
+    sides: [Side<'_>; N],
     case: &BenchCase,
     progress: impl Fn(usize),
-) -> Result<(BenchResult, BenchResult)> {
+) -> Result<[BenchResult; N]> {
     let rounds = ROUNDS.min(case.requests / case.concurrency.max(1)).max(1);
-    let mut samples = [Samples::default(), Samples::default()];
+    let mut samples: [Samples; N] = std::array::from_fn(|_| Samples::default());
     let mut done = 0;
     for round in 0..rounds {
         let share = case.requests / rounds + usize::from(round < case.requests % rounds);
@@ -522,24 +659,46 @@ pub async fn run_alternating(
             done += share;
         }
     }
-    let [first, second] = samples;
-    Ok((first.summarize(case), second.summarize(case)))
+    Ok(samples.map(|merged| merged.summarize(case)))
+}
+
+/// How many sides [`run_row`] runs `case` on: the service, the echo, and for Encrypt and
+/// Decrypt the reply-shaped echo.
+pub fn sides_of(case: &BenchCase) -> usize {
+    if case.method == BenchMethod::ColdEncrypt {
+        2
+    } else {
+        3
+    }
 }
 
 /// [`run_alternating`] of the service through `client` against the echo responder on
-/// `echo_subject` (same token, same format): returns (service, echo).
-pub async fn run_pair(
+/// `echo_subject` (same token, same format), plain and, for Encrypt and Decrypt, shaped like the
+/// service's replies to this case.
+pub async fn run_row(
     client: &Client,
     echo_subject: &str,
     case: &BenchCase,
     progress: impl Fn(usize),
-) -> Result<(BenchResult, BenchResult)> {
-    run_alternating(
-        [Side::Service(client), Side::Echo(client, echo_subject)],
-        case,
-        progress,
-    )
-    .await
+) -> Result<BenchRow> {
+    let service = Side::Service(client);
+    let echo = Side::Echo(client, echo_subject);
+    if sides_of(case) == 2 {
+        let [service, echo] = run_alternating([service, echo], case, progress).await?;
+        return Ok(BenchRow {
+            service,
+            echo,
+            shaped: None,
+        });
+    }
+    let reply_len = prepare(client, case).await?.reply_len;
+    let shaped = Side::ShapedEcho(client, echo_subject, reply_len);
+    let [service, echo, shaped] = run_alternating([service, echo, shaped], case, progress).await?;
+    Ok(BenchRow {
+        service,
+        echo,
+        shaped: Some(shaped),
+    })
 }
 
 /// The resident memory of process `pid` in bytes (Linux `/proc/<pid>/status` `VmRSS`).
@@ -683,9 +842,10 @@ fn format_size(bytes: usize) -> String {
     format!("{:.1} KiB", bytes as f64 / 1024.0)
 }
 
-/// A plain-text table of (service, echo) result pairs: method, credential, size, concurrency, service and
-/// echo req/s, their ratio, service and echo p50/p99, and the error counts.
-pub fn table(rows: &[(BenchResult, BenchResult)]) -> String {
+/// A plain-text table of [`BenchRow`]s: method, credential, size, concurrency, service and echo
+/// req/s and their ratio, the shaped echo's req/s and the service's ratio to it, service and
+/// echo p50/p99, and the error counts (service/echo/shaped echo).
+pub fn table(rows: &[BenchRow]) -> String {
     let header = [
         "method",
         "auth",
@@ -694,6 +854,8 @@ pub fn table(rows: &[(BenchResult, BenchResult)]) -> String {
         "svc req/s",
         "echo req/s",
         "ratio",
+        "shaped req/s",
+        "vs shaped",
         "svc p50",
         "svc p99",
         "echo p50",
@@ -701,8 +863,21 @@ pub fn table(rows: &[(BenchResult, BenchResult)]) -> String {
         "errors",
     ]
     .map(str::to_owned);
-    let mut cells: Vec<[String; 12]> = vec![header];
-    for (service, echo) in rows {
+    let mut cells: Vec<[String; 14]> = vec![header];
+    for BenchRow {
+        service,
+        echo,
+        shaped,
+    } in rows
+    {
+        let (shaped_req_per_sec, vs_shaped, shaped_errors) = match shaped {
+            Some(shaped) => (
+                format!("{:.0}", shaped.req_per_sec),
+                format!("{:.2}", ratio(service, shaped)),
+                format!("/{}", shaped.errors),
+            ),
+            None => ("-".to_owned(), "-".to_owned(), String::new()),
+        };
         cells.push([
             service.case.method.name().to_owned(),
             service.case.credential.name().to_owned(),
@@ -711,14 +886,16 @@ pub fn table(rows: &[(BenchResult, BenchResult)]) -> String {
             format!("{:.0}", service.req_per_sec),
             format!("{:.0}", echo.req_per_sec),
             format!("{:.2}", ratio(service, echo)),
+            shaped_req_per_sec,
+            vs_shaped,
             format_latency(service.p50),
             format_latency(service.p99),
             format_latency(echo.p50),
             format_latency(echo.p99),
-            format!("{}/{}", service.errors, echo.errors),
+            format!("{}/{}{shaped_errors}", service.errors, echo.errors),
         ]);
     }
-    let mut widths = [0usize; 12];
+    let mut widths = [0usize; 14];
     for row in &cells {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
@@ -867,29 +1044,47 @@ mod tests {
     #[test]
     fn table_lines_up_columns() {
         let rows = vec![
-            (
-                result(case(BenchMethod::Encrypt, 32, 1), 5000.0, 180, 0),
-                result(case(BenchMethod::Encrypt, 32, 1), 10000.0, 90, 0),
-            ),
-            (
-                result(case(BenchMethod::Decrypt, 65536, 64), 1234.4, 2500, 3),
-                result(case(BenchMethod::Decrypt, 65536, 64), 0.0, 1_500_000, 0),
-            ),
+            BenchRow {
+                service: result(case(BenchMethod::Encrypt, 32, 1), 5000.0, 180, 0),
+                echo: result(case(BenchMethod::Encrypt, 32, 1), 10000.0, 90, 0),
+                shaped: Some(result(case(BenchMethod::Encrypt, 32, 1), 8000.0, 100, 2)),
+            },
+            BenchRow {
+                service: result(case(BenchMethod::Decrypt, 65536, 64), 1234.4, 2500, 3),
+                echo: result(case(BenchMethod::Decrypt, 65536, 64), 0.0, 1_500_000, 0),
+                shaped: Some(result(case(BenchMethod::Decrypt, 65536, 64), 0.0, 1000, 0)),
+            },
+            BenchRow {
+                service: result(case(BenchMethod::ColdEncrypt, 32, 64), 2000.0, 900, 0),
+                echo: result(case(BenchMethod::ColdEncrypt, 32, 64), 40000.0, 80, 0),
+                shaped: None,
+            },
         ];
         let text = table(&rows);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines.len(), 5, "{text}");
         assert!(lines[0].starts_with("method"), "{text}");
         assert!(lines[1].chars().all(|c| c == '-'), "{text}");
         assert!(lines[2].starts_with("encrypt"), "{text}");
         assert!(lines[2].contains("32 B"), "{text}");
-        assert!(lines[2].contains("0.50"), "{text}");
+        let cells = |line: &str| {
+            line.split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        // The size is two cells ("32 B"): ratio, shaped req/s and vs shaped are cells 7 to 9.
+        assert_eq!(cells(lines[2])[7..10], ["0.50", "8000", "0.62"], "{text}");
         assert!(lines[2].contains("180µs"), "{text}");
+        assert!(lines[2].ends_with(" 0/0/2"), "{text}");
         assert!(lines[3].starts_with("decrypt"), "{text}");
         assert!(lines[3].contains("64 KiB"), "{text}");
         assert!(lines[3].contains("2.50ms"), "{text}");
         assert!(lines[3].contains("1.50s"), "{text}");
-        assert!(lines[3].contains("3/0"), "{text}");
+        assert!(lines[3].ends_with(" 3/0/0"), "{text}");
+        // No shaped echo: dashes, and two error counts.
+        assert!(lines[4].starts_with("cold-encrypt"), "{text}");
+        assert_eq!(cells(lines[4])[7..10], ["0.05", "-", "-"], "{text}");
+        assert!(lines[4].ends_with(" 0/0"), "{text}");
         // Every row has the width of the header: the last column is right-aligned.
         let width = lines[0].chars().count();
         assert!(
@@ -899,10 +1094,16 @@ mod tests {
     }
 
     #[test]
-    fn json_line_has_both_sides() {
+    fn json_line_has_every_side() {
         let service = result(case(BenchMethod::Decrypt, 1024, 64), 3000.0, 100, 1);
         let echo = result(case(BenchMethod::Decrypt, 1024, 64), 6000.0, 50, 0);
-        let line = service.json_line(&echo);
+        let shaped = result(case(BenchMethod::Decrypt, 1024, 64), 4000.0, 70, 0);
+        let mut row = BenchRow {
+            service,
+            echo,
+            shaped: Some(shaped),
+        };
+        let line = row.json_line();
         assert!(!line.contains('\n'));
         let value: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(value["method"], "decrypt");
@@ -912,6 +1113,14 @@ mod tests {
         assert_eq!(value["service"]["errors"], 1);
         assert_eq!(value["service"]["p50_us"], 100);
         assert_eq!(value["echo"]["req_per_sec"], 6000.0);
+        assert_eq!(value["ratio_to_shaped"], 0.75);
+        assert_eq!(value["shaped_echo"]["p50_us"], 70);
+
+        row.shaped = None;
+        let value: serde_json::Value = serde_json::from_str(&row.json_line()).unwrap();
+        assert_eq!(value["ratio"], 0.5);
+        assert!(value.get("ratio_to_shaped").is_none(), "{value}");
+        assert!(value.get("shaped_echo").is_none(), "{value}");
     }
 
     #[tokio::test]

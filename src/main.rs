@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ringvault::auth::{Claims, SignedTokens};
-use ringvault::bench::{self, BenchCase, BenchMethod, BenchResult, Credential as BenchCredential};
+use ringvault::bench::{
+    self, BenchCase, BenchMethod, BenchResult, BenchRow, Credential as BenchCredential,
+};
 use ringvault::client::{Client, ClientOptions};
 use ringvault::config::Config;
 use ringvault::crypto::Kek;
@@ -1016,7 +1018,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
         None => None,
     };
     let service_resident = || service.as_ref().and_then(BenchService::resident_bytes);
-    let mut rows: Vec<(BenchResult, BenchResult)> = Vec::new();
+    let mut rows: Vec<BenchRow> = Vec::new();
     let mut credential_rows: Vec<(&str, BenchResult, BenchResult)> = Vec::new();
     let mut memory = None;
     let total = cases.len();
@@ -1038,13 +1040,13 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
             }
         };
         let resident_before = (case.method == BenchMethod::ColdEncrypt).then(service_resident);
-        let bar = indicatif::ProgressBar::new((case.requests * 2) as u64);
+        let bar = indicatif::ProgressBar::new((case.requests * bench::sides_of(case)) as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.set_message(label.clone());
-        let (service, echo_result) = bench::run_pair(case_client, &echo_subject, case, |done| {
+        let row = bench::run_row(case_client, &echo_subject, case, |done| {
             bar.set_position(done as u64)
         })
         .await?;
@@ -1061,16 +1063,23 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
                 settled: service_resident(),
             });
         }
+        let shaped = row.shaped.as_ref().map_or(String::new(), |shaped| {
+            format!(
+                "; shaped echo {:.0}, ratio {:.2}",
+                shaped.req_per_sec,
+                bench::ratio(&row.service, shaped)
+            )
+        });
         eprintln!(
-            "{label}: {:.0} req/s (echo {:.0}), ratio {:.2}",
-            service.req_per_sec,
-            echo_result.req_per_sec,
-            bench::ratio(&service, &echo_result)
+            "{label}: {:.0} req/s (echo {:.0}), ratio {:.2}{shaped}",
+            row.service.req_per_sec,
+            row.echo.req_per_sec,
+            bench::ratio(&row.service, &row.echo)
         );
         if case.credential == BenchCredential::Es256Jwt {
             // The goal compares the two credentials directly: alternate them, like service
             // and echo, so that drift between cases does not enter the quotient.
-            let (jwt, static_token) = bench::run_alternating(
+            let [jwt, static_token] = bench::run_alternating(
                 [
                     bench::Side::Service(case_client),
                     bench::Side::Service(&client),
@@ -1086,7 +1095,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
             );
             credential_rows.push((case.method.name(), jwt, static_token));
         }
-        rows.push((service, echo_result));
+        rows.push(row);
     }
     let mut echo = echo;
     let _ = echo.kill().await;
@@ -1131,8 +1140,8 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
             })
         );
     }
-    for (service, echo_result) in &rows {
-        println!("{}", service.json_line(echo_result));
+    for row in &rows {
+        println!("{}", row.json_line());
     }
     if let Some(service) = service {
         service.stop().await;

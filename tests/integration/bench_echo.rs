@@ -36,24 +36,82 @@ async fn echo_case_runs_every_request_without_errors() {
             keyring: bench::DEFAULT_KEYRING.to_owned(),
             credential: bench::Credential::StaticToken,
         };
-        let last_progress = std::cell::Cell::new(0);
-        let result = bench::run_echo_case(&nats, subject, &case, Some("t0k"), format, |done| {
-            assert!(done <= 200, "progress {done} beyond the request count");
-            last_progress.set(last_progress.get().max(done));
-        })
-        .await
-        .expect("echo case")
-        .summarize(&case);
-        assert_eq!(result.requests, 200, "{result:?}");
-        assert_eq!(result.errors, 0, "{:?}", result.first_error);
-        assert!(result.req_per_sec > 0.0);
-        assert!(result.p50 <= result.p99 && result.p99 <= result.max);
-        assert_eq!(last_progress.get(), 200);
-
-        let line = result.json_line(&result);
+        let mut results = Vec::new();
+        // The plain echo, then the reply-shaped one with replies of 1500 bytes.
+        for reply_len in [None, Some(1500)] {
+            let last_progress = std::cell::Cell::new(0);
+            let progress = |done| {
+                assert!(done <= 200, "progress {done} beyond the request count");
+                last_progress.set(last_progress.get().max(done));
+            };
+            let result = bench::run_echo_case(
+                &nats,
+                subject,
+                reply_len,
+                &case,
+                Some("t0k"),
+                format,
+                progress,
+            )
+            .await
+            .expect("echo case")
+            .summarize(&case);
+            assert_eq!(result.requests, 200, "{result:?}");
+            assert_eq!(result.errors, 0, "{:?}", result.first_error);
+            assert!(result.req_per_sec > 0.0);
+            assert!(result.p50 <= result.p99 && result.p99 <= result.max);
+            assert_eq!(last_progress.get(), 200);
+            results.push(result);
+        }
+        let [echo, shaped] = <[_; 2]>::try_from(results).expect("two results");
+        let row = bench::BenchRow {
+            service: echo.clone(),
+            echo,
+            shaped: Some(shaped),
+        };
+        let line = row.json_line();
         assert!(line.contains("\"ratio\":1.0"), "{line}");
-        let text = bench::table(&[(result.clone(), result)]);
+        assert!(line.contains("\"ratio_to_shaped\":"), "{line}");
+        let text = bench::table(&[row]);
         assert_eq!(text.lines().count(), 3, "{text}");
+    }
+
+    // A shaped reply has the service's headers and the length its subject names; the plain
+    // echo's reply is the request itself, without headers.
+    for format in [Format::Protobuf, Format::Json] {
+        let headers = ringvault::client::request_headers(Some("t0k"), format).expect("headers");
+        let request_id = headers
+            .get(protocol::REQUEST_ID)
+            .expect("a request id")
+            .to_string();
+        let shaped = nats
+            .request_with_headers(
+                bench::shaped_echo_subject(subject, 777),
+                headers.clone(),
+                Bytes::from_static(b"request"),
+            )
+            .await
+            .expect("shaped echo reply");
+        assert_eq!(shaped.payload.len(), 777);
+        let reply_headers = shaped.headers.expect("reply headers");
+        assert_eq!(
+            reply_headers.get(protocol::REQUEST_ID).map(|v| v.as_str()),
+            Some(request_id.as_str())
+        );
+        assert!(reply_headers.get(protocol::AUTHORIZATION).is_none());
+        let content_type = reply_headers
+            .get(protocol::CONTENT_TYPE)
+            .map(|v| v.as_str());
+        match format {
+            Format::Json => assert_eq!(content_type, Some(protocol::JSON_CONTENT_TYPE)),
+            Format::Protobuf => assert_eq!(content_type, None),
+        }
+        let plain = nats
+            .request_with_headers(subject, headers, Bytes::from_static(b"request"))
+            .await
+            .expect("echo reply");
+        assert_eq!(&plain.payload[..], b"request");
+        assert!(plain.headers.is_none_or(|headers| headers.is_empty()));
     }
     responder.abort();
 }
@@ -235,7 +293,8 @@ fn the_bench_command_measures_its_own_service_and_echo_processes() {
         panic!("one case expected: {lines:?}");
     };
     assert_eq!(case["method"], "encrypt");
-    for side in ["service", "echo"] {
+    assert!(case["ratio_to_shaped"].as_f64().unwrap() > 0.0, "{case}");
+    for side in ["service", "echo", "shaped_echo"] {
         assert_eq!(case[side]["requests"], 300, "{case}");
         assert_eq!(case[side]["errors"], 0, "{case}");
         assert!(case[side]["req_per_sec"].as_f64().unwrap() > 0.0, "{case}");

@@ -211,14 +211,16 @@ impl KeyringRegistry {
             return Ok(dek);
         }
         metrics::counter!("ringvault_cache_misses_total", "lookup" => "latest").increment(1);
-        self.call(
+        // Boxed: the actor call's future is large, and every request's future would otherwise
+        // carry it for the few that miss the cache.
+        Box::pin(self.call(
             name,
             |reply| KeyringMsg::Latest {
                 from_storage: false,
                 reply,
             },
             || self.keyrings.cached_latest(name).map(Ok),
-        )
+        ))
         .await?
     }
 
@@ -243,14 +245,15 @@ impl KeyringRegistry {
             return Ok(dek);
         }
         metrics::counter!("ringvault_cache_misses_total", "lookup" => "key_id").increment(1);
-        self.call(
+        // Boxed, as in `latest`.
+        Box::pin(self.call(
             name,
             |reply| KeyringMsg::Dek {
                 key_id: key_id.to_owned(),
                 reply,
             },
             || self.keyrings.cached_dek_of(name, key_id).map(Ok),
-        )
+        ))
         .await?
     }
 

@@ -1065,7 +1065,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
         }
         let shaped = row.shaped.as_ref().map_or(String::new(), |shaped| {
             format!(
-                "; shaped echo {:.0}, ratio {:.2}",
+                "; shaped echo {:.0}, vs shaped {:.2}",
                 shaped.req_per_sec,
                 bench::ratio(&row.service, shaped)
             )

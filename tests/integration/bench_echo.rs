@@ -78,8 +78,19 @@ async fn echo_case_runs_every_request_without_errors() {
 
     // A shaped reply has the service's headers and the length its subject names; the plain
     // echo's reply is the request itself, without headers.
-    for format in [Format::Protobuf, Format::Json] {
-        let headers = ringvault::client::request_headers(Some("t0k"), format).expect("headers");
+    for (content_type, reply_content_type) in [
+        (None, None),
+        (Some("application/x-protobuf"), None),
+        (
+            Some("application/json; charset=utf-8"),
+            Some(protocol::JSON_CONTENT_TYPE),
+        ),
+    ] {
+        let mut headers =
+            ringvault::client::request_headers(Some("t0k"), Format::Protobuf).expect("headers");
+        if let Some(content_type) = content_type {
+            headers.insert(protocol::CONTENT_TYPE, content_type);
+        }
         let request_id = headers
             .get(protocol::REQUEST_ID)
             .expect("a request id")
@@ -99,13 +110,13 @@ async fn echo_case_runs_every_request_without_errors() {
             Some(request_id.as_str())
         );
         assert!(reply_headers.get(protocol::AUTHORIZATION).is_none());
-        let content_type = reply_headers
-            .get(protocol::CONTENT_TYPE)
-            .map(|v| v.as_str());
-        match format {
-            Format::Json => assert_eq!(content_type, Some(protocol::JSON_CONTENT_TYPE)),
-            Format::Protobuf => assert_eq!(content_type, None),
-        }
+        assert_eq!(
+            reply_headers
+                .get(protocol::CONTENT_TYPE)
+                .map(|v| v.as_str()),
+            reply_content_type,
+            "request content type {content_type:?}"
+        );
         let plain = nats
             .request_with_headers(subject, headers, Bytes::from_static(b"request"))
             .await
@@ -113,7 +124,49 @@ async fn echo_case_runs_every_request_without_errors() {
         assert_eq!(&plain.payload[..], b"request");
         assert!(plain.headers.is_none_or(|headers| headers.is_empty()));
     }
+
+    // A length beyond the server's max_payload is not answered, and the echo goes on answering.
+    let too_long = nats.server_info().max_payload + 1;
+    let unanswered = tokio::time::timeout(
+        Duration::from_millis(300),
+        nats.request(
+            bench::shaped_echo_subject(subject, too_long),
+            Bytes::from_static(b"x"),
+        ),
+    )
+    .await;
+    assert!(unanswered.is_err(), "answered: {unanswered:?}");
+    let shaped = nats
+        .request(bench::shaped_echo_subject(subject, 3), Bytes::new())
+        .await
+        .expect("still answering");
+    assert_eq!(shaped.payload.len(), 3);
+
+    // Aborting the responder stops both echoes.
     responder.abort();
+    for subject in [subject.to_owned(), bench::shaped_echo_subject(subject, 3)] {
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(5),
+            eventually_no_responders(&nats, &subject),
+        )
+        .await;
+        assert!(outcome.is_ok(), "{subject} still answered");
+    }
+}
+
+/// Waits until a request to `subject` finds no responder. Each try is short: a request sent
+/// before the unsubscription reached the server goes to a subscription that is gone, and gets
+/// no answer at all.
+async fn eventually_no_responders(nats: &async_nats::Client, subject: &str) {
+    loop {
+        let request = nats.request(subject.to_owned(), Bytes::new());
+        let outcome = tokio::time::timeout(Duration::from_millis(200), request).await;
+        if let Ok(Err(error)) = outcome {
+            if error.kind() == async_nats::RequestErrorKind::NoResponders {
+                return;
+            }
+        }
+    }
 }
 
 #[tokio::test]
@@ -320,6 +373,8 @@ fn the_cold_keyring_case_reports_the_service_processes_memory() {
         .find(|line| line["method"] == "cold-encrypt")
         .expect("cold case line");
     assert_eq!(case["service"]["errors"], 0, "{case}");
+    // Its subject is the first use of each keyring, which no echo stands in for.
+    assert!(case.get("shaped_echo").is_none(), "{case}");
 }
 
 /// The pids of `parent`'s children and their command names (from `/proc`).

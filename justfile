@@ -32,7 +32,8 @@ run: deps-nats
 test: deps
     cargo test --no-fail-fast
 
-# Run the benchmark matrix (service vs echo over one nats-server), then the AEAD benchmarks
+# Run the benchmark matrix (the service vs the plain and the shaped echo over one nats-server),
+# then the AEAD benchmarks
 bench: deps-nats
     cargo run --release -- bench --matrix
     cargo bench --bench aead

@@ -211,16 +211,14 @@ impl KeyringRegistry {
             return Ok(dek);
         }
         metrics::counter!("ringvault_cache_misses_total", "lookup" => "latest").increment(1);
-        // Boxed: the actor call's future is large, and every request's future would otherwise
-        // carry it for the few that miss the cache.
-        Box::pin(self.call(
+        self.call(
             name,
             |reply| KeyringMsg::Latest {
                 from_storage: false,
                 reply,
             },
             || self.keyrings.cached_latest(name).map(Ok),
-        ))
+        )
         .await?
     }
 
@@ -245,15 +243,14 @@ impl KeyringRegistry {
             return Ok(dek);
         }
         metrics::counter!("ringvault_cache_misses_total", "lookup" => "key_id").increment(1);
-        // Boxed, as in `latest`.
-        Box::pin(self.call(
+        self.call(
             name,
             |reply| KeyringMsg::Dek {
                 key_id: key_id.to_owned(),
                 reply,
             },
             || self.keyrings.cached_dek_of(name, key_id).map(Ok),
-        ))
+        )
         .await?
     }
 
@@ -354,14 +351,20 @@ impl KeyringRegistry {
     /// Sends the keyring's actor `build`'s message and waits for the reply; `cached` answers
     /// instead, when it can, before a call is offered to another actor.
     ///
-    /// Boxed: a call may spawn the actor, whose future is large, and the cache-hit paths that
-    /// await this one would otherwise carry that size in every request's future.
-    async fn call<T, F>(&self, name: &str, build: F, cached: impl Fn() -> Option<T>) -> Result<T>
+    /// Boxed, and returned as the box itself: a call may spawn the actor, whose future is
+    /// large, and the cache-hit paths that await this one would otherwise carry that size (or,
+    /// were this an `async fn` awaiting the box, its arguments) in every request's future.
+    fn call<'a, T, F>(
+        &'a self,
+        name: &'a str,
+        build: F,
+        cached: impl Fn() -> Option<T> + 'a,
+    ) -> impl std::future::Future<Output = Result<T>> + 'a
     where
         T: Send + 'static,
-        F: Fn(RpcReplyPort<T>) -> KeyringMsg,
+        F: Fn(RpcReplyPort<T>) -> KeyringMsg + 'a,
     {
-        Box::pin(self.call_unboxed(name, build, cached)).await
+        Box::pin(self.call_unboxed(name, build, cached))
     }
 
     async fn call_unboxed<T, F>(

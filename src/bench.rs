@@ -45,10 +45,18 @@ pub const COLD_KEYRINGS: usize = 10_000;
 pub const ROUNDS: usize = 4;
 /// How often the progress callback is called while a case runs.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
-/// Payload sizes of the matrix, in bytes.
-const MATRIX_PAYLOAD_BYTES: [usize; 4] = [32, 1024, 16384, 65536];
-/// Concurrency levels of the matrix, with the number of requests of each (at scale 1).
-const MATRIX_CONCURRENCY: [(usize, usize); 2] = [(1, 2000), (64, 20000)];
+/// The matrix's payload sizes in bytes, each with its (concurrency, requests) cases at scale 1:
+/// about a second or more of each side per case on the machine of BENCHMARKS.md, so that one
+/// run's ratio is not one scheduler hiccup (at a third of these the short cases' ratios moved
+/// by ±0.08 between runs); the large payloads get there with fewer requests.
+const MATRIX: [(usize, [(usize, usize); 2]); 4] = [
+    (32, [(1, 6000), (64, 60000)]),
+    (1024, [(1, 6000), (64, 60000)]),
+    (16384, [(1, 6000), (64, 20000)]),
+    (65536, [(1, 2000), (64, 20000)]),
+];
+/// The requests in flight of the ES256 and cold-keyring cases.
+const MATRIX_HIGH_CONCURRENCY: usize = 64;
 
 /// The operation a [`BenchCase`] measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -202,23 +210,26 @@ pub fn ratio(service: &BenchResult, echo: &BenchResult) -> f64 {
 }
 
 /// The full matrix at scale 1: Encrypt and Decrypt × payloads of 32 B, 1 KiB, 16 KiB and
-/// 64 KiB × concurrency 1 (2000 requests) and 64 (20000 requests), on [`DEFAULT_KEYRING`] with
-/// the static token; the 1 KiB cases at 64 in flight again with an ES256 JWT; and the first
-/// Encrypt (32 B) on [`COLD_KEYRINGS`] new keyrings at 64 in flight.
+/// 64 KiB × concurrency 1 and 64 (6,000 and 60,000 requests up to 1 KiB; 6,000 and 20,000 at
+/// 16 KiB; 2,000 and 20,000 at 64 KiB), on [`DEFAULT_KEYRING`] with the static token; the
+/// 1 KiB cases at 64 in flight again with an ES256 JWT; and the first Encrypt (32 B) on
+/// [`COLD_KEYRINGS`] new keyrings at 64 in flight.
 pub fn matrix() -> Vec<BenchCase> {
     matrix_scaled(1.0)
 }
 
 /// The matrix with every request count multiplied by `scale` (at least one request per worker).
 pub fn matrix_scaled(scale: f64) -> Vec<BenchCase> {
+    let scaled = |requests: usize, concurrency: usize| {
+        ((requests as f64 * scale).round() as usize).max(concurrency)
+    };
     let mut cases = Vec::new();
     for method in [BenchMethod::Encrypt, BenchMethod::Decrypt] {
-        for payload_bytes in MATRIX_PAYLOAD_BYTES {
-            for (concurrency, requests) in MATRIX_CONCURRENCY {
-                let scaled = (requests as f64 * scale).round() as usize;
+        for (payload_bytes, levels) in MATRIX {
+            for (concurrency, requests) in levels {
                 cases.push(BenchCase {
                     method,
-                    requests: scaled.max(concurrency),
+                    requests: scaled(requests, concurrency),
                     concurrency,
                     payload_bytes,
                     keyring: DEFAULT_KEYRING.to_owned(),
@@ -227,12 +238,16 @@ pub fn matrix_scaled(scale: f64) -> Vec<BenchCase> {
             }
         }
     }
-    let (concurrency, requests) = MATRIX_CONCURRENCY[1];
-    let scaled = ((requests as f64 * scale).round() as usize).max(concurrency);
+    let concurrency = MATRIX_HIGH_CONCURRENCY;
+    // The ES256 cases repeat the static-token 1 KiB case at 64 in flight.
+    let es256_requests = cases
+        .iter()
+        .find(|case| case.payload_bytes == 1024 && case.concurrency == concurrency)
+        .map_or(concurrency, |case| case.requests);
     for method in [BenchMethod::Encrypt, BenchMethod::Decrypt] {
         cases.push(BenchCase {
             method,
-            requests: scaled,
+            requests: es256_requests,
             concurrency,
             payload_bytes: 1024,
             keyring: DEFAULT_KEYRING.to_owned(),
@@ -241,7 +256,7 @@ pub fn matrix_scaled(scale: f64) -> Vec<BenchCase> {
     }
     cases.push(BenchCase {
         method: BenchMethod::ColdEncrypt,
-        requests: ((COLD_KEYRINGS as f64 * scale).round() as usize).max(concurrency),
+        requests: scaled(COLD_KEYRINGS, concurrency),
         concurrency,
         payload_bytes: 32,
         keyring: COLD_KEYRING_PREFIX.to_owned(),
@@ -1025,20 +1040,33 @@ mod tests {
         assert!(cases
             .iter()
             .all(|c| c.credential == Credential::StaticToken));
-        let serial = cases.iter().filter(|c| c.concurrency == 1);
-        assert!(serial.clone().all(|c| c.requests == 2000));
-        assert_eq!(serial.count(), 8);
-        assert!(cases
-            .iter()
-            .filter(|c| c.concurrency == 64)
-            .all(|c| c.requests == 20000));
-        for size in MATRIX_PAYLOAD_BYTES {
+        let requests = |size: usize, concurrency: usize| {
+            let matching: Vec<usize> = cases
+                .iter()
+                .filter(|c| c.payload_bytes == size && c.concurrency == concurrency)
+                .map(|c| c.requests)
+                .collect();
+            assert_eq!(
+                matching.len(),
+                2,
+                "encrypt and decrypt of {size} B @ {concurrency}"
+            );
+            assert_eq!(matching[0], matching[1]);
+            matching[0]
+        };
+        assert_eq!(requests(32, 1), 6000);
+        assert_eq!(requests(1024, 64), 60000);
+        assert_eq!(requests(16384, 64), 20000);
+        assert_eq!(requests(65536, 1), 2000);
+        assert!(jwt.iter().all(|c| c.requests == 60000));
+        assert_eq!(cases.iter().filter(|c| c.concurrency == 1).count(), 8);
+        for (size, _) in MATRIX {
             assert_eq!(cases.iter().filter(|c| c.payload_bytes == size).count(), 4);
         }
         let tiny = matrix_scaled(0.001);
         assert_eq!(tiny.len(), all.len());
         assert!(tiny.iter().all(|c| c.requests >= c.concurrency));
-        assert_eq!(tiny[0].requests, 2);
+        assert_eq!(tiny[0].requests, 6);
     }
 
     #[test]

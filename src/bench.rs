@@ -427,9 +427,10 @@ impl Shape {
 }
 
 /// Subscribes to `subject` and answers every request with its own payload (no headers); and,
-/// as the reply-shaped echo, to [`shaped_echo_subject`]s, answering as the service does (see
-/// [`shaped_reply`]). From one task each, until the returned handle is aborted or the
-/// connection closes (either echo ending ends both, and the handle).
+/// as the reply-shaped echo, to [`shaped_echo_subject`]s, answering as the service does: the
+/// request's `X-Request-ID` (and `Content-Type` for JSON) and a body of the length the subject
+/// names, up to the server's `max_payload`. From one task each, until the returned handle is
+/// aborted or the connection closes (either echo ending ends both, and the handle).
 pub async fn start_echo_responder(
     nats: &async_nats::Client,
     subject: &str,

@@ -733,11 +733,13 @@ async fn handle_request(
         return None;
     };
     let headers = RequestHeaders::read(request.headers.as_ref());
-    let request_id = headers
-        .request_id
-        .filter(|id| usable_request_id(id))
-        .map(str::to_owned)
-        .unwrap_or_else(new_request_id);
+    // Borrowed from the request when the caller's is usable: a copy per request would only be
+    // copied again into the reply's header and the audit record.
+    let request_id: std::borrow::Cow<'_, str> = match headers.request_id {
+        Some(id) if usable_request_id(id) => id.into(),
+        _ => new_request_id().into(),
+    };
+    let request_id = &*request_id;
     let format = Format::from_content_type(headers.content_type);
     #[cfg(feature = "test-hooks")]
     if let Some(delay) = context.hooks.faults.take_request_delay(method) {
@@ -749,7 +751,7 @@ async fn handle_request(
         format,
         &headers,
         &request.payload,
-        &request_id,
+        request_id,
     ))
     .catch_unwind()
     .await
@@ -759,7 +761,7 @@ async fn handle_request(
     });
 
     let mut reply_headers = HeaderMap::new();
-    reply_headers.insert(REQUEST_ID_HEADER, request_id.as_str());
+    reply_headers.insert(REQUEST_ID_HEADER, request_id);
     let elapsed = started.elapsed();
     let (body, mut failure) = match outcome {
         Ok(body) => {
@@ -815,7 +817,7 @@ async fn handle_request(
             match error_reply_subject {
                 Some(reply_subject) => {
                     let mut headers = HeaderMap::new();
-                    headers.insert(REQUEST_ID_HEADER, request_id.as_str());
+                    headers.insert(REQUEST_ID_HEADER, request_id);
                     let body = error_body(&mut headers, &too_large, None);
                     if let Err(error) = context
                         .nats
@@ -944,7 +946,7 @@ async fn serve(
     principal: &Principal,
     facts: &mut AuditFacts,
 ) -> std::result::Result<Bytes, Failure> {
-    let bound_to = principal.workspace.clone();
+    let bound_to = principal.workspace.as_deref();
     // Refusals before the body is decoded still name the keyring in their audit record.
     let refused_before_decoding = |facts: &mut AuditFacts| {
         facts.keyring = request_keyring(format, payload);
@@ -961,15 +963,18 @@ async fn serve(
         // workspace below it does not give it a fresh bucket each), else the one it acts for;
         // a principal bound to none and acting for none has its own bucket keyed by its
         // subject (`*` cannot occur in a workspace name, so no workspace collides).
-        let (key, named) = match bound_to.as_ref().or(principal.workspace.as_ref()) {
-            Some(workspace) => (workspace.clone(), format!("workspace {workspace:?}")),
-            None => (
-                format!("*{}", principal.subject),
-                format!("{:?} (bound to no workspace)", principal.subject),
-            ),
+        let workspace = bound_to.or(principal.workspace.as_deref());
+        let key: std::borrow::Cow<'_, str> = match workspace {
+            Some(workspace) => workspace.into(),
+            None => format!("*{}", principal.subject).into(),
         };
         if let Err(wait) = limiter.check(&key) {
             refused_before_decoding(facts);
+            // Named only for a refusal: most requests pass.
+            let named = match workspace {
+                Some(workspace) => format!("workspace {workspace:?}"),
+                None => format!("{:?} (bound to no workspace)", principal.subject),
+            };
             return Err(Failure {
                 error: Error::new(
                     Kind::RateLimited,

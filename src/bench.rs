@@ -461,8 +461,9 @@ pub async fn start_echo_responder(
     let shaped_echo = async move {
         let mut filler = Bytes::new();
         while let Some(message) = shaped.next().await {
-            // A length the server would refuse to carry is not allocated either.
-            let max_len = shaped_nats.server_info().max_payload;
+            // A length the server would refuse to carry is not allocated either. (Read as the
+            // service reads it: `server_info()` would copy the server's whole INFO per request.)
+            let max_len = shaped_nats.max_payload();
             let Some((reply, headers, body)) = shaped_reply(message, max_len, &mut filler) else {
                 continue;
             };

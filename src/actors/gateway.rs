@@ -755,10 +755,7 @@ async fn handle_request(
     ))
     .catch_unwind()
     .await
-    .unwrap_or_else(|_| {
-        let error = Error::internal("the request handler failed unexpectedly");
-        (Err(error.into()), None)
-    });
+    .unwrap_or_else(|_| (Err(Error::internal(HANDLER_PANICKED).into()), None));
 
     let mut reply_headers = HeaderMap::new();
     reply_headers.insert(REQUEST_ID_HEADER, request_id);
@@ -922,10 +919,14 @@ async fn dispatch(
         Err(error) => return (Err(error.into()), None),
     };
     let mut facts = AuditFacts::default();
-    let outcome = serve(
+    // Caught here as well as around the whole request, so that a defect after authentication
+    // still leaves the request's audit record: it may have done work (a rotation) by then.
+    let outcome = AssertUnwindSafe(serve(
         context, method, format, headers, payload, &principal, &mut facts,
-    )
-    .await;
+    ))
+    .catch_unwind()
+    .await
+    .unwrap_or_else(|_| Err(Error::internal(HANDLER_PANICKED).into()));
     let record = audit(
         request_id,
         &principal,
@@ -935,6 +936,9 @@ async fn dispatch(
     );
     (outcome, Some(record))
 }
+
+/// The error a caller gets when its request's handler panicked (a defect, logged).
+const HANDLER_PANICKED: &str = "the request handler failed unexpectedly";
 
 /// An authenticated request: the workspace it acts in, the rate limit, then the operation.
 async fn serve(
@@ -951,6 +955,11 @@ async fn serve(
     let refused_before_decoding = |facts: &mut AuditFacts| {
         facts.keyring = request_keyring(format, payload);
     };
+    #[cfg(feature = "test-hooks")]
+    if context.hooks.faults.take_request_panic(method) {
+        refused_before_decoding(facts);
+        panic!("test hook: the {} handler panics", method.name());
+    }
     let principal = match acting_principal(principal, headers.tenant_id, &context.policies, facts) {
         Ok(principal) => principal,
         Err(error) => {

@@ -150,6 +150,8 @@ pub struct FaultHooks {
     pub end_request_loop: std::sync::Mutex<Option<crate::protocol::Method>>,
     /// The next request of this method is held this long before it is handled.
     pub delay_next_request: std::sync::Mutex<Option<(crate::protocol::Method, Duration)>>,
+    /// The handler of the next authenticated request of this method panics.
+    pub panic_next_request: std::sync::Mutex<Option<crate::protocol::Method>>,
 }
 
 #[cfg(feature = "test-hooks")]
@@ -188,6 +190,19 @@ impl FaultHooks {
             }
             _ => None,
         }
+    }
+
+    /// Consumes the pending panic of the next authenticated request of `method`.
+    pub fn take_request_panic(&self, method: crate::protocol::Method) -> bool {
+        let mut pending = self
+            .panic_next_request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *pending == Some(method) {
+            *pending = None;
+            return true;
+        }
+        false
     }
 
     /// Consumes one pending failure of a gateway start.

@@ -73,8 +73,9 @@ pub fn borrow_keyring_and_text(body: &[u8]) -> Option<(&str, &str)> {
         let len = prost::encoding::decode_varint(&mut rest).ok()?;
         let len = usize::try_from(len).ok().filter(|&len| len <= rest.len())?;
         let (value, after) = rest.split_at(len);
-        // Every value is checked, as prost checks each one it merges.
-        let value = std::str::from_utf8(value).ok()?;
+        // Every value is checked, as prost checks each one it merges; with SIMD, as the text is
+        // the payload (std's check was 7 % of the service's CPU at 64 KiB Encrypt).
+        let value = simdutf8::basic::from_utf8(value).ok()?;
         match key {
             KEYRING_KEY => keyring = value,
             TEXT_KEY => text = value,

@@ -346,6 +346,64 @@ async fn max_inflight_bounds_requests_across_methods() {
     }
 }
 
+/// A handler that panics after authentication (a defect) costs its caller an `internal` error
+/// and nothing more: the request still leaves its audit record, and the loop goes on serving.
+#[tokio::test]
+async fn a_panicking_handler_answers_internal_and_leaves_its_audit_record() {
+    let env = TestEnv::start().await;
+    let server = env.service(&[]).await;
+    let watcher = async_nats::connect(env.nats.url()).await.unwrap();
+    let mut audit = watcher.subscribe("vault.v1.audit").await.unwrap();
+    watcher.flush().await.unwrap();
+
+    *server.hooks().faults.panic_next_request.lock().unwrap() = Some(Method::Encrypt);
+    let failed = impatient_client(&env)
+        .await
+        .encrypt("ws_panic/app", "lost")
+        .await
+        .unwrap_err();
+    assert_eq!(failed.kind(), Kind::Internal, "{failed}");
+    assert!(server
+        .hooks()
+        .faults
+        .panic_next_request
+        .lock()
+        .unwrap()
+        .is_none());
+    let client = env.client(Format::Protobuf).await;
+    let sealed = client.encrypt("ws_panic/app", "kept").await.unwrap();
+    assert_eq!(
+        client
+            .decrypt("ws_panic/app", &sealed.encrypted)
+            .await
+            .unwrap()
+            .plaintext,
+        "kept"
+    );
+
+    let mut records = Vec::new();
+    while records.len() < 3 {
+        let message = tokio::time::timeout(Duration::from_secs(10), audit.next())
+            .await
+            .expect("three audit records within 10 s")
+            .unwrap();
+        let lines = String::from_utf8(message.payload.to_vec()).unwrap();
+        records.extend(
+            lines
+                .lines()
+                .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()),
+        );
+    }
+    let panicked = &records[0];
+    assert_eq!(panicked["action"], "encrypt", "{panicked}");
+    assert_eq!(panicked["keyring"], "ws_panic/app", "{panicked}");
+    assert_eq!(panicked["outcome"], "error", "{panicked}");
+    assert_eq!(panicked["error_code"], "internal", "{panicked}");
+    assert_eq!(records[1]["outcome"], "ok", "{}", records[1]);
+    assert_eq!(records[2]["action"], "decrypt", "{}", records[2]);
+    server.shutdown().await.unwrap();
+}
+
 /// Has the service hold its next request of `method` for `hold`, sends it (`request`, spawned),
 /// and returns once the service has taken it.
 async fn hold_next_request<T: Send + 'static>(

@@ -926,7 +926,13 @@ async fn dispatch(
     ))
     .catch_unwind()
     .await
-    .unwrap_or_else(|_| Err(Error::internal(HANDLER_PANICKED).into()));
+    .unwrap_or_else(|_| {
+        // It may have panicked before reading the body: the record still names the keyring.
+        if facts.keyring.is_empty() {
+            facts.keyring = request_keyring(format, payload);
+        }
+        Err(Error::internal(HANDLER_PANICKED).into())
+    });
     let record = audit(
         request_id,
         &principal,
@@ -957,7 +963,6 @@ async fn serve(
     };
     #[cfg(feature = "test-hooks")]
     if context.hooks.faults.take_request_panic(method) {
-        refused_before_decoding(facts);
         panic!("test hook: the {} handler panics", method.name());
     }
     let principal = match acting_principal(principal, headers.tenant_id, &context.policies, facts) {

@@ -134,6 +134,20 @@ where
     }
 }
 
+/// Consumes the method pending in `slot` if it is `method`.
+#[cfg(feature = "test-hooks")]
+fn take_pending(
+    slot: &std::sync::Mutex<Option<crate::protocol::Method>>,
+    method: crate::protocol::Method,
+) -> bool {
+    let mut pending = slot.lock().unwrap_or_else(|e| e.into_inner());
+    if *pending == Some(method) {
+        *pending = None;
+        return true;
+    }
+    false
+}
+
 /// Fault hooks for tests: make actors fail on purpose. Compiled only with `test-hooks`.
 #[cfg(feature = "test-hooks")]
 #[derive(Debug, Default)]
@@ -166,15 +180,7 @@ impl FaultHooks {
 
     /// Consumes the pending end of a request loop of `method`.
     pub fn take_request_loop_end(&self, method: crate::protocol::Method) -> bool {
-        let mut pending = self
-            .end_request_loop
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if *pending == Some(method) {
-            *pending = None;
-            return true;
-        }
-        false
+        take_pending(&self.end_request_loop, method)
     }
 
     /// Consumes the pending delay of the next request of `method`.
@@ -194,15 +200,7 @@ impl FaultHooks {
 
     /// Consumes the pending panic of the next authenticated request of `method`.
     pub fn take_request_panic(&self, method: crate::protocol::Method) -> bool {
-        let mut pending = self
-            .panic_next_request
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if *pending == Some(method) {
-            *pending = None;
-            return true;
-        }
-        false
+        take_pending(&self.panic_next_request, method)
     }
 
     /// Consumes one pending failure of a gateway start.

@@ -33,7 +33,10 @@ use futures::StreamExt as _;
 
 use crate::client::{request_headers, Client, RawReply};
 use crate::error::{Error, Result};
-use crate::protocol::{self, DecryptRequest, EncryptRequest, Encrypted, Format, Method};
+use crate::protocol::{
+    self, DecryptRequest, EncryptRequest, Encrypted, Format, Method, CONTENT_TYPE_HEADER,
+    REQUEST_ID_HEADER,
+};
 
 /// The keyring the benchmark matrix uses.
 pub const DEFAULT_KEYRING: &str = "bench";
@@ -533,13 +536,6 @@ fn shaped_reply(
     }
     Some((reply, headers, filler.slice(..reply_len)))
 }
-
-// Header names built once, as the service's are: a name made from `&str` is validated and
-// allocated each time.
-const REQUEST_ID_HEADER: async_nats::HeaderName =
-    async_nats::HeaderName::from_static(protocol::REQUEST_ID);
-const CONTENT_TYPE_HEADER: async_nats::HeaderName =
-    async_nats::HeaderName::from_static(protocol::CONTENT_TYPE);
 
 /// A base64 envelope of the size the service produces for a `payload_bytes` plaintext
 /// (12-byte nonce, ciphertext plus 16-byte tag, a `dek_` id of 22 characters, a current time).

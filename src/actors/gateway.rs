@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use async_nats::header::{HeaderName, HeaderValue};
+use async_nats::header::HeaderValue;
 use async_nats::{HeaderMap, PublishErrorKind};
 use bytes::Bytes;
 use futures::{FutureExt as _, StreamExt as _};
@@ -32,7 +32,8 @@ use crate::protocol::{
     DescribeKeyringRequest, DescribeKeyringResponse, EncryptBulkRequest, EncryptBulkResponse,
     EncryptRequest, ErrorBody, Format, LivenessResponse, Method, ReEncryptRequest,
     ReEncryptResponse, RotateKeyringRequest, RotateKeyringResponse, AUTHORIZATION, CONTENT_TYPE,
-    JSON_CONTENT_TYPE, REQUEST_ID, SERVICE_ERROR, SERVICE_ERROR_CODE,
+    CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE, REQUEST_ID, REQUEST_ID_HEADER, SERVICE_ERROR,
+    SERVICE_ERROR_CODE,
 };
 use crate::rpc::{Decrypted, Sealed, Vault};
 use crate::storage::validate_keyring;
@@ -693,9 +694,6 @@ impl<'a> RequestHeaders<'a> {
     }
 }
 
-// Header names built once: a name made from `&str` is validated and allocated each time.
-const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
-
 fn new_request_id() -> String {
     hex::encode(rand::random::<[u8; 16]>())
 }
@@ -763,7 +761,7 @@ async fn handle_request(
     let (body, mut failure) = match outcome {
         Ok(body) => {
             if format == Format::Json {
-                reply_headers.insert(CONTENT_TYPE, JSON_CONTENT_TYPE);
+                reply_headers.insert(CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE);
             }
             (body, None)
         }
@@ -869,7 +867,7 @@ fn error_body(headers: &mut HeaderMap, error: &Error, retry_after: Option<Durati
     let status = error.kind().status().to_string();
     headers.insert(SERVICE_ERROR_CODE, status.as_str());
     headers.insert(SERVICE_ERROR, header_safe(&body.message).as_str());
-    headers.insert(CONTENT_TYPE, JSON_CONTENT_TYPE);
+    headers.insert(CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE);
     body.to_bytes()
 }
 

@@ -34,6 +34,13 @@ pub const REQUEST_ID: &str = "X-Request-ID";
 pub const CONTENT_TYPE: &str = "Content-Type";
 /// The `Content-Type` value of protobuf JSON.
 pub const JSON_CONTENT_TYPE: &str = "application/json";
+/// [`REQUEST_ID`] as a NATS header name, built once: a name made from `&str` is validated and
+/// allocated each time it is used, and every reply carries this one.
+pub const REQUEST_ID_HEADER: async_nats::HeaderName =
+    async_nats::HeaderName::from_static(REQUEST_ID);
+/// [`CONTENT_TYPE`] as a NATS header name, built once (see [`REQUEST_ID_HEADER`]).
+pub const CONTENT_TYPE_HEADER: async_nats::HeaderName =
+    async_nats::HeaderName::from_static(CONTENT_TYPE);
 /// NATS micro error description header.
 pub const SERVICE_ERROR: &str = "Nats-Service-Error";
 /// NATS micro error status header (HTTP-like code).

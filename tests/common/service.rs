@@ -173,6 +173,30 @@ pub async fn client(url: &str, token: Option<&str>, format: Format) -> Client {
     .expect("client connects")
 }
 
+/// The next `count` audit records (or more, when the last message carries more) on `audit`, a
+/// subscription to the audit subject: one JSON object per line of each message, waiting up to
+/// 10 s for each message.
+pub async fn audit_records(
+    audit: &mut async_nats::Subscriber,
+    count: usize,
+) -> Vec<serde_json::Value> {
+    use futures::StreamExt as _;
+    let mut records = Vec::new();
+    while records.len() < count {
+        let message = tokio::time::timeout(Duration::from_secs(10), audit.next())
+            .await
+            .unwrap_or_else(|_| panic!("{count} audit records within 10 s, got {}", records.len()))
+            .expect("the audit subscription is open");
+        let lines = String::from_utf8(message.payload.to_vec()).expect("audit records are utf-8");
+        records.extend(
+            lines
+                .lines()
+                .map(|line| serde_json::from_str(line).expect("an audit record is json")),
+        );
+    }
+    records
+}
+
 /// Polls `condition` every 20 ms for up to `within`.
 pub async fn eventually<F, Fut>(within: Duration, mut condition: F) -> bool
 where

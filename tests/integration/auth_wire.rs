@@ -6,7 +6,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::service::TestEnv;
+use common::service::{audit_records, TestEnv};
 use futures::StreamExt as _;
 use ringvault::auth::{Claims, SignedTokens};
 use ringvault::client::{request_headers, Client, RawReply};
@@ -101,19 +101,7 @@ async fn rate_limit_is_per_workspace_with_retry_after() {
         "6 quick requests against a burst of 3: {limited} limited"
     );
     // Each of the six left a record, the limited ones with their keyring and error code.
-    let mut records: Vec<serde_json::Value> = Vec::new();
-    while records.len() < 6 {
-        let message = tokio::time::timeout(Duration::from_secs(10), audit.next())
-            .await
-            .expect("six audit records within 10 s")
-            .unwrap();
-        let lines = String::from_utf8(message.payload.to_vec()).unwrap();
-        records.extend(
-            lines
-                .lines()
-                .map(|line| serde_json::from_str(line).unwrap()),
-        );
-    }
+    let records = audit_records(&mut audit, 6).await;
     let limited_records: Vec<_> = records
         .iter()
         .filter(|record| record["error_code"] == "rate_limited")

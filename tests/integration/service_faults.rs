@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::service::{eventually, files_under, TestEnv, TOKEN};
+use common::service::{audit_records, eventually, files_under, TestEnv, TOKEN};
 use futures::StreamExt as _;
 use rand::{Rng as _, SeedableRng as _};
 use ringvault::client::{request_headers, Client, RawReply};
@@ -381,19 +381,7 @@ async fn a_panicking_handler_answers_internal_and_leaves_its_audit_record() {
         "kept"
     );
 
-    let mut records = Vec::new();
-    while records.len() < 3 {
-        let message = tokio::time::timeout(Duration::from_secs(10), audit.next())
-            .await
-            .expect("three audit records within 10 s")
-            .unwrap();
-        let lines = String::from_utf8(message.payload.to_vec()).unwrap();
-        records.extend(
-            lines
-                .lines()
-                .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()),
-        );
-    }
+    let records = audit_records(&mut audit, 3).await;
     // Found by content: the Encrypt and Decrypt loops publish their records independently.
     let find = |action: &str, outcome: &str| {
         let found: Vec<_> = records

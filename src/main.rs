@@ -1019,7 +1019,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
     };
     let service_resident = || service.as_ref().and_then(BenchService::resident_bytes);
     let mut rows: Vec<BenchRow> = Vec::new();
-    let mut credential_rows: Vec<(&str, BenchResult, BenchResult)> = Vec::new();
+    let mut credential_rows: Vec<(BenchResult, BenchResult)> = Vec::new();
     let mut memory = None;
     let total = cases.len();
     for (index, case) in cases.iter().enumerate() {
@@ -1093,16 +1093,17 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
                 "{label}: es256 {:.0} req/s vs static token {:.0} req/s, alternating: {quotient:.2}",
                 jwt.req_per_sec, static_token.req_per_sec
             );
-            credential_rows.push((case.method.name(), jwt, static_token));
+            credential_rows.push((jwt, static_token));
         }
         rows.push(row);
     }
     let mut echo = echo;
     let _ = echo.kill().await;
     println!("{}", bench::table(&rows));
-    for (method, jwt, static_token) in &credential_rows {
+    for (jwt, static_token) in &credential_rows {
         println!(
-            "{method} {} B x {} in flight, es256 jwt vs static token in alternating rounds: {:.0} vs {:.0} req/s, ratio {:.2}; p99 {}µs vs {}µs",
+            "{} {} B x {} in flight, es256 jwt vs static token in alternating rounds: {:.0} vs {:.0} req/s, ratio {:.2}; p99 {}µs vs {}µs",
+            jwt.case.method.name(),
             jwt.case.payload_bytes,
             jwt.case.concurrency,
             jwt.req_per_sec,
@@ -1112,6 +1113,11 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
             static_token.p99.as_micros(),
         );
     }
+    let checks = bench::goals(
+        &rows,
+        &credential_rows,
+        memory.as_ref().and_then(|memory| memory.settled),
+    );
     if let Some(ColdMemory {
         keyrings,
         before,
@@ -1139,6 +1145,9 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
                 "resident_bytes_before": before,
             })
         );
+    }
+    if !checks.is_empty() {
+        println!("\n{}", bench::goals_table(&checks));
     }
     for row in &rows {
         println!("{}", row.json_line());

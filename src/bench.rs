@@ -958,7 +958,7 @@ fn aligned(cells: &[Vec<String>], left: &[usize]) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
         if index == 0 {
-            let total = widths.iter().sum::<usize>() + 2 * (columns.saturating_sub(1));
+            let total = widths.iter().sum::<usize>() + 2 * columns.saturating_sub(1);
             out.push_str(&"-".repeat(total));
             out.push('\n');
         }
@@ -976,8 +976,8 @@ pub const GOAL_RATIO_32B_SERIAL: f64 = 0.9;
 /// Service ÷ echo req/s at 64 KiB × 64 in flight.
 pub const GOAL_RATIO_64KIB: f64 = 0.8;
 /// ES256 JWT ÷ static token req/s at 1 KiB × 64 in flight.
-pub const GOAL_ES256: f64 = 0.95;
-/// The most resident memory of the service with the cold-keyring case's keyrings cached.
+pub const GOAL_RATIO_ES256_TO_STATIC: f64 = 0.95;
+/// The most resident memory of the service with [`COLD_KEYRINGS`] new keyrings cached.
 pub const GOAL_COLD_RESIDENT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// One goal of issue 7 as one run measured it.
@@ -994,12 +994,14 @@ pub struct GoalCheck {
 }
 
 impl GoalCheck {
-    fn at_least(goal: String, measured: f64, target: f64) -> Self {
+    /// A quotient that must reach `target`. Failed requests fail the goal whatever the
+    /// quotient: req/s and latencies count successful requests only.
+    fn at_least(goal: String, measured: f64, target: f64, errors: usize) -> Self {
         Self {
             goal,
             target: format!(">= {target:.2}"),
-            measured: format!("{measured:.2}"),
-            met: Some(measured >= target),
+            measured: with_errors(format!("{measured:.2}"), errors),
+            met: Some(errors == 0 && measured >= target),
         }
     }
 
@@ -1012,9 +1014,24 @@ impl GoalCheck {
     }
 }
 
+/// `measured`, followed by the count of failed requests when there were any.
+fn with_errors(measured: String, errors: usize) -> String {
+    if errors == 0 {
+        return measured;
+    }
+    format!("{measured} ({errors} failed)")
+}
+
+/// Failed requests of a row, on every side.
+fn row_errors(row: &BenchRow) -> usize {
+    row.service.errors + row.echo.errors + row.shaped.as_ref().map_or(0, |shaped| shaped.errors)
+}
+
 /// The goals of issue 7 that `rows` (static-token rows), `credentials` (an ES256 JWT side and
 /// a static-token side, alternated, per method) and the resident memory after the cold-keyring
-/// case measure, in the issue's order. A goal whose case did not run is left out.
+/// case measure, in the issue's order. A goal whose case did not run is left out, and so is
+/// the memory goal when the resident memory is unknown (a service at `--url`). Memory gets a
+/// verdict only at the issue's [`COLD_KEYRINGS`]; at another count it is only reported.
 pub fn goals(
     rows: &[BenchRow],
     credentials: &[(BenchResult, BenchResult)],
@@ -1029,30 +1046,43 @@ pub fn goals(
                 && case.credential == Credential::StaticToken
         })
     };
-    let title = |method: BenchMethod| {
-        let name = method.name();
-        let mut chars = name.chars();
-        chars.next().map_or(String::new(), |first| {
-            first.to_ascii_uppercase().to_string() + chars.as_str()
-        })
+    let title = |method: BenchMethod| match method {
+        BenchMethod::Encrypt => "Encrypt",
+        BenchMethod::Decrypt => "Decrypt",
+        BenchMethod::ColdEncrypt => "Cold Encrypt",
     };
     let high = MATRIX_HIGH_CONCURRENCY;
     let mut checks = Vec::new();
     for method in [BenchMethod::Encrypt, BenchMethod::Decrypt] {
-        if let Some(row) = row(method, 1024, high) {
-            checks.push(GoalCheck::at_least(
-                format!("{} 1 KiB @ {high}: req/s vs echo", title(method)),
-                ratio(&row.service, &row.echo),
-                GOAL_RATIO_1KIB,
-            ));
-            let p99 = row.service.p99.as_secs_f64() / row.echo.p99.as_secs_f64().max(1e-9);
-            checks.push(GoalCheck {
-                goal: format!("{} 1 KiB @ {high}: p99 vs echo", title(method)),
-                target: format!("<= {GOAL_P99_1KIB:.2}x"),
-                measured: format!("{p99:.2}x"),
-                met: Some(p99 <= GOAL_P99_1KIB),
-            });
-        }
+        let Some(row) = row(method, 1024, high) else {
+            continue;
+        };
+        let errors = row_errors(row);
+        checks.push(GoalCheck::at_least(
+            format!("{} 1 KiB @ {high}: req/s vs echo", title(method)),
+            ratio(&row.service, &row.echo),
+            GOAL_RATIO_1KIB,
+            errors,
+        ));
+        let goal = format!("{} 1 KiB @ {high}: p99 vs echo", title(method));
+        let target = format!("<= {GOAL_P99_1KIB:.2}x");
+        // A side with no successful request has no p99 to compare.
+        checks.push(if row.service.p99.is_zero() || row.echo.p99.is_zero() {
+            GoalCheck {
+                goal,
+                target,
+                measured: with_errors("-".to_owned(), errors),
+                met: Some(false),
+            }
+        } else {
+            let p99 = row.service.p99.as_secs_f64() / row.echo.p99.as_secs_f64();
+            GoalCheck {
+                goal,
+                target,
+                measured: with_errors(format!("{p99:.2}x"), errors),
+                met: Some(errors == 0 && p99 <= GOAL_P99_1KIB),
+            }
+        });
     }
     for (payload_bytes, concurrency, target) in [
         (32, 1, GOAL_RATIO_32B_SERIAL),
@@ -1068,6 +1098,7 @@ pub fn goals(
                     ),
                     ratio(&row.service, &row.echo),
                     target,
+                    row_errors(row),
                 ));
             }
         }
@@ -1081,32 +1112,37 @@ pub fn goals(
                 jwt.case.concurrency
             ),
             ratio(jwt, static_token),
-            GOAL_ES256,
+            GOAL_RATIO_ES256_TO_STATIC,
+            jwt.errors + static_token.errors,
         ));
     }
-    if let Some(cold) = rows
+    let Some(cold) = rows
         .iter()
         .find(|row| row.service.case.method == BenchMethod::ColdEncrypt)
-    {
-        let case = &cold.service.case;
+    else {
+        return checks;
+    };
+    let case = &cold.service.case;
+    checks.push(GoalCheck {
+        goal: format!(
+            "Cold keyrings: first Encrypt on {} @ {}",
+            case.requests, case.concurrency
+        ),
+        target: "report".to_owned(),
+        measured: with_errors(
+            format!("{:.0} keyrings/s", cold.service.req_per_sec),
+            cold.service.errors,
+        ),
+        met: None,
+    });
+    if let Some(bytes) = cold_resident_bytes {
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
         checks.push(GoalCheck {
-            goal: format!(
-                "Cold keyrings @ {}: first Encrypt, file store",
-                case.concurrency
-            ),
-            target: "report".to_owned(),
-            measured: format!("{:.0} keyrings/s", cold.service.req_per_sec),
-            met: None,
+            goal: format!("Resident memory, {} keyrings cached", case.requests),
+            target: format!("<= {:.0} MiB", mib(GOAL_COLD_RESIDENT_BYTES)),
+            measured: format!("{:.1} MiB", mib(bytes)),
+            met: (case.requests == COLD_KEYRINGS).then_some(bytes <= GOAL_COLD_RESIDENT_BYTES),
         });
-        if let Some(bytes) = cold_resident_bytes {
-            let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
-            checks.push(GoalCheck {
-                goal: format!("Resident memory, {} keyrings cached", case.requests),
-                target: format!("<= {:.0} MiB", mib(GOAL_COLD_RESIDENT_BYTES)),
-                measured: format!("{:.1} MiB", mib(bytes)),
-                met: Some(bytes <= GOAL_COLD_RESIDENT_BYTES),
-            });
-        }
     }
     checks
 }
@@ -1124,6 +1160,7 @@ pub fn goals_table(checks: &[GoalCheck]) -> String {
             check.verdict().to_owned(),
         ]);
     }
+    // The goal and the verdict are words; target and measured line up on the right.
     aligned(&cells, &[0, 3])
 }
 
@@ -1319,79 +1356,112 @@ mod tests {
         };
         let mut es256_decrypt = row(BenchMethod::Decrypt, 1024, 64, 9000.0, 10000.0);
         es256_decrypt.service.case.credential = Credential::Es256Jwt;
+        let mut cold = row(BenchMethod::ColdEncrypt, 32, 64, 2500.0, 70000.0);
+        cold.service.case.requests = COLD_KEYRINGS;
         let rows = vec![
-            row(BenchMethod::Encrypt, 32, 1, 950.0, 1000.0),
-            row(BenchMethod::Encrypt, 1024, 64, 8600.0, 10000.0),
+            // 0.88 and 0.82 lie between the 32 B and the 64 KiB targets: each must use its own.
+            row(BenchMethod::Encrypt, 32, 1, 880.0, 1000.0),
+            // Exactly at the target is met.
+            row(BenchMethod::Encrypt, 1024, 64, 8500.0, 10000.0),
             // An ES256 row of the same case is not the static-token figure the goal reads.
             es256_decrypt,
             row(BenchMethod::Decrypt, 1024, 64, 8000.0, 10000.0),
-            row(BenchMethod::Decrypt, 65536, 64, 790.0, 1000.0),
-            row(BenchMethod::ColdEncrypt, 32, 64, 2500.0, 70000.0),
+            row(BenchMethod::Decrypt, 65536, 64, 820.0, 1000.0),
+            cold,
         ];
         let mut jwt = result(case(BenchMethod::Encrypt, 1024, 64), 9600.0, 100, 0);
         jwt.case.credential = Credential::Es256Jwt;
         let static_token = result(case(BenchMethod::Encrypt, 1024, 64), 10000.0, 100, 0);
         let checks = goals(&rows, &[(jwt, static_token)], Some(43 * 1024 * 1024));
-        let summary: Vec<(&str, &str, Option<bool>)> = checks
+        let summary: Vec<[&str; 3]> = checks
             .iter()
-            .map(|check| (check.goal.as_str(), check.measured.as_str(), check.met))
+            .map(|check| [check.goal.as_str(), check.target.as_str(), check.verdict()])
             .collect();
         assert_eq!(
             summary,
             [
-                ("Encrypt 1 KiB @ 64: req/s vs echo", "0.86", Some(true)),
-                ("Encrypt 1 KiB @ 64: p99 vs echo", "1.40x", Some(true)),
-                ("Decrypt 1 KiB @ 64: req/s vs echo", "0.80", Some(false)),
-                ("Decrypt 1 KiB @ 64: p99 vs echo", "1.40x", Some(true)),
-                ("Encrypt 32 B @ 1: req/s vs echo", "0.95", Some(true)),
-                ("Decrypt 64 KiB @ 64: req/s vs echo", "0.79", Some(false)),
-                (
+                ["Encrypt 1 KiB @ 64: req/s vs echo", ">= 0.85", "met"],
+                ["Encrypt 1 KiB @ 64: p99 vs echo", "<= 1.50x", "met"],
+                ["Decrypt 1 KiB @ 64: req/s vs echo", ">= 0.85", "missed"],
+                ["Decrypt 1 KiB @ 64: p99 vs echo", "<= 1.50x", "met"],
+                ["Encrypt 32 B @ 1: req/s vs echo", ">= 0.90", "missed"],
+                ["Decrypt 64 KiB @ 64: req/s vs echo", ">= 0.80", "met"],
+                [
                     "Encrypt 1 KiB @ 64: ES256 vs static token",
-                    "0.96",
-                    Some(true)
-                ),
-                (
-                    "Cold keyrings @ 64: first Encrypt, file store",
-                    "2500 keyrings/s",
-                    None
-                ),
-                (
-                    "Resident memory, 100 keyrings cached",
-                    "43.0 MiB",
-                    Some(true)
-                ),
+                    ">= 0.95",
+                    "met"
+                ],
+                [
+                    "Cold keyrings: first Encrypt on 10000 @ 64",
+                    "report",
+                    "reported"
+                ],
+                ["Resident memory, 10000 keyrings cached", "<= 64 MiB", "met"],
             ]
         );
-        // Not met: more memory than the goal, a p99 more than 1.5 times the echo's.
-        let mut slow_tail = row(BenchMethod::Encrypt, 1024, 64, 9000.0, 10000.0);
-        slow_tail.service.p99 = Duration::from_micros(480);
-        slow_tail.echo.p99 = Duration::from_micros(300);
-        let cold = row(BenchMethod::ColdEncrypt, 32, 64, 2500.0, 70000.0);
-        let checks = goals(&[slow_tail, cold], &[], Some(65 * 1024 * 1024));
-        let missed: Vec<&str> = checks
-            .iter()
-            .filter(|check| check.met == Some(false))
-            .map(|check| check.goal.as_str())
-            .collect();
+        let measured: Vec<&str> = checks.iter().map(|check| check.measured.as_str()).collect();
         assert_eq!(
-            missed,
+            measured,
             [
-                "Encrypt 1 KiB @ 64: p99 vs echo",
-                "Resident memory, 100 keyrings cached"
+                "0.85",
+                "1.40x",
+                "0.80",
+                "1.40x",
+                "0.88",
+                "0.82",
+                "0.96",
+                "2500 keyrings/s",
+                "43.0 MiB"
             ]
         );
 
+        // A p99 more than 1.5 times the echo's; failed requests, whatever the quotient; a side
+        // with no p99; memory over the goal, judged only at the issue's keyring count.
+        let mut slow_tail = row(BenchMethod::Encrypt, 1024, 64, 9000.0, 10000.0);
+        slow_tail.service.p99 = Duration::from_micros(480);
+        slow_tail.echo.p99 = Duration::from_micros(300);
+        let mut failing = row(BenchMethod::Decrypt, 1024, 64, 9000.0, 10000.0);
+        failing.service.errors = 2;
+        failing.echo.p99 = Duration::ZERO;
+        let small_cold = row(BenchMethod::ColdEncrypt, 32, 64, 2500.0, 70000.0);
+        let checks = goals(
+            &[slow_tail, failing, small_cold],
+            &[],
+            Some(65 * 1024 * 1024),
+        );
+        let outcome: Vec<[&str; 2]> = checks
+            .iter()
+            .map(|check| [check.measured.as_str(), check.verdict()])
+            .collect();
+        assert_eq!(
+            outcome,
+            [
+                ["0.90", "met"],
+                ["1.60x", "missed"],
+                ["0.90 (2 failed)", "missed"],
+                ["- (2 failed)", "missed"],
+                ["2500 keyrings/s", "reported"],
+                ["65.0 MiB", "reported"],
+            ]
+        );
+        let mut cold = row(BenchMethod::ColdEncrypt, 32, 64, 2500.0, 70000.0);
+        cold.service.case.requests = COLD_KEYRINGS;
+        let checks = goals(&[cold], &[], Some(65 * 1024 * 1024));
+        assert_eq!(checks[1].met, Some(false), "{checks:?}");
+        assert!(goals(&[], &[], Some(1)).is_empty());
+
         let text = goals_table(&checks);
         let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[0].starts_with("goal (issue 7)"), "{text}");
+        assert!(lines[1].chars().all(|c| c == '-'), "{text}");
         assert!(
-            lines[2].starts_with("Encrypt 1 KiB @ 64: req/s vs echo"),
+            lines[2].starts_with("Cold keyrings: first Encrypt on 10000 @ 64"),
             "{text}"
         );
-        assert!(lines[2].ends_with(" 0.90  met"), "{text}");
-        assert!(lines[3].contains("<= 1.50x"), "{text}");
-        assert!(lines[3].ends_with(" 1.60x  missed"), "{text}");
-        assert!(lines[4].ends_with("reported"), "{text}");
+        assert!(lines[2].ends_with(" 2500 keyrings/s  reported"), "{text}");
+        assert!(lines[3].contains("<= 64 MiB"), "{text}");
+        assert!(lines[3].ends_with(" 65.0 MiB  missed"), "{text}");
     }
 
     #[test]

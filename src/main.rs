@@ -1118,6 +1118,7 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
         &credential_rows,
         memory.as_ref().and_then(|memory| memory.settled),
     );
+    let mut memory_json = None;
     if let Some(ColdMemory {
         keyrings,
         before,
@@ -1136,18 +1137,19 @@ async fn bench_main(args: BenchArgs) -> ringvault::Result<()> {
             mib(right_after),
             mib(before),
         );
-        println!(
-            "{}",
-            serde_json::json!({
-                "cold_keyrings": keyrings,
-                "resident_bytes": settled,
-                "resident_bytes_right_after": right_after,
-                "resident_bytes_before": before,
-            })
-        );
+        memory_json = Some(serde_json::json!({
+            "cold_keyrings": keyrings,
+            "resident_bytes": settled,
+            "resident_bytes_right_after": right_after,
+            "resident_bytes_before": before,
+        }));
     }
+    // The verdicts after the figures they come from, and before the JSON lines.
     if !checks.is_empty() {
         println!("\n{}", bench::goals_table(&checks));
+    }
+    if let Some(memory_json) = memory_json {
+        println!("{memory_json}");
     }
     for row in &rows {
         println!("{}", row.json_line());

@@ -1000,7 +1000,8 @@ impl GoalCheck {
         Self {
             goal,
             target: format!(">= {target:.2}"),
-            measured: with_errors(format!("{measured:.2}"), errors),
+            // Three decimals: at two, a quotient just under the target reads as the target.
+            measured: with_errors(format!("{measured:.3}"), errors),
             met: Some(errors == 0 && measured >= target),
         }
     }
@@ -1079,7 +1080,7 @@ pub fn goals(
             GoalCheck {
                 goal,
                 target,
-                measured: with_errors(format!("{p99:.2}x"), errors),
+                measured: with_errors(format!("{p99:.3}x"), errors),
                 met: Some(errors == 0 && p99 <= GOAL_P99_1KIB),
             }
         });
@@ -1365,7 +1366,8 @@ mod tests {
             row(BenchMethod::Encrypt, 1024, 64, 8500.0, 10000.0),
             // An ES256 row of the same case is not the static-token figure the goal reads.
             es256_decrypt,
-            row(BenchMethod::Decrypt, 1024, 64, 8000.0, 10000.0),
+            // Just under the target: missed, and shown so.
+            row(BenchMethod::Decrypt, 1024, 64, 8470.0, 10000.0),
             row(BenchMethod::Decrypt, 65536, 64, 820.0, 1000.0),
             cold,
         ];
@@ -1403,13 +1405,13 @@ mod tests {
         assert_eq!(
             measured,
             [
-                "0.85",
-                "1.40x",
-                "0.80",
-                "1.40x",
-                "0.88",
-                "0.82",
-                "0.96",
+                "0.850",
+                "1.400x",
+                "0.847",
+                "1.400x",
+                "0.880",
+                "0.820",
+                "0.960",
                 "2500 keyrings/s",
                 "43.0 MiB"
             ]
@@ -1436,9 +1438,9 @@ mod tests {
         assert_eq!(
             outcome,
             [
-                ["0.90", "met"],
-                ["1.60x", "missed"],
-                ["0.90 (2 failed)", "missed"],
+                ["0.900", "met"],
+                ["1.600x", "missed"],
+                ["0.900 (2 failed)", "missed"],
                 ["- (2 failed)", "missed"],
                 ["2500 keyrings/s", "reported"],
                 ["65.0 MiB", "reported"],

@@ -597,22 +597,27 @@ async fn serve_method(
     publish_audit(&context, &mut audit_records).await;
 }
 
-/// Publishes the gathered audit records as one message (one JSON object per line): a request
-/// alone leaves its record at once, after its reply; under load, the records of a burst share
-/// a message, so auditing does not double the messages the nats-server routes per request.
+/// Publishes the gathered audit records as JSON lines, in one message or as few as the
+/// server's `max_payload` allows: a request alone leaves its record at once, after its reply;
+/// under load, the records of a burst share a message, so auditing does not double the
+/// messages the nats-server routes per request.
 async fn publish_audit(context: &RequestContext, records: &mut Vec<AuditRecord>) {
     if records.is_empty() {
         return;
     }
-    let payload = AuditRecord::to_json_lines(records);
-    let count = records.len();
+    // Split by the server's max_payload: one message over it would be refused, and with it
+    // every record of the batch (records run to ~2 KB with a long, escaped keyring).
+    let messages = AuditRecord::to_json_messages(records, context.nats.max_payload());
     records.clear();
-    if let Err(error) = context
-        .nats
-        .publish(context.audit_subject.clone(), payload)
-        .await
-    {
-        tracing::warn!(records = count, %error, "audit records not published");
+    for payload in messages {
+        let bytes = payload.len();
+        if let Err(error) = context
+            .nats
+            .publish(context.audit_subject.clone(), payload)
+            .await
+        {
+            tracing::warn!(bytes, %error, "audit records not published");
+        }
     }
 }
 
@@ -831,6 +836,9 @@ async fn handle_request(
         Err(error) => {
             tracing::debug!(method = method.name(), request_id, %error, "reply not sent");
         }
+    }
+    if let Some(record) = &record {
+        log_audit(record);
     }
     // Counted once the reply's fate is known, so a reply refused as too large counts as that
     // error and not also as ok.
@@ -1110,8 +1118,8 @@ fn audit_action(method: Method) -> &'static str {
     }
 }
 
-/// The request's audit record, logged here (target `ringvault::audit`); the subscription
-/// publishes it. It names keyrings and key ids, never data, envelopes or tokens.
+/// The request's audit record; [`handle_request`] logs it once the reply's fate is known, and the
+/// subscription publishes it. It names keyrings and key ids, never data, envelopes or tokens.
 fn audit(
     request_id: &str,
     principal: &Principal,
@@ -1137,6 +1145,13 @@ fn audit(
     if let Some(failure) = failure {
         record = record.failed(failure.error.kind());
     }
+    record
+}
+
+/// Logs a request's audit record (target `ringvault::audit`) once its outcome is final, that is
+/// once its reply has been handed to the connection: a reply refused as too large fails the
+/// record, and the log must say what the audit subject says.
+fn log_audit(record: &AuditRecord) {
     tracing::info!(
         target: "ringvault::audit",
         request_id = record.request_id,
@@ -1148,11 +1163,13 @@ fn audit(
         keyring = record.keyring,
         key_id = record.key_id.as_deref(),
         item_count = record.item_count,
-        outcome = if failure.is_some() { "error" } else { "ok" },
+        outcome = match record.outcome {
+            crate::auth::Outcome::Ok => "ok",
+            crate::auth::Outcome::Error => "error",
+        },
         error_code = record.error_code.as_deref(),
         "audit"
     );
-    record
 }
 
 /// What a request tells the audit record: its keyring and how many items.

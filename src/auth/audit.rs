@@ -124,14 +124,35 @@ impl AuditRecord {
 
     /// Records as JSON lines: one object per record, separated by newlines.
     pub fn to_json_lines(records: &[AuditRecord]) -> Bytes {
-        let mut lines = Vec::with_capacity(records.len() * 320);
-        for (index, record) in records.iter().enumerate() {
-            if index > 0 {
+        Self::to_json_messages(records, usize::MAX)
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Records as JSON lines in as many messages as it takes for each to hold at most
+    /// `max_bytes` (a nats-server's `max_payload`), in order: a batch over the limit would be
+    /// refused whole, and every record in it lost. A record longer than `max_bytes` on its own
+    /// is a message of its own.
+    pub fn to_json_messages(records: &[AuditRecord], max_bytes: usize) -> Vec<Bytes> {
+        let mut messages = Vec::new();
+        let mut lines = Vec::with_capacity(records.len().saturating_mul(320).min(max_bytes));
+        for record in records {
+            let start = lines.len();
+            if start > 0 {
                 lines.push(b'\n');
             }
             record.write_json(&mut lines);
+            if lines.len() > max_bytes && start > 0 {
+                // This record starts the next message.
+                let next = lines[start + 1..].to_vec();
+                lines.truncate(start);
+                messages.push(Bytes::from(std::mem::replace(&mut lines, next)));
+            }
         }
-        Bytes::from(lines)
+        if !lines.is_empty() {
+            messages.push(Bytes::from(lines));
+        }
+        messages
     }
 
     /// Appends the record as one JSON object, byte for byte what `serde_json` writes for it
@@ -397,5 +418,53 @@ mod tests {
             .map(|line| serde_json::from_str(line).unwrap())
             .collect();
         assert_eq!(parsed, vec![record, failed]);
+    }
+
+    #[test]
+    fn records_are_split_into_messages_of_at_most_the_limit() {
+        let principal = Principal {
+            workspace: None,
+            subject: "svc".into(),
+            source: CredentialSource::StaticToken,
+            permissions: parse_grants(&["encrypt"]).unwrap(),
+        };
+        let records: Vec<AuditRecord> = (0..40)
+            .map(|index| {
+                // Sizes vary, so that the limit falls inside records, not only between them.
+                let keyring = format!("ws_1/{}", "k".repeat(index * 7));
+                AuditRecord::new(format!("req-{index}"), &principal, "encrypt", keyring)
+            })
+            .collect();
+        let whole = AuditRecord::to_json_lines(&records);
+        let parse = |message: &[u8]| -> Vec<AuditRecord> {
+            std::str::from_utf8(message)
+                .unwrap()
+                .lines()
+                .map(|line| serde_json::from_str(line).unwrap())
+                .collect()
+        };
+        assert_eq!(parse(&whole), records);
+        assert_eq!(
+            AuditRecord::to_json_messages(&records, whole.len()),
+            vec![whole.clone()]
+        );
+        for limit in [1, 200, 500, 1000, whole.len() - 1] {
+            let messages = AuditRecord::to_json_messages(&records, limit);
+            assert!(messages.len() > 1, "{limit}");
+            // Every record once, in order; a message is over the limit only when it is one
+            // record longer than the limit on its own.
+            let again: Vec<AuditRecord> = messages.iter().flat_map(|m| parse(m)).collect();
+            assert_eq!(again, records, "{limit}");
+            for message in &messages {
+                assert!(
+                    message.len() <= limit || parse(message).len() == 1,
+                    "{limit}: {} bytes",
+                    message.len()
+                );
+                assert!(!message.starts_with(b"\n") && !message.ends_with(b"\n"));
+            }
+        }
+        assert!(AuditRecord::to_json_messages(&[], 100).is_empty());
+        assert!(AuditRecord::to_json_lines(&[]).is_empty());
     }
 }

@@ -289,26 +289,39 @@ pub struct NatsServer {
 impl NatsServer {
     /// Plain core NATS.
     pub async fn start() -> NatsServer {
-        Self::launch(false, None).await
+        Self::launch(false, None, None).await
     }
 
     /// NATS with JetStream enabled, storing under a temporary directory.
     pub async fn start_jetstream() -> NatsServer {
-        Self::launch(true, None).await
+        Self::launch(true, None, None).await
     }
 
     /// Core NATS that refuses clients without `token`.
     pub async fn start_with_token(token: &str) -> NatsServer {
-        Self::launch(false, Some(token)).await
+        Self::launch(false, Some(token), None).await
     }
 
-    async fn launch(jetstream: bool, token: Option<&str>) -> NatsServer {
+    /// Core NATS whose `max_payload` is `bytes` (a configuration file: the flag does not exist).
+    pub async fn start_with_max_payload(bytes: usize) -> NatsServer {
+        Self::launch(false, None, Some(bytes)).await
+    }
+
+    async fn launch(
+        jetstream: bool,
+        token: Option<&str>,
+        max_payload: Option<usize>,
+    ) -> NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("ringvault-nats-")
             .tempdir()
             .expect("create nats tempdir");
         let store = dir.path().join("jetstream");
         let log = dir.path().join("nats-server.log");
+        let config = dir.path().join("nats-server.conf");
+        if let Some(bytes) = max_payload {
+            std::fs::write(&config, format!("max_payload: {bytes}\n")).expect("write nats config");
+        }
         let bin = nats_server_bin();
         let (child, port) = start_on_free_port(
             "nats-server",
@@ -326,6 +339,9 @@ impl NatsServer {
                 }
                 if let Some(token) = token {
                     args.extend(["--auth".to_string(), token.to_string()]);
+                }
+                if max_payload.is_some() {
+                    args.extend(["-c".to_string(), config.display().to_string()]);
                 }
                 args
             },

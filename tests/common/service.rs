@@ -1,6 +1,7 @@
 //! In-process ringvault instances for integration tests, on a real nats-server.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ringvault::client::{Client, ClientOptions};
@@ -65,6 +66,13 @@ impl TestEnv {
             master_key: Kek::generate().to_base64().to_string(),
             s3: None,
         }
+    }
+
+    /// The file store, and a nats-server whose `max_payload` is `bytes`.
+    pub async fn start_with_max_payload(bytes: usize) -> TestEnv {
+        let mut env = TestEnv::start().await;
+        env.nats = NatsServer::start_with_max_payload(bytes).await;
+        env
     }
 
     /// NATS and an S3 store (s3s-fs).
@@ -231,4 +239,47 @@ pub fn files_under(path: &Path) -> Vec<PathBuf> {
     }
     found.sort();
     found
+}
+
+/// The log lines written on this thread while it is alive: a `#[tokio::test]` runs the
+/// in-process service on the test's own thread, so its request handling logs here.
+pub struct CapturedLogs {
+    buffer: Arc<std::sync::Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl CapturedLogs {
+    /// Starts capturing at `info`, as the service logs by default.
+    pub fn start() -> Self {
+        let buffer = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || LogSink(sink.clone()))
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        Self {
+            buffer,
+            _guard: guard,
+        }
+    }
+
+    /// What was logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buffer.lock().unwrap()).into_owned()
+    }
+}
+
+struct LogSink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -370,3 +370,47 @@ async fn audit_records_on_nats() {
         assert_eq!(record["outcome"], "ok", "{record}");
     }
 }
+
+/// A burst's audit records are published in as many messages as the nats-server's
+/// `max_payload` needs: one message over it would be refused, and every record in it lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_batches_larger_than_max_payload_are_split() {
+    const MAX_PAYLOAD: usize = 8 * 1024;
+    const REQUESTS: usize = 256;
+    let env = TestEnv::start_with_max_payload(MAX_PAYLOAD).await;
+    let _service = env.service(&[]).await;
+    let watcher = async_nats::connect(env.nats.url()).await.unwrap();
+    let mut audit = watcher.subscribe("vault.v1.audit").await.unwrap();
+    watcher.flush().await.unwrap();
+
+    // A long keyring name makes each record ~500 bytes: a burst's records are many times the
+    // limit together.
+    let keyring = format!("ws_1/{}", "k".repeat(200));
+    let client = env.client(Format::Protobuf).await;
+    client.encrypt(&keyring, "warm-up").await.unwrap();
+    let burst = futures::future::join_all((0..REQUESTS).map(|_| client.encrypt(&keyring, "x")));
+    for outcome in burst.await {
+        outcome.unwrap();
+    }
+
+    let mut records = 0;
+    let mut messages = 0;
+    while records < REQUESTS + 1 {
+        let message = tokio::time::timeout(Duration::from_secs(10), audit.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} audit records within 10 s, got {records}", REQUESTS + 1))
+            .unwrap();
+        assert!(
+            message.payload.len() <= MAX_PAYLOAD,
+            "{}",
+            message.payload.len()
+        );
+        messages += 1;
+        records += std::str::from_utf8(&message.payload)
+            .unwrap()
+            .lines()
+            .count();
+    }
+    assert_eq!(records, REQUESTS + 1);
+    assert!(messages > 1, "{messages}");
+}

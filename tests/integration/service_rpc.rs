@@ -299,6 +299,7 @@ async fn a_bulk_call_whose_reply_cannot_fit_is_refused_before_the_work() {
 /// plaintext of control characters makes one (each escaped as six characters).
 #[tokio::test]
 async fn a_reply_over_max_payload_becomes_payload_too_large() {
+    let logs = common::service::CapturedLogs::start();
     let env = TestEnv::start().await;
     let service = env.service(&[]).await;
     let protobuf = env.client(Format::Protobuf).await;
@@ -319,6 +320,19 @@ async fn a_reply_over_max_payload_becomes_payload_too_large() {
     assert_eq!(decrypt["num_errors"], 1, "{decrypt}");
     // Only the code: anyone on the nats account may read the statistics.
     assert_eq!(decrypt["last_error"], "413:payload_too_large", "{decrypt}");
+    // The audit log line says what the caller got, as the audit subject does: it is written
+    // once the reply's fate is known, not when the operation succeeded.
+    let text = logs.text();
+    let decrypt_lines: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("ringvault::audit") && line.contains("action=\"decrypt\""))
+        .collect();
+    assert_eq!(decrypt_lines.len(), 1, "{text}");
+    assert!(decrypt_lines[0].contains("outcome=\"error\""), "{text}");
+    assert!(
+        decrypt_lines[0].contains("error_code=\"payload_too_large\""),
+        "{text}"
+    );
     service.shutdown().await.unwrap();
 }
 

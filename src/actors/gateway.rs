@@ -673,6 +673,9 @@ struct RequestHeaders<'a> {
     content_type: Option<&'a str>,
     authorization: Option<&'a str>,
     tenant_id: Option<&'a str>,
+    /// A header sent under two spellings (`Authorization` and `authorization`): the request is
+    /// refused, since which one came first is not kept.
+    conflict: Option<&'static str>,
 }
 
 impl<'a> RequestHeaders<'a> {
@@ -682,17 +685,22 @@ impl<'a> RequestHeaders<'a> {
         let mut found = Self::default();
         for (name, values) in headers.into_iter().flat_map(HeaderMap::iter) {
             let name: &str = name.as_ref();
-            let slot = if name.eq_ignore_ascii_case(REQUEST_ID) {
-                &mut found.request_id
+            let (slot, canonical) = if name.eq_ignore_ascii_case(REQUEST_ID) {
+                (&mut found.request_id, REQUEST_ID)
             } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
-                &mut found.content_type
+                (&mut found.content_type, CONTENT_TYPE)
             } else if name.eq_ignore_ascii_case(AUTHORIZATION) {
-                &mut found.authorization
+                (&mut found.authorization, AUTHORIZATION)
             } else if name.eq_ignore_ascii_case(TENANT_ID) {
-                &mut found.tenant_id
+                (&mut found.tenant_id, TENANT_ID)
             } else {
                 continue;
             };
+            // The map keeps one entry per spelling, in no fixed order: a second entry for the
+            // same header is another spelling, and taking either would be a coin toss.
+            if slot.is_some() {
+                found.conflict.get_or_insert(canonical);
+            }
             *slot = values.first().map(HeaderValue::as_str);
         }
         found
@@ -739,7 +747,7 @@ async fn handle_request(
     // Borrowed from the request when the caller's is usable: a copy per request would only be
     // copied again into the reply's header and the audit record.
     let request_id: std::borrow::Cow<'_, str> = match headers.request_id {
-        Some(id) if usable_request_id(id) => id.into(),
+        Some(id) if headers.conflict.is_none() && usable_request_id(id) => id.into(),
         _ => new_request_id().into(),
     };
     let request_id = &*request_id;
@@ -914,6 +922,12 @@ async fn dispatch(
             status: "ok".to_owned(),
         };
         return (Ok(encode(format, &response)), None);
+    }
+    if let Some(name) = headers.conflict {
+        let error = Error::invalid_argument(format!(
+            "the {name} header is sent under two spellings; send it once"
+        ));
+        return (Err(error.into()), None);
     }
     // Verifying a credential is not an audit event: a request that fails here leaves none.
     let principal = match context

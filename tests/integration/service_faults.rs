@@ -654,6 +654,52 @@ async fn header_names_match_whatever_their_case() {
     server.shutdown().await.unwrap();
 }
 
+/// One header under two spellings is refused, every time: the header map keeps no order
+/// between spellings, so taking either would pass or fail the same request at random (a good
+/// and a bad token; two workspaces in `X-Tenant-ID`).
+#[tokio::test]
+async fn a_header_under_two_spellings_is_refused() {
+    let env = TestEnv::start().await;
+    let server = env.service(&[]).await;
+    let client = env.client(Format::Json).await;
+    let body = Bytes::from_static(br#"{"keyring":"ws_case","data":"hello"}"#);
+    let good = format!("Bearer {TOKEN}");
+    for (first, first_value, second, second_value) in [
+        (
+            "Authorization",
+            good.as_str(),
+            "authorization",
+            "Bearer not-the-token",
+        ),
+        ("X-Tenant-ID", "ws_a", "x-tenant-id", "ws_b"),
+        ("X-Request-ID", "req-one", "x-request-id", "req-two"),
+    ] {
+        // Enough tries that a coin toss would have let one through.
+        for attempt in 0..8 {
+            let mut headers = request_headers(Some(TOKEN), Format::Json).unwrap();
+            headers.insert(first, first_value);
+            headers.insert(second, second_value);
+            let reply = client
+                .request_raw(Method::Encrypt, headers, body.clone())
+                .await
+                .unwrap();
+            let what = format!("{first} and {second}, attempt {attempt}");
+            let error = reply
+                .error()
+                .unwrap_or_else(|| panic!("{what}: expected a refusal"));
+            assert_eq!(error.kind(), Kind::InvalidArgument, "{what}: {error}");
+            assert!(error.message().contains("two spellings"), "{what}: {error}");
+            // Neither spelling's request id is echoed.
+            let echoed = reply.headers.get(protocol::REQUEST_ID).unwrap().as_str();
+            assert!(!echoed.starts_with("req-"), "{what}: {echoed}");
+        }
+    }
+    // Liveness reads no header, and one spelling still works.
+    client.liveness().await.unwrap();
+    client.encrypt("ws_case", "hello").await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
 /// Asserts that `reply` is an error of `kind` with the HTTP-like `status` header, then that the
 /// service still answers a valid request.
 async fn expect_error(client: &Client, what: &str, reply: RawReply, kind: Kind, status: &str) {

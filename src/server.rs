@@ -168,6 +168,8 @@ impl Server {
         let mut storage = Storage::new(Arc::new(actor_storage), policy);
         if !direct.conditional_writes() {
             storage = storage.without_conditional_writes();
+        } else if !direct.compare_and_swap() {
+            storage = storage.without_compare_and_swap();
         }
         tracing::info!(
             store = storage.describe(),

@@ -321,6 +321,13 @@ impl Storage {
         }
     }
 
+    /// This handle with updates by version sent as plain writes, as the startup probe decides
+    /// for a store that does not compare versions (for a handle that was not probed itself).
+    pub fn without_compare_and_swap(mut self) -> Self {
+        self.compare_and_swap = false;
+        self
+    }
+
     /// Whether writes that must not clobber a concurrent writer are conditional.
     pub fn conditional_writes(&self) -> bool {
         self.conditional_writes
@@ -348,17 +355,21 @@ impl Storage {
     }
 
     /// Writes `key`. A condition is downgraded to [`PutCondition::Overwrite`] when conditional
-    /// writes are off: every DEK is stored under its own id first, so that loses no key.
+    /// writes are off, and an update by version when the probe found that the store does not
+    /// compare versions (it refused or ignored the probe's): every DEK is stored under its own
+    /// id first, so last-writer-wins loses no key.
     pub async fn put(
         &self,
         key: &str,
         bytes: Bytes,
         condition: PutCondition,
     ) -> Result<(), StorageError> {
-        let condition = if self.conditional_writes {
-            condition
-        } else {
-            PutCondition::Overwrite
+        let condition = match condition {
+            _ if !self.conditional_writes => PutCondition::Overwrite,
+            // Such a store may answer every conditional update with an error of its own (a
+            // 400 or 501), and each rotation would fail, not fall back as the probe said.
+            PutCondition::IfUnchanged(_) if !self.compare_and_swap => PutCondition::Overwrite,
+            condition => condition,
         };
         let result = self
             .bounded("put", key, || {
@@ -449,8 +460,8 @@ mod tests {
     use super::*;
 
     /// A store that enforces create-if-absent but cannot compare versions, as some S3
-    /// implementations do.
-    struct NoCompareAndSwap(ObjectStoreBackend);
+    /// implementations do; `.1` is its answer to an update by version.
+    struct NoCompareAndSwap(ObjectStoreBackend, fn() -> StorageError);
 
     #[async_trait::async_trait]
     impl ObjectStorage for NoCompareAndSwap {
@@ -465,9 +476,7 @@ mod tests {
             condition: PutCondition,
         ) -> Result<(), StorageError> {
             if matches!(condition, PutCondition::IfUnchanged(_)) {
-                return Err(StorageError::ConditionalUnsupported {
-                    detail: "no If-Match here".to_owned(),
-                });
+                return Err((self.1)());
             }
             self.0.put(key, bytes, condition).await
         }
@@ -496,7 +505,10 @@ mod tests {
         assert!(enforced.conditional_writes() && enforced.compare_and_swap());
 
         let mut create_only = Storage::new(
-            Arc::new(NoCompareAndSwap(ObjectStoreBackend::in_memory())),
+            Arc::new(NoCompareAndSwap(
+                ObjectStoreBackend::in_memory(),
+                unsupported,
+            )),
             StoragePolicy::default(),
         );
         create_only.probe().await.unwrap();
@@ -509,5 +521,57 @@ mod tests {
             .await
             .unwrap();
         assert!(probes.is_empty(), "the probe cleaned up: {probes:?}");
+    }
+
+    fn unsupported() -> StorageError {
+        StorageError::ConditionalUnsupported {
+            detail: "no If-Match here".to_owned(),
+        }
+    }
+
+    fn bad_request() -> StorageError {
+        StorageError::Refused {
+            operation: "put",
+            key: "k".to_owned(),
+            detail: "400 Bad Request: If-Match".to_owned(),
+        }
+    }
+
+    /// Whatever a store answers an update by version with, once the probe has found that it
+    /// does not compare versions, updates go through as plain writes (last-writer-wins, as the
+    /// probe's warning says), on the probed handle and on one told so.
+    #[tokio::test]
+    async fn updates_fall_back_to_plain_writes_where_versions_are_not_compared() {
+        for answer in [unsupported as fn() -> StorageError, bad_request] {
+            let backend = Arc::new(NoCompareAndSwap(ObjectStoreBackend::in_memory(), answer));
+            let mut probed = Storage::new(backend.clone(), StoragePolicy::default());
+            probed.probe().await.unwrap();
+            assert!(probed.conditional_writes() && !probed.compare_and_swap());
+            let told = Storage::new(backend, StoragePolicy::default()).without_compare_and_swap();
+            for storage in [&probed, &told] {
+                storage
+                    .put("k", Bytes::from_static(b"one"), PutCondition::IfAbsent)
+                    .await
+                    .unwrap();
+                let version = storage.get("k").await.unwrap().unwrap().version;
+                storage
+                    .put(
+                        "k",
+                        Bytes::from_static(b"two"),
+                        PutCondition::IfUnchanged(version),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(&storage.get("k").await.unwrap().unwrap().bytes[..], b"two");
+                // Create-if-absent still holds.
+                assert!(matches!(
+                    storage
+                        .put("k", Bytes::from_static(b"three"), PutCondition::IfAbsent)
+                        .await,
+                    Err(StorageError::AlreadyExists { .. })
+                ));
+                storage.delete("k").await.unwrap();
+            }
+        }
     }
 }

@@ -189,10 +189,17 @@ impl KeySet {
         }
         let component = |value: &Option<String>| value.clone().ok_or("missing a key component");
         let (kind, key) = match (jwk.kty.as_str(), jwk.crv.as_deref()) {
-            ("RSA", _) => (
-                KeyKind::Rsa,
-                DecodingKey::from_rsa_components(&component(&jwk.n)?, &component(&jwk.e)?),
-            ),
+            ("RSA", _) => {
+                let modulus = component(&jwk.n)?;
+                let bits = rsa_modulus_bits(&modulus).ok_or("malformed key components")?;
+                if bits < MIN_RSA_MODULUS_BITS {
+                    return Err("rsa modulus shorter than 2048 bits");
+                }
+                (
+                    KeyKind::Rsa,
+                    DecodingKey::from_rsa_components(&modulus, &component(&jwk.e)?),
+                )
+            }
             ("EC", Some("P-256")) => (
                 KeyKind::P256,
                 DecodingKey::from_ec_components(&component(&jwk.x)?, &component(&jwk.y)?),
@@ -567,6 +574,25 @@ impl JwtVerifier {
     }
 }
 
+/// The shortest RSA modulus a JWKS key may have: shorter ones can be factored, and NIST has
+/// not allowed them for signatures since 2013.
+const MIN_RSA_MODULUS_BITS: usize = 2048;
+
+/// The bit length of an RSA modulus given as a JWK's `n` (base64url, big-endian; padding and
+/// leading zero bytes tolerated), or `None` when it is not base64url.
+fn rsa_modulus_bits(n: &str) -> Option<usize> {
+    use base64::Engine as _;
+    const DECODER: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::URL_SAFE,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let bytes = DECODER.decode(n).ok()?;
+    let significant = bytes.iter().position(|&byte| byte != 0)?;
+    let leading = bytes[significant].leading_zeros() as usize;
+    Some((bytes.len() - significant) * 8 - leading)
+}
+
 #[cfg(test)]
 mod tests {
     use base64::Engine as _;
@@ -869,5 +895,40 @@ mod tests {
         assert_eq!(set.kids(), vec!["ec-1".to_owned()]);
         assert!(KeySet::parse(br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).is_err());
         assert!(KeySet::parse(b"not json").is_err());
+    }
+
+    #[test]
+    fn rsa_keys_shorter_than_2048_bits_are_skipped() {
+        use base64::Engine as _;
+        let modulus = |bytes: usize, first: u8| {
+            let mut n = vec![0x5a_u8; bytes];
+            n[0] = first;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(n)
+        };
+        let rsa = |kid: &str, n: String| serde_json::json!({"kty": "RSA", "kid": kid, "n": n, "e": "AQAB"});
+        let jwks = serde_json::json!({"keys": [
+            rsa("rsa-1024", modulus(128, 0xc5)),
+            // 2047 bits: the top bit of 256 bytes clear.
+            rsa("rsa-2047", modulus(256, 0x45)),
+            rsa("rsa-2048", modulus(256, 0xc5)),
+            rsa("rsa-4096", modulus(512, 0x80)),
+        ]});
+        let set = KeySet::parse(jwks.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            set.kids(),
+            vec!["rsa-2048".to_owned(), "rsa-4096".to_owned()]
+        );
+        let short_only = serde_json::json!({"keys": [rsa("rsa-1024", modulus(128, 0xc5))]});
+        assert!(KeySet::parse(short_only.to_string().as_bytes()).is_err());
+
+        assert_eq!(rsa_modulus_bits(&modulus(256, 0xc5)), Some(2048));
+        assert_eq!(rsa_modulus_bits(&modulus(256, 0x01)), Some(2041));
+        // A leading zero byte (as some encoders write) does not count, and padding is accepted.
+        let mut padded = vec![0_u8];
+        padded.extend(vec![0xff_u8; 256]);
+        let padded = base64::engine::general_purpose::URL_SAFE.encode(padded);
+        assert_eq!(rsa_modulus_bits(&padded), Some(2048));
+        assert_eq!(rsa_modulus_bits("not base64!"), None);
+        assert_eq!(rsa_modulus_bits(""), None);
     }
 }

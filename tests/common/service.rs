@@ -8,7 +8,7 @@ use ringvault::client::{Client, ClientOptions};
 use ringvault::config::Config;
 use ringvault::crypto::{Kek, MasterKeys};
 use ringvault::keyring::{CachePolicy, KeyringStore, Keyrings};
-use ringvault::protocol::Format;
+use ringvault::protocol::{EncryptResponse, Format};
 use ringvault::server::Server;
 use ringvault::storage::{ObjectStoreBackend, Storage, StoragePolicy};
 use tempfile::TempDir;
@@ -203,6 +203,15 @@ pub async fn audit_records(
         );
     }
     records
+}
+
+/// Encrypts `text` on `keyring` and checks that it decrypts back to it; returns the Encrypt
+/// reply.
+pub async fn assert_round_trip(client: &Client, keyring: &str, text: &str) -> EncryptResponse {
+    let sealed = client.encrypt(keyring, text).await.unwrap();
+    let opened = client.decrypt(keyring, &sealed.encrypted).await.unwrap();
+    assert_eq!(opened.plaintext, text, "{keyring}");
+    sealed
 }
 
 /// Polls `condition` every 20 ms for up to `within`.

@@ -298,15 +298,7 @@ async fn startup_refuses_a_missing_bucket_wrong_credentials_and_an_unreachable_e
         .service(&[("RINGVAULT_STORAGE_TIMEOUT_MS", STORAGE_TIMEOUT_MS)])
         .await;
     let client = env.client(Format::Protobuf).await;
-    let sealed = client.encrypt("ws_start", "ok").await.unwrap();
-    assert_eq!(
-        client
-            .decrypt("ws_start", &sealed.encrypted)
-            .await
-            .unwrap()
-            .plaintext,
-        "ok"
-    );
+    let sealed = common::service::assert_round_trip(&client, "ws_start", "ok").await;
     assert_eq!(assert_one_dek(&env.store_path(), "ws_start"), sealed.key_id);
     server.shutdown().await.unwrap();
 }

@@ -371,15 +371,7 @@ async fn a_panicking_handler_answers_internal_and_leaves_its_audit_record() {
         .unwrap()
         .is_none());
     let client = env.client(Format::Protobuf).await;
-    let sealed = client.encrypt("ws_panic/app", "kept").await.unwrap();
-    assert_eq!(
-        client
-            .decrypt("ws_panic/app", &sealed.encrypted)
-            .await
-            .unwrap()
-            .plaintext,
-        "kept"
-    );
+    let sealed = common::service::assert_round_trip(&client, "ws_panic/app", "kept").await;
 
     let records = audit_records(&mut audit, 3).await;
     // Found by content: the Encrypt and Decrypt loops publish their records independently.
@@ -1337,15 +1329,7 @@ async fn random_bodies_to_every_method_are_refused_cleanly() {
     );
 
     // The service is unharmed.
-    let after = client.encrypt("ws_fuzz", "after the fuzz").await.unwrap();
-    assert_eq!(
-        client
-            .decrypt("ws_fuzz", &after.encrypted)
-            .await
-            .unwrap()
-            .plaintext,
-        "after the fuzz"
-    );
+    common::service::assert_round_trip(&client, "ws_fuzz", "after the fuzz").await;
     assert_eq!(
         client
             .decrypt("ws_fuzz", &sealed.encrypted)

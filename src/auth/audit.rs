@@ -3,7 +3,7 @@
 //! JSON object for the `<prefix>.audit` subject and the log.
 //!
 //! Each message on the subject carries one or more records, one JSON object per line
-//! ([`AuditRecord::to_json_lines`]).
+//! ([`AuditRecord::to_json_messages`]).
 
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -120,13 +120,6 @@ impl AuditRecord {
         let mut json = Vec::with_capacity(320);
         self.write_json(&mut json);
         String::from_utf8(json).unwrap_or_else(|_| "{}".to_owned())
-    }
-
-    /// Records as JSON lines: one object per record, separated by newlines.
-    pub fn to_json_lines(records: &[AuditRecord]) -> Bytes {
-        Self::to_json_messages(records, usize::MAX)
-            .pop()
-            .unwrap_or_default()
     }
 
     /// Records as JSON lines in as many messages as it takes for each to hold at most
@@ -411,8 +404,10 @@ mod tests {
         assert_eq!(failed.error_code.as_deref(), Some("access_denied"));
         let back: AuditRecord = serde_json::from_str(&failed.to_json()).unwrap();
         assert_eq!(back, failed);
-        let lines = AuditRecord::to_json_lines(&[record.clone(), failed.clone()]);
-        let parsed: Vec<AuditRecord> = std::str::from_utf8(&lines)
+        let messages = AuditRecord::to_json_messages(&[record.clone(), failed.clone()], usize::MAX);
+        assert_eq!(messages.len(), 1);
+        let lines = &messages[0];
+        let parsed: Vec<AuditRecord> = std::str::from_utf8(lines)
             .unwrap()
             .lines()
             .map(|line| serde_json::from_str(line).unwrap())
@@ -435,7 +430,9 @@ mod tests {
                 AuditRecord::new(format!("req-{index}"), &principal, "encrypt", keyring)
             })
             .collect();
-        let whole = AuditRecord::to_json_lines(&records);
+        let mut whole = AuditRecord::to_json_messages(&records, usize::MAX);
+        assert_eq!(whole.len(), 1);
+        let whole = whole.remove(0);
         let parse = |message: &[u8]| -> Vec<AuditRecord> {
             std::str::from_utf8(message)
                 .unwrap()
@@ -465,6 +462,6 @@ mod tests {
             }
         }
         assert!(AuditRecord::to_json_messages(&[], 100).is_empty());
-        assert!(AuditRecord::to_json_lines(&[]).is_empty());
+        assert!(AuditRecord::to_json_messages(&[], usize::MAX).is_empty());
     }
 }

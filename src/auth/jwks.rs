@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
@@ -190,14 +192,22 @@ impl KeySet {
         let component = |value: &Option<String>| value.clone().ok_or("missing a key component");
         let (kind, key) = match (jwk.kty.as_str(), jwk.crv.as_deref()) {
             ("RSA", _) => {
-                let modulus = component(&jwk.n)?;
-                let bits = rsa_modulus_bits(&modulus).ok_or("malformed key components")?;
-                if bits < MIN_RSA_MODULUS_BITS {
+                // Decoded here, once, as jsonwebtoken would (base64url without padding), so
+                // that the modulus can be measured.
+                let decoded = |value: &Option<String>| {
+                    let text = value.as_deref().ok_or("missing a key component")?;
+                    URL_SAFE_NO_PAD
+                        .decode(text)
+                        .map_err(|_| "malformed key components")
+                };
+                let modulus = decoded(&jwk.n)?;
+                if rsa_modulus_bits(&modulus) < MIN_RSA_MODULUS_BITS {
                     return Err("rsa modulus shorter than 2048 bits");
                 }
+                let exponent = decoded(&jwk.e)?;
                 (
                     KeyKind::Rsa,
-                    DecodingKey::from_rsa_components(&modulus, &component(&jwk.e)?),
+                    Ok(DecodingKey::from_rsa_raw_components(&modulus, &exponent)),
                 )
             }
             ("EC", Some("P-256")) => (
@@ -578,19 +588,13 @@ impl JwtVerifier {
 /// not allowed them for signatures since 2013.
 const MIN_RSA_MODULUS_BITS: usize = 2048;
 
-/// The bit length of an RSA modulus given as a JWK's `n` (base64url, big-endian; padding and
-/// leading zero bytes tolerated), or `None` when it is not base64url.
-fn rsa_modulus_bits(n: &str) -> Option<usize> {
-    use base64::Engine as _;
-    const DECODER: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
-        &base64::alphabet::URL_SAFE,
-        base64::engine::GeneralPurposeConfig::new()
-            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
-    );
-    let bytes = DECODER.decode(n).ok()?;
-    let significant = bytes.iter().position(|&byte| byte != 0)?;
-    let leading = bytes[significant].leading_zeros() as usize;
-    Some((bytes.len() - significant) * 8 - leading)
+/// The bit length of a big-endian RSA modulus (leading zero bytes do not count).
+fn rsa_modulus_bits(modulus: &[u8]) -> usize {
+    let Some(significant) = modulus.iter().position(|&byte| byte != 0) else {
+        return 0;
+    };
+    let leading = modulus[significant].leading_zeros() as usize;
+    (modulus.len() - significant) * 8 - leading
 }
 
 #[cfg(test)]
@@ -900,10 +904,13 @@ mod tests {
     #[test]
     fn rsa_keys_shorter_than_2048_bits_are_skipped() {
         use base64::Engine as _;
-        let modulus = |bytes: usize, first: u8| {
+        let raw_modulus = |bytes: usize, first: u8| {
             let mut n = vec![0x5a_u8; bytes];
             n[0] = first;
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(n)
+            n
+        };
+        let modulus = |bytes: usize, first: u8| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw_modulus(bytes, first))
         };
         let rsa = |kid: &str, n: String| serde_json::json!({"kty": "RSA", "kid": kid, "n": n, "e": "AQAB"});
         let jwks = serde_json::json!({"keys": [
@@ -921,14 +928,19 @@ mod tests {
         let short_only = serde_json::json!({"keys": [rsa("rsa-1024", modulus(128, 0xc5))]});
         assert!(KeySet::parse(short_only.to_string().as_bytes()).is_err());
 
-        assert_eq!(rsa_modulus_bits(&modulus(256, 0xc5)), Some(2048));
-        assert_eq!(rsa_modulus_bits(&modulus(256, 0x01)), Some(2041));
-        // A leading zero byte (as some encoders write) does not count, and padding is accepted.
-        let mut padded = vec![0_u8];
-        padded.extend(vec![0xff_u8; 256]);
-        let padded = base64::engine::general_purpose::URL_SAFE.encode(padded);
-        assert_eq!(rsa_modulus_bits(&padded), Some(2048));
-        assert_eq!(rsa_modulus_bits("not base64!"), None);
-        assert_eq!(rsa_modulus_bits(""), None);
+        assert_eq!(rsa_modulus_bits(&raw_modulus(256, 0xc5)), 2048);
+        assert_eq!(rsa_modulus_bits(&raw_modulus(256, 0x01)), 2041);
+        // A leading zero byte (as some encoders write) does not count.
+        let mut leading_zero = vec![0_u8];
+        leading_zero.extend(vec![0xff_u8; 256]);
+        assert_eq!(rsa_modulus_bits(&leading_zero), 2048);
+        assert_eq!(rsa_modulus_bits(&[]), 0);
+        // A modulus that is not base64url is malformed, and the key skipped.
+        let malformed = serde_json::json!({"keys": [
+            rsa("rsa-bad", "not base64!".to_owned()),
+            rsa("rsa-2048", modulus(256, 0xc5)),
+        ]});
+        let set = KeySet::parse(malformed.to_string().as_bytes()).unwrap();
+        assert_eq!(set.kids(), vec!["rsa-2048".to_owned()]);
     }
 }

@@ -23,6 +23,7 @@ use serde_json::json;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use super::in_flight::InFlight;
 use super::AuthHandle;
 use crate::auth::{AuditRecord, Policies, Principal, RateLimiter};
 use crate::error::{Error, Kind, Result};
@@ -454,11 +455,12 @@ impl Drop for LoopWatch {
 
 /// Serves one subscription of a method until drained.
 ///
-/// Requests run *inside* this task, as futures polled together with the subscription, rather
-/// than each in a spawned task: most requests complete in their first poll (cached principal,
-/// cached key, AES-GCM), so running them here spares a spawn and a cross-thread wake-up per
-/// request, and the replies of a burst reach the connection together and leave in one write.
-/// A request that has to wait (storage, an actor) simply stays pending while the loop goes on.
+/// Requests run *inside* this task, each polled as it is taken ([`InFlight`]), rather than each
+/// in a spawned task: most requests complete in their first poll (cached principal, cached
+/// key, AES-GCM), so running them here spares a spawn and a cross-thread wake-up per request,
+/// and the replies of a burst reach the connection together and leave in one write. A request
+/// that has to wait (storage, an actor) stays pending beside the subscription while the loop
+/// goes on.
 /// Parallelism across cores comes from several such subscriptions per method in the queue
 /// group ([`subscriptions_per_method`]).
 async fn serve_method(
@@ -470,7 +472,7 @@ async fn serve_method(
     mut drain_signal: watch::Receiver<bool>,
     _watch: LoopWatch,
 ) {
-    let mut requests = futures::stream::FuturesUnordered::new();
+    let mut requests = InFlight::new();
     let mut audit_records: Vec<AuditRecord> = Vec::new();
     let mut received: u64 = 0;
     let mut draining = Drain::No;
@@ -499,11 +501,8 @@ async fn serve_method(
                 // requests because under a backlog a new request is always ready, and a drain
                 // behind it would never be seen.
                 biased;
-                Some(record) = requests.next() => {
-                    audit_records.extend(record);
-                    if audit_records.len() >= MAX_AUDIT_BATCH {
-                        publish_audit(&context, &mut audit_records).await;
-                    }
+                Some(record) = requests.next_finished() => {
+                    gather_audit(&context, &mut audit_records, record).await;
                     continue;
                 }
                 () = &mut drain_requested, if draining == Drain::No => {
@@ -575,7 +574,7 @@ async fn serve_method(
                 Err(tokio::sync::TryAcquireError::Closed) => break None,
                 // At the limit: let this subscription's own requests finish meanwhile.
                 Err(tokio::sync::TryAcquireError::NoPermits) => tokio::select! {
-                    Some(record) = requests.next() => audit_records.extend(record),
+                    Some(record) = requests.next_finished() => audit_records.extend(record),
                     permit = inflight.acquire() => break permit.ok(),
                 },
             }
@@ -584,17 +583,33 @@ async fn serve_method(
             break;
         };
         let context = &*context;
-        requests.push(async move {
+        let request = async move {
             let record = handle_request(context, method, index, message).await;
             drop(permit);
             record
-        });
+        };
+        if let Some(record) = requests.start(request).await {
+            gather_audit(context, &mut audit_records, record).await;
+        }
     }
     // Answer what was taken before stopping.
-    while let Some(record) = requests.next().await {
+    while let Some(record) = requests.next_finished().await {
         audit_records.extend(record);
     }
     publish_audit(&context, &mut audit_records).await;
+}
+
+/// Adds a finished request's audit record, if it left one, to those gathered; publishes them
+/// once there are [`MAX_AUDIT_BATCH`].
+async fn gather_audit(
+    context: &RequestContext,
+    records: &mut Vec<AuditRecord>,
+    record: Option<AuditRecord>,
+) {
+    records.extend(record);
+    if records.len() >= MAX_AUDIT_BATCH {
+        publish_audit(context, records).await;
+    }
 }
 
 /// Publishes the gathered audit records as JSON lines, in one message or as few as the

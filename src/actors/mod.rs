@@ -15,6 +15,7 @@
 mod auth;
 mod events;
 mod gateway;
+mod in_flight;
 mod keyring;
 mod storage;
 mod supervisor;

@@ -574,7 +574,9 @@ async fn serve_method(
                 Err(tokio::sync::TryAcquireError::Closed) => break None,
                 // At the limit: let this subscription's own requests finish meanwhile.
                 Err(tokio::sync::TryAcquireError::NoPermits) => tokio::select! {
-                    Some(record) = requests.next_finished() => audit_records.extend(record),
+                    Some(record) = requests.next_finished() => {
+                        gather_audit(&context, &mut audit_records, record).await;
+                    }
                     permit = inflight.acquire() => break permit.ok(),
                 },
             }

@@ -15,7 +15,9 @@ use std::task::Poll;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 
-/// Requests of one kind (one future type) in flight.
+/// Requests of one kind (one future type) in flight. A finished request stays in the spare
+/// box until the next one replaces it, so `F` should hold nothing once it has finished (an
+/// `async` block drops what it captured as it returns).
 pub(super) struct InFlight<F> {
     /// The box of the last request that finished in its first poll, for the next one.
     spare: Option<Pin<Box<F>>>,
@@ -30,10 +32,20 @@ impl<F: Future> InFlight<F> {
         }
     }
 
-    /// Polls `request` once: its output if it finished, else `None`, and it waits in the set
-    /// until [`InFlight::next_finished`] returns its output.
-    pub(super) async fn start(&mut self, request: F) -> Option<F::Output> {
-        let mut boxed = match self.spare.take() {
+    /// Boxes `request` now, and polls it once when awaited: its output if it finished, else
+    /// `None`, and it waits in the set until [`InFlight::next_finished`] returns its output.
+    ///
+    /// Not an `async fn`: its future would hold `request` itself, and be moved, request and
+    /// all, into the caller's future when awaited. This one holds the box. A request whose
+    /// future is dropped unpolled is dropped with it.
+    pub(super) fn start(
+        &mut self,
+        request: F,
+    ) -> impl Future<Output = Option<F::Output>> + Send + '_
+    where
+        F: Send,
+    {
+        let boxed = match self.spare.take() {
             Some(mut spare) => {
                 // The previous request is finished; this drops what is left of it in place.
                 spare.set(request);
@@ -41,18 +53,24 @@ impl<F: Future> InFlight<F> {
             }
             None => Box::pin(request),
         };
-        match std::future::poll_fn(|cx| Poll::Ready(boxed.as_mut().poll(cx))).await {
-            Poll::Ready(output) => {
-                self.spare = Some(boxed);
-                Some(output)
-            }
-            // The set polls a request it is given before anything wakes it, so the request
-            // then registers the set's waker in place of this task's.
-            Poll::Pending => {
-                self.waiting.push(boxed);
-                None
-            }
-        }
+        let mut unpolled = Some(boxed);
+        std::future::poll_fn(move |cx| {
+            let Some(mut request) = unpolled.take() else {
+                return Poll::Ready(None);
+            };
+            Poll::Ready(match request.as_mut().poll(cx) {
+                Poll::Ready(output) => {
+                    self.spare = Some(request);
+                    Some(output)
+                }
+                // `push` queues the request to be polled by the set whether or not anything
+                // woke it, and that poll registers the set's waker in place of this task's.
+                Poll::Pending => {
+                    self.waiting.push(request);
+                    None
+                }
+            })
+        })
     }
 
     /// The output of the next waiting request to finish; `None` when none is waiting.
@@ -71,17 +89,65 @@ impl<F: Future> InFlight<F> {
 mod tests {
     use super::*;
 
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// Ready at once with its value; counts its drops.
+    struct Counted(u32, Arc<AtomicUsize>);
+
+    impl Future for Counted {
+        type Output = u32;
+        fn poll(self: Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<u32> {
+            Poll::Ready(self.0)
+        }
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn spare_address<F>(in_flight: &InFlight<F>) -> Option<usize> {
+        let spare = in_flight.spare.as_ref()?;
+        Some(std::ptr::from_ref(spare.as_ref().get_ref()) as usize)
+    }
+
     #[tokio::test]
     async fn a_request_that_finishes_at_once_returns_its_output_and_leaves_its_box() {
+        let drops = Arc::new(AtomicUsize::new(0));
         let mut in_flight = InFlight::new();
-        for value in 0..3 {
+        assert_eq!(in_flight.start(Counted(0, drops.clone())).await, Some(0));
+        let first_box = spare_address(&in_flight);
+        assert!(first_box.is_some());
+        for value in 1..4 {
             assert_eq!(
-                in_flight.start(std::future::ready(value)).await,
+                in_flight.start(Counted(value, drops.clone())).await,
                 Some(value)
             );
-            assert!(in_flight.spare.is_some());
+            // The next request took the same box, and dropped the one before it there.
+            assert_eq!(spare_address(&in_flight), first_box);
+            assert_eq!(drops.load(Ordering::SeqCst), value as usize);
             assert!(in_flight.is_idle());
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_woken_before_the_set_first_polls_it_is_still_finished() {
+        let (send, receive) = tokio::sync::oneshot::channel::<u32>();
+        let mut in_flight = InFlight::new();
+        assert_eq!(
+            in_flight
+                .start(async move { receive.await.unwrap_or(0) })
+                .await,
+            None
+        );
+        // The wake goes to the waker of the first poll, which the set never sees.
+        send.send(42).unwrap();
+        let finished =
+            tokio::time::timeout(std::time::Duration::from_secs(5), in_flight.next_finished())
+                .await;
+        assert_eq!(finished, Ok(Some(42)));
     }
 
     #[tokio::test]

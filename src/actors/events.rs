@@ -3,7 +3,10 @@
 //! by the next Encrypt on every other within a moment. With JetStream on, it keeps a stream over
 //! the event subjects so that subscribers that were away can replay what they missed.
 //!
-//! Events are best effort: when one is lost, the cache's fresh/stale bounds still hold.
+//! Events are best effort: core NATS keeps none for a replica that is not listening. Whenever
+//! listening starts again (the actor restarted, the subscription made again, the connection
+//! back after a break) every cached keyring is marked to read LATEST again on its next use;
+//! an event lost otherwise still leaves the cache's fresh/stale bounds.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,6 +165,116 @@ fn subject_covers(pattern: &str, subject: &str) -> bool {
     wanted.next().is_none()
 }
 
+/// The subjects of every keyring's `dek.created`.
+fn dek_created_subjects(prefix: &str) -> String {
+    format!("{prefix}.events.*.{DEK_CREATED}")
+}
+
+/// How often the listener looks whether the NATS connection was made again.
+const RECONNECT_CHECK: Duration = Duration::from_secs(1);
+
+/// Applies other replicas' `dek.created` events from `subscriber`, then from new subscriptions
+/// should it end, until aborted. Each time listening (re)starts — this subscription, a new
+/// one, the connection made again — what was published meanwhile is lost, so every cached
+/// keyring reads LATEST again on its next use.
+async fn listen(mut subscriber: async_nats::Subscriber, args: EventsArgs) {
+    let statistics = args.nats.statistics();
+    let connects = || {
+        statistics
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut seen_connects = connects();
+    let mut why = "subscribed";
+    loop {
+        missed_events_possible(&args.registry, why);
+        let mut reconnect_check = tokio::time::interval(RECONNECT_CHECK);
+        reconnect_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = subscriber.next() => match message {
+                    Some(message) => apply_event(&args, &message).await,
+                    None => break,
+                },
+                _ = reconnect_check.tick() => {
+                    let now = connects();
+                    if now != seen_connects {
+                        seen_connects = now;
+                        missed_events_possible(&args.registry, "reconnected");
+                    }
+                }
+            }
+        }
+        tracing::warn!("key events: the subscription ended; subscribing again");
+        subscriber = subscribe_again(&args).await;
+        why = "subscribed again";
+    }
+}
+
+/// Subscribes to the events, retrying with a backoff until it can.
+async fn subscribe_again(args: &EventsArgs) -> async_nats::Subscriber {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match args
+            .nats
+            .subscribe(dek_created_subjects(&args.prefix))
+            .await
+        {
+            Ok(subscriber) => return subscriber,
+            Err(error) => {
+                tracing::warn!(%error, "key events: cannot subscribe; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Marks every cached keyring to read LATEST again on its next use.
+fn missed_events_possible(registry: &KeyringRegistry, why: &'static str) {
+    let marked = registry.keyrings().refresh_all_on_next_use();
+    if marked > 0 {
+        tracing::info!(
+            keyrings = marked,
+            why,
+            "key events may have been missed: cached keyrings read latest again on next use"
+        );
+    }
+}
+
+/// Applies one `dek.created` from another replica: storage is read again for its keyring.
+async fn apply_event(args: &EventsArgs, message: &async_nats::Message) {
+    let event: DekCreated = match serde_json::from_slice(&message.payload) {
+        Ok(event) => event,
+        Err(error) => {
+            tracing::warn!(subject = %message.subject, %error, "ignoring a malformed key event");
+            return;
+        }
+    };
+    if event.replica == args.replica {
+        return;
+    }
+    // NATS permissions are per subject: a publisher allowed one keyring's subject must not
+    // reach another keyring by naming it in the payload.
+    if message.subject.as_str() != event_subject(&args.prefix, &event.keyring, DEK_CREATED) {
+        tracing::warn!(
+            subject = %message.subject,
+            keyring = event.keyring,
+            "ignoring a key event whose subject is not its keyring's"
+        );
+        return;
+    }
+    tracing::debug!(
+        keyring = event.keyring,
+        key_id = event.key_id,
+        "applying a new latest key from another replica"
+    );
+    metrics::counter!("ringvault_events_applied_total").increment(1);
+    args.registry
+        .apply_latest(&event.keyring, &event.key_id)
+        .await;
+}
+
 async fn publish(
     nats: &async_nats::Client,
     subject: String,
@@ -207,44 +320,13 @@ impl Actor for EventsActor {
             ensure_stream(&args.nats, &args.prefix, stream).await?;
             tracing::info!(stream = stream.name, "key events are captured by jetstream");
         }
-        let mut subscriber = args
+        // Subscribed here, so that a start that cannot subscribe fails (and is retried by the
+        // supervisor); later subscriptions are the listener's.
+        let subscriber = args
             .nats
-            .subscribe(format!("{}.events.*.{DEK_CREATED}", args.prefix))
+            .subscribe(dek_created_subjects(&args.prefix))
             .await?;
-        let registry = args.registry.clone();
-        let replica = args.replica.clone();
-        let prefix = args.prefix.clone();
-        let listener = tokio::spawn(async move {
-            while let Some(message) = subscriber.next().await {
-                let event: DekCreated = match serde_json::from_slice(&message.payload) {
-                    Ok(event) => event,
-                    Err(error) => {
-                        tracing::warn!(subject = %message.subject, %error, "ignoring a malformed key event");
-                        continue;
-                    }
-                };
-                if event.replica == replica {
-                    continue;
-                }
-                // NATS permissions are per subject: a publisher allowed one keyring's subject
-                // must not reach another keyring by naming it in the payload.
-                if message.subject.as_str() != event_subject(&prefix, &event.keyring, DEK_CREATED) {
-                    tracing::warn!(
-                        subject = %message.subject,
-                        keyring = event.keyring,
-                        "ignoring a key event whose subject is not its keyring's"
-                    );
-                    continue;
-                }
-                tracing::debug!(
-                    keyring = event.keyring,
-                    key_id = event.key_id,
-                    "applying a new latest key from another replica"
-                );
-                metrics::counter!("ringvault_events_applied_total").increment(1);
-                registry.apply_latest(&event.keyring, &event.key_id).await;
-            }
-        });
+        let listener = tokio::spawn(listen(subscriber, args.clone()));
         Ok(EventsState { args, listener })
     }
 

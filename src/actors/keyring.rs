@@ -333,6 +333,7 @@ impl KeyringRegistry {
                 Err(error) => {
                     tracing::warn!(keyring = name, %error, "could not apply a new latest key");
                     self.keyrings.cancel_event_reload(name);
+                    self.keyrings.refresh_on_next_use(name);
                     return;
                 }
             };
@@ -346,6 +347,7 @@ impl KeyringRegistry {
         }
         tracing::warn!(keyring = name, key_id, "could not apply a new latest key");
         self.keyrings.cancel_event_reload(name);
+        self.keyrings.refresh_on_next_use(name);
     }
 
     /// Sends the keyring's actor `build`'s message and waits for the reply; `cached` answers

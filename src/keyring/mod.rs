@@ -9,6 +9,11 @@
 //! - older, but younger than `max_stale` (24 h): served, and refreshed in the background;
 //! - older than `max_stale`: never served without a successful storage read.
 //!
+//! A LATEST marked *due for a refresh* is treated as past `fresh_for`: served, and read again
+//! on its next use. Marked are every keyring when key events may have been missed (the events
+//! subscription was made again, the NATS connection came back) and a keyring whose reload for
+//! a key event failed.
+//!
 //! DEKs by id are immutable and stay until evicted. The cache holds at most `max_entries`
 //! DEKs; the least recently used go first.
 
@@ -136,6 +141,8 @@ pub struct Keyring {
     deks: DashMap<String, CachedDek>,
     load_lock: tokio::sync::Mutex<()>,
     refreshing: AtomicBool,
+    /// LATEST is to be read again on its next use, however fresh (see the module doc).
+    refresh_due: AtomicBool,
     /// The reloads for key events: scheduled, and last started.
     event_reload: std::sync::Mutex<EventReload>,
 }
@@ -167,6 +174,7 @@ impl Keyring {
             deks: DashMap::with_shard_amount(2),
             load_lock: tokio::sync::Mutex::new(()),
             refreshing: AtomicBool::new(false),
+            refresh_due: AtomicBool::new(false),
             event_reload: std::sync::Mutex::new(EventReload::default()),
         }
     }
@@ -284,6 +292,27 @@ impl Keyrings {
             .collect()
     }
 
+    /// Marks every cached keyring's LATEST due for a refresh: each is read again from storage
+    /// on its next use, in the background, as a LATEST past `fresh_for` is. For when key
+    /// events may have been missed; reading only the keyrings in use spreads the reads over
+    /// their traffic instead of sending one per cached keyring at once. Returns how many were
+    /// marked.
+    pub fn refresh_all_on_next_use(&self) -> usize {
+        let mut marked = 0;
+        for ring in self.shared.rings.iter() {
+            ring.refresh_due.store(true, Ordering::Release);
+            marked += 1;
+        }
+        marked
+    }
+
+    /// Marks keyring `name`'s LATEST due for a refresh, if it is cached.
+    pub fn refresh_on_next_use(&self, name: &str) {
+        if let Some(ring) = self.shared.rings.get(name) {
+            ring.refresh_due.store(true, Ordering::Release);
+        }
+    }
+
     /// The cached LATEST of keyring `name` with its creation time, without touching storage.
     pub fn peek_latest(&self, name: &str) -> Option<Arc<Dek>> {
         let ring = self.shared.rings.get(name)?;
@@ -367,7 +396,7 @@ impl Keyrings {
         if age >= self.shared.policy.max_stale {
             return None;
         }
-        if age >= self.shared.policy.fresh_for {
+        if age >= self.shared.policy.fresh_for || ring.refresh_due.load(Ordering::Acquire) {
             self.refresh_in_background(&ring);
         }
         self.touch(&latest.last_used);
@@ -549,7 +578,11 @@ impl Keyrings {
             scheduled: None,
             last_started: Some(Instant::now()),
         };
-        self.reload_latest(&ring).await?;
+        if let Err(error) = self.reload_latest(&ring).await {
+            // Another replica's key would otherwise wait for `fresh_for`: the next use tries.
+            ring.refresh_due.store(true, Ordering::Release);
+            return Err(error);
+        }
         if !key_id.is_empty() && ring.cached_latest_id().as_deref() != Some(key_id) {
             tracing::debug!(
                 keyring = name,
@@ -628,11 +661,16 @@ impl Keyrings {
         if ring.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Cleared before the read: a mark made while it runs asks for another read after it.
+        ring.refresh_due.store(false, Ordering::Release);
         let keyrings = self.clone();
         let ring = ring.clone();
         tokio::spawn(async move {
             if let Err(error) = keyrings.reload_latest(&ring).await {
                 tracing::warn!(keyring = ring.name, %error, "background refresh of latest failed");
+                // A marked keyring is not past `fresh_for`: without the mark, no use would try
+                // again.
+                ring.refresh_due.store(true, Ordering::Release);
             }
             ring.refreshing.store(false, Ordering::Release);
         });

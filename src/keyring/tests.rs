@@ -78,6 +78,54 @@ async fn stale_latest_is_served_and_refreshed_in_background() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_fresh_latest_marked_for_refresh_is_read_again_on_its_next_use() {
+    let (keyrings, faults) = keyrings_with(CachePolicy::default());
+    let first = keyrings.latest("ws_1").await.unwrap();
+    let other = Keyrings::new(keyrings.store().clone(), CachePolicy::default());
+    let rotated = other.rotate("ws_1").await.unwrap();
+    assert_eq!(keyrings.refresh_all_on_next_use(), 1);
+    let before = calls(&faults);
+    assert_eq!(
+        keyrings.latest("ws_1").await.unwrap().id(),
+        first.id(),
+        "the cached key is served at once"
+    );
+    settle().await;
+    assert!(calls(&faults) > before, "a refresh went to storage");
+    assert_eq!(
+        keyrings.latest("ws_1").await.unwrap().id(),
+        rotated.dek.id()
+    );
+    // Done once: fresh again, the next uses stay in the cache.
+    let after_refresh = calls(&faults);
+    keyrings.latest("ws_1").await.unwrap();
+    settle().await;
+    assert_eq!(calls(&faults), after_refresh);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_for_a_key_event_that_fails_is_tried_again_on_next_use() {
+    let (keyrings, faults) = keyrings_with(CachePolicy::default());
+    let first = keyrings.latest("ws_1").await.unwrap();
+    let other = Keyrings::new(keyrings.store().clone(), CachePolicy::default());
+    let rotated = other.rotate("ws_1").await.unwrap();
+    faults.set_down(true);
+    let error = keyrings
+        .apply_new_latest("ws_1", rotated.dek.id())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), Kind::Unavailable, "{error}");
+    faults.set_down(false);
+    assert_eq!(keyrings.latest("ws_1").await.unwrap().id(), first.id());
+    settle().await;
+    assert_eq!(
+        keyrings.latest("ws_1").await.unwrap().id(),
+        rotated.dek.id(),
+        "the use after the failed reload read storage again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn stale_latest_survives_a_failing_refresh_until_max_stale() {
     let (keyrings, faults) = keyrings_with(CachePolicy::default());
     let first = keyrings.latest("ws_1").await.unwrap();

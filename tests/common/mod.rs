@@ -284,6 +284,8 @@ pub struct NatsServer {
     child: Child,
     port: u16,
     dir: TempDir,
+    /// What it was started with, for a restart on the same port.
+    args: Vec<String>,
 }
 
 impl NatsServer {
@@ -323,32 +325,32 @@ impl NatsServer {
             std::fs::write(&config, format!("max_payload: {bytes}\n")).expect("write nats config");
         }
         let bin = nats_server_bin();
-        let (child, port) = start_on_free_port(
-            "nats-server",
-            &bin,
-            |port| {
-                let mut args = vec![
-                    "-a".to_string(),
-                    "127.0.0.1".to_string(),
-                    "-p".to_string(),
-                    port.to_string(),
-                ];
-                if jetstream {
-                    args.extend(["-js".to_string(), "-sd".to_string()]);
-                    args.push(store.display().to_string());
-                }
-                if let Some(token) = token {
-                    args.extend(["--auth".to_string(), token.to_string()]);
-                }
-                if max_payload.is_some() {
-                    args.extend(["-c".to_string(), config.display().to_string()]);
-                }
-                args
-            },
-            &log,
-        )
-        .await;
-        NatsServer { child, port, dir }
+        let args_for = |port: u16| {
+            let mut args = vec![
+                "-a".to_string(),
+                "127.0.0.1".to_string(),
+                "-p".to_string(),
+                port.to_string(),
+            ];
+            if jetstream {
+                args.extend(["-js".to_string(), "-sd".to_string()]);
+                args.push(store.display().to_string());
+            }
+            if let Some(token) = token {
+                args.extend(["--auth".to_string(), token.to_string()]);
+            }
+            if max_payload.is_some() {
+                args.extend(["-c".to_string(), config.display().to_string()]);
+            }
+            args
+        };
+        let (child, port) = start_on_free_port("nats-server", &bin, args_for, &log).await;
+        NatsServer {
+            child,
+            port,
+            dir,
+            args: args_for(port),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -373,6 +375,31 @@ impl NatsServer {
     pub async fn kill(&mut self) {
         kill_group(&mut self.child);
         wait_refuses(self.port, "nats-server").await;
+    }
+
+    /// Kills the server and starts it again on the same port, as a restart of nats-server
+    /// under its clients; returns once it accepts connections.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        let bin = nats_server_bin();
+        let log = self.dir.path().join("nats-server.log");
+        // The old listener may linger briefly: retry while the new process cannot bind.
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let mut child = spawn_bounded(&bin, &self.args, &log);
+            match wait_ready(&mut child, self.port, "nats-server (restart)", &log).await {
+                Ready::Yes => {
+                    self.child = child;
+                    return;
+                }
+                Ready::Exited(status) if Instant::now() >= deadline => panic!(
+                    "nats-server could not restart on port {} (last exit: {status}); log:\n{}",
+                    self.port,
+                    read_log(&log)
+                ),
+                Ready::Exited(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 }
 

@@ -255,6 +255,35 @@ async fn a_rotation_on_one_replica_reaches_the_others() {
     }
 }
 
+/// A rotation announced while this replica's NATS connection was down never reaches it as an
+/// event: once the connection is back, its cached keyrings read LATEST again on their next use
+/// instead of keeping the old key for up to `fresh_for` (an hour).
+#[tokio::test]
+async fn a_rotation_missed_while_nats_was_away_is_read_after_the_reconnection() {
+    let mut env = TestEnv::start().await;
+    let server = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    let keyring = "ws_missed";
+    let first = client.encrypt(keyring, "warm").await.unwrap();
+    env.nats.kill().await;
+    // As another replica would while this one cannot hear its event.
+    let rotated = rotate_unannounced(&env, keyring).await;
+    assert_ne!(rotated.dek.id(), first.key_id);
+    env.nats.restart().await;
+    // The client and the service reconnect on their own.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            matches!(
+                client.encrypt(keyring, "after").await,
+                Ok(reply) if reply.key_id == rotated.dek.id()
+            )
+        })
+        .await,
+        "after the reconnection, encrypt uses the key rotated meanwhile"
+    );
+    server.shutdown().await.unwrap();
+}
+
 /// Rotates `keyring` in the test's store behind the service's back, with no announcement: as
 /// another replica whose event was lost would.
 async fn rotate_unannounced(env: &TestEnv, keyring: &str) -> ringvault::keyring::Rotation {

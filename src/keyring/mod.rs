@@ -40,8 +40,14 @@ use crate::storage::{validate_key_id, validate_keyring};
 /// publish on the events subject can send them, each naming a new key id; without a bound each
 /// would be a storage read holding the keyring's load lock.
 pub const EVENT_RELOAD_INTERVAL: Duration = Duration::from_millis(100);
-/// How long a scheduled reload for key events may take to start before it counts as lost.
+/// How long past its start time a scheduled reload for key events may still not have started
+/// before it counts as lost.
 pub const EVENT_RELOAD_LOST_AFTER: Duration = Duration::from_secs(5);
+/// Reloads for key events across all keyrings, at most, per second once a burst of as many is
+/// spent: the per-keyring bound alone would let a flood of events naming every cached keyring
+/// send a storage read per keyring every [`EVENT_RELOAD_INTERVAL`]. Over it, reloads wait
+/// their turn (still one per keyring, covering every event meanwhile); real rotations are rare.
+pub const EVENT_RELOADS_PER_SEC: u32 = 100;
 
 /// The guard of `mutex`; its sections here cannot panic, so a poisoned one is no broken state.
 fn lock_ignoring_poison<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -147,7 +153,7 @@ pub struct Keyring {
     event_reload: std::sync::Mutex<EventReload>,
 }
 
-/// When a keyring's reload for key events was scheduled (and has not started reading yet),
+/// When a keyring's reload for key events is to start (scheduled, not started reading yet),
 /// and when the last one started.
 #[derive(Debug, Default, Clone, Copy)]
 struct EventReload {
@@ -217,6 +223,9 @@ struct Shared {
     rings: DashMap<String, Arc<Keyring>>,
     entries: AtomicUsize,
     clock: AtomicU64,
+    /// The start of the next free slot for a reload for key events, across all keyrings
+    /// ([`EVENT_RELOADS_PER_SEC`]); `None` until the first.
+    next_event_reload: std::sync::Mutex<Option<Instant>>,
 }
 
 /// The keyrings of this process and their cache. Cheap to clone.
@@ -262,6 +271,7 @@ impl Keyrings {
                 rings: DashMap::new(),
                 entries: AtomicUsize::new(0),
                 clock: AtomicU64::new(0),
+                next_event_reload: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -529,26 +539,43 @@ impl Keyrings {
     }
 
     /// Schedules one reload of a cached keyring's LATEST for a key event: the wait before it
-    /// may start (at most one per [`EVENT_RELOAD_INTERVAL`]), or `None` when the keyring is not
-    /// cached or a reload is scheduled already (it reads storage after this event arrived, so
-    /// it covers this event too). [`Keyrings::apply_new_latest`] is that reload;
+    /// may start (at most one per [`EVENT_RELOAD_INTERVAL`] per keyring, and
+    /// [`EVENT_RELOADS_PER_SEC`] in all), or `None` when the keyring is not cached or a reload
+    /// is scheduled already (it reads storage after this event arrived, so it covers this
+    /// event too). [`Keyrings::apply_new_latest`] is that reload;
     /// [`Keyrings::cancel_event_reload`] gives the turn back if it cannot run. A scheduled
-    /// reload that never started within [`EVENT_RELOAD_LOST_AFTER`] (its message lost with a
-    /// failed actor) no longer holds events back.
+    /// reload still not started [`EVENT_RELOAD_LOST_AFTER`] past its start time (its message
+    /// lost with a failed actor) no longer holds events back.
     pub fn schedule_event_reload(&self, name: &str) -> Option<Duration> {
         let ring = self.shared.rings.get(name)?;
         let mut reload = lock_ignoring_poison(&ring.event_reload);
         let now = Instant::now();
         if reload
             .scheduled
-            .is_some_and(|at| now.saturating_duration_since(at) < EVENT_RELOAD_LOST_AFTER)
+            .is_some_and(|due| now.saturating_duration_since(due) < EVENT_RELOAD_LOST_AFTER)
         {
             return None;
         }
-        reload.scheduled = Some(now);
-        Some(reload.last_started.map_or(Duration::ZERO, |last| {
+        let keyring_turn = reload.last_started.map_or(Duration::ZERO, |last| {
             EVENT_RELOAD_INTERVAL.saturating_sub(now.saturating_duration_since(last))
-        }))
+        });
+        let wait = keyring_turn.max(self.reserve_event_reload(now));
+        reload.scheduled = Some(now + wait);
+        Some(wait)
+    }
+
+    /// Takes the next free slot for a reload for key events across all keyrings: how long
+    /// until it. A quiet spell leaves at most a second's worth of slots free at once.
+    fn reserve_event_reload(&self, now: Instant) -> Duration {
+        let spacing = Duration::from_secs(1) / EVENT_RELOADS_PER_SEC;
+        let mut next = lock_ignoring_poison(&self.shared.next_event_reload);
+        // The slots from here to now, now included, are a second's worth.
+        let burst_start = now
+            .checked_sub(spacing * (EVENT_RELOADS_PER_SEC - 1))
+            .unwrap_or(now);
+        let slot = next.map_or(burst_start, |next| next.max(burst_start));
+        *next = Some(slot + spacing);
+        slot.saturating_duration_since(now)
     }
 
     /// A scheduled reload for key events that could not be delivered: the next event

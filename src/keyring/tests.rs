@@ -125,6 +125,40 @@ async fn a_reload_for_a_key_event_that_fails_is_tried_again_on_next_use() {
     );
 }
 
+/// A flood of key events naming every cached keyring costs storage reads at a bounded rate
+/// overall, not one per keyring per [`EVENT_RELOAD_INTERVAL`]; each keyring still gets one
+/// reload, covering every event for it until it starts.
+#[tokio::test(start_paused = true)]
+async fn reloads_for_key_events_across_keyrings_are_paced_after_a_burst() {
+    let (keyrings, _faults) = keyrings_with(CachePolicy::default());
+    let per_sec = EVENT_RELOADS_PER_SEC as usize;
+    let count = per_sec * 8;
+    let name = |index: usize| format!("ws_{index}");
+    for index in 0..count {
+        keyrings.latest(&name(index)).await.unwrap();
+    }
+    let waits: Vec<Duration> = (0..count)
+        .map(|index| keyrings.schedule_event_reload(&name(index)).unwrap())
+        .collect();
+    let spacing = Duration::from_secs(1) / EVENT_RELOADS_PER_SEC;
+    assert!(
+        waits[..per_sec].iter().all(Duration::is_zero),
+        "a second's worth at once"
+    );
+    for (later, wait) in waits[per_sec..].iter().enumerate() {
+        assert_eq!(*wait, spacing * (later as u32 + 1), "then one slot each");
+    }
+    let last = name(count - 1);
+    let last_wait = waits[count - 1];
+    assert!(last_wait > EVENT_RELOAD_LOST_AFTER);
+    // Waiting its turn, a reload is not lost, however long the turn: it covers new events.
+    tokio::time::advance(last_wait - Duration::from_millis(1)).await;
+    assert_eq!(keyrings.schedule_event_reload(&last), None);
+    // Never started long after its turn (its message lost): no longer holds events back.
+    tokio::time::advance(EVENT_RELOAD_LOST_AFTER + Duration::from_millis(2)).await;
+    assert!(keyrings.schedule_event_reload(&last).is_some());
+}
+
 #[tokio::test(start_paused = true)]
 async fn stale_latest_survives_a_failing_refresh_until_max_stale() {
     let (keyrings, faults) = keyrings_with(CachePolicy::default());

@@ -477,6 +477,16 @@ async fn roll(args: ConfigArgs) -> u8 {
         );
         return 69;
     }
+    // roll-deks logs nothing, so the probe's warning would be lost: README makes the roll's
+    // safety on such a store depend on knowing it.
+    if !storage.compare_and_swap() {
+        eprintln!(
+            "warning: {} does not compare versions on update: a rotation that lands while \
+             this roll rewrites its keyring's LATEST can be undone; run it while no rotation \
+             is due",
+            storage.describe()
+        );
+    }
     eprintln!(
         "re-sealing every key in {} with master key {}",
         storage.describe(),
@@ -510,12 +520,6 @@ async fn roll(args: ConfigArgs) -> u8 {
                 "already current", report.already_current
             );
             let _ = writeln!(out, "{:<16} {:>10}", "failed", report.failed);
-            if report.scanned == 0 {
-                eprintln!(
-                    "warning: the store holds no keys at all; if the service has keys, this is \
-                     not its store (check storage.* against the service's configuration)"
-                );
-            }
             for (key, reason) in &report.failures {
                 eprintln!("failed: {key}: {reason}");
             }
@@ -530,6 +534,18 @@ async fn roll(args: ConfigArgs) -> u8 {
             {
                 eprintln!("some objects were not re-sealed; fix the cause and run roll-deks again");
                 return code;
+            }
+            // Not a success: a roll of the wrong store (another path or bucket, the memory
+            // backend) re-seals nothing and fails nothing, which is what a roll that lets the
+            // old master key go looks like, yet every key of the real store is still sealed
+            // with it.
+            if report.scanned == 0 {
+                eprintln!(
+                    "error: the store holds no keys at all, so none was re-sealed; if the \
+                     service has keys, this is not its store (check storage.* against the \
+                     service's configuration) and the old master key is still needed"
+                );
+                return 66;
             }
             0
         }

@@ -561,7 +561,17 @@ async fn discovery_lists_every_endpoint_and_counts_requests() {
 /// announcement is only a note), the master key given as `key_variable` (`…_CURRENT` or
 /// `…_PREVIOUS`) and run from `dir`.
 fn roll_deks_in(dir: &std::path::Path, key_variable: &str) -> std::process::Output {
+    roll_deks_with(dir, key_variable, &[])
+}
+
+/// [`roll_deks_in`] with `settings` in its environment as well.
+fn roll_deks_with(
+    dir: &std::path::Path,
+    key_variable: &str,
+    settings: &[(&str, &str)],
+) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_ringvault"))
+        .envs(settings.iter().copied())
         .arg("roll-deks")
         .current_dir(dir)
         .env_remove("RINGVAULT_CONFIG")
@@ -607,6 +617,37 @@ fn roll_deks_refuses_a_file_store_that_is_not_there() {
     assert!(
         !dir.path().join("store").exists(),
         "roll-deks created the store"
+    );
+}
+
+/// A roll of a store that holds no keys (the wrong path or bucket, the memory backend) is not
+/// a success: it re-sealed nothing, and a script that drops the old master key after a clean
+/// roll would lock the real store's keys away.
+#[test]
+fn roll_deks_of_a_store_without_keys_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("store")).unwrap();
+    let output = roll_deks_in(dir.path(), "RINGVAULT_MASTER_KEY_CURRENT");
+    assert_eq!(output.status.code(), Some(66), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("holds no keys"), "{output:?}");
+    assert!(!stderr.contains("does not compare versions"), "{output:?}");
+}
+
+/// On a store that does not compare versions, the roll says so: its safety there depends on
+/// no rotation landing meanwhile, and roll-deks writes no log for the probe's warning.
+#[test]
+fn roll_deks_warns_of_a_store_without_compare_and_swap() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("store")).unwrap();
+    let output = roll_deks_with(
+        dir.path(),
+        "RINGVAULT_MASTER_KEY_CURRENT",
+        &[("RINGVAULT_STORAGE_CONDITIONAL_WRITES", "false")],
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("does not compare versions"),
+        "{output:?}"
     );
 }
 

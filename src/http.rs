@@ -99,15 +99,98 @@ pub fn router(
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` completes.
+/// Bounds on the connections of the HTTP port, which is open to whoever can reach it
+/// (`/health/live` needs no token). Without them, connections that send nothing, or a byte
+/// now and then, would each hold a file descriptor and a task for good, until the process ran
+/// out of descriptors and NATS, storage and the file store failed with it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Connections served at once; further ones wait to be accepted.
+    pub max_connections: usize,
+    /// How long a request's headers may take to arrive, counted from when the connection
+    /// starts waiting for them (so an idle kept-alive connection is closed after it too).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Requests' headers are read into a buffer of at most this size (hyper's floor is 8 KiB).
+const MAX_READ_BUFFER: usize = 16 * 1024;
+
+/// Serves `router` on `listener` until `shutdown` completes, within the default
+/// [`ConnectionLimits`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_within(listener, router, ConnectionLimits::default(), shutdown).await
+}
+
+/// [`serve`] within `limits`. On `shutdown` it stops accepting, lets requests in progress
+/// finish and closes idle connections.
+pub async fn serve_within(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let (closing, closing_seen) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        // A slot first: at the cap, connections wait in the listen backlog, not in a task.
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of descriptors, or a connection reset before it was taken: neither
+                    // ends the server; a pause keeps a persistent one from spinning.
+                    tracing::warn!(%error, "http: cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        while connections.try_join_next().is_some() {}
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut closing_seen = closing_seen.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(MAX_READ_BUFFER)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                _ = closing_seen.wait_for(|closing| *closing) => {
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+            let _ = connection.await;
+        });
+    }
+    let _ = closing.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
 }
 
 async fn live() -> &'static str {
@@ -200,4 +283,84 @@ async fn metrics_text(State(state): State<HttpState>, headers: HeaderMap) -> Res
         state.metrics.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
+
+    /// Reads until the peer closes; `None` if it stays open for `within`.
+    async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
+        let mut received = Vec::new();
+        tokio::time::timeout(within, stream.read_to_end(&mut received))
+            .await
+            .ok()
+            .map(|_| received)
+    }
+
+    #[tokio::test]
+    async fn request_headers_over_the_read_buffer_are_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let router = Router::new().route("/health/live", get(live));
+        tokio::spawn(serve(listener, router, std::future::pending()));
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        let filler = "a".repeat(MAX_READ_BUFFER + 1024);
+        let request = format!("GET /health/live HTTP/1.1\r\nHost: x\r\nX-Filler: {filler}\r\n\r\n");
+        // The server may answer and close before it has read all of it.
+        let _ = stream.write_all(request.as_bytes()).await;
+        let answer = closed_within(&mut stream, Duration::from_secs(5))
+            .await
+            .expect("answered and closed");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    }
+
+    /// Connections that send nothing are closed after the header-read timeout, and while they
+    /// fill every slot, a new connection waits for one instead of being served beside them.
+    #[tokio::test]
+    async fn silent_connections_are_closed_and_counted_against_the_cap() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let router = Router::new().route("/health/live", get(live));
+        let limits = ConnectionLimits {
+            max_connections: 2,
+            header_read_timeout: Duration::from_millis(400),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_within(listener, router, limits, async move {
+            let _ = stopped.await;
+        }));
+        let mut silent = Vec::new();
+        for _ in 0..2 {
+            silent.push(TcpStream::connect(address).await.unwrap());
+        }
+        let mut probe = TcpStream::connect(address).await.unwrap();
+        probe
+            .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        // Both slots are taken for the whole timeout: nothing answers the probe before it.
+        let mut first_byte = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(150), probe.peek(&mut first_byte));
+        assert!(early.await.is_err(), "served beyond the connection cap");
+        for stream in &mut silent {
+            let closed = closed_within(stream, Duration::from_secs(5)).await;
+            assert_eq!(closed, Some(Vec::new()), "a silent connection stayed open");
+        }
+        let answer = closed_within(&mut probe, Duration::from_secs(5))
+            .await
+            .expect("the probe is answered once a slot is free");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("ok"), "{answer}");
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server stops")
+            .unwrap()
+            .unwrap();
+    }
 }

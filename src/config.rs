@@ -112,7 +112,7 @@ pub struct Config {
 }
 
 /// `[nats]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URL.
@@ -167,6 +167,33 @@ pub struct S3Config {
     /// Session token of temporary credentials; empty: `AWS_SESSION_TOKEN` unless
     /// `access_key_id` is set here.
     pub session_token: String,
+}
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &redacted_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("queue_group", &self.queue_group)
+            .field("max_inflight", &self.max_inflight)
+            .field("subscriptions_per_method", &self.subscriptions_per_method)
+            .field("max_plaintext_bytes", &self.max_plaintext_bytes)
+            .field("credentials_file", &self.credentials_file)
+            .field("token", &(!self.token.is_empty()).then_some("<redacted>"))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("jwks_file", &self.jwks_file)
+            .field("jwks_url", &redacted_url(&self.jwks_url))
+            .field("jwks_refresh_secs", &self.jwks_refresh_secs)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for S3Config {
@@ -247,7 +274,7 @@ pub struct AuthConfig {
 }
 
 /// `[auth.jwt]`: JWTs of an external identity provider.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
     /// A JWKS file.
@@ -619,6 +646,33 @@ impl Config {
                 self.auth.leeway_secs
             ));
         }
+        // A bare word is a target to tracing's filter, not a level: `warning` would keep only
+        // the lines of a target named `warning`, and with them every audit line would go.
+        let level = self.log.level.trim();
+        let bare_level_ok = ["trace", "debug", "info", "warn", "error", "off"]
+            .iter()
+            .any(|known| level.eq_ignore_ascii_case(known));
+        if (!level.contains(['=', ',']) && !bare_level_ok)
+            || tracing_subscriber::EnvFilter::try_new(level).is_err()
+        {
+            return invalid(format!(
+                "log.level {level:?} is not a level (trace, debug, info, warn, error, off) or a \
+                 filter such as \"info,ringvault::audit=off\""
+            ));
+        }
+        if !self.http.listen.is_empty() {
+            let port = self
+                .http
+                .listen
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(_))) if !host.is_empty()) {
+                return invalid(format!(
+                    "http.listen {:?} is not an address with a port (e.g. 127.0.0.1:9464)",
+                    self.http.listen
+                ));
+            }
+        }
         if !self.http.listen.is_empty() && self.http.token_secret.len() < 32 {
             return invalid(format!(
                 "http.token_secret must be at least 32 bytes when http.listen is set (it is {} bytes)",
@@ -772,11 +826,64 @@ mod tests {
             ("RINGVAULT_NATS_PREFIX", "vault..v1"),
             ("RINGVAULT_NATS_PREFIX", "vault\tv1"),
             ("RINGVAULT_SUPERVISION_WINDOW_SECS", "0"),
+            ("RINGVAULT_LOG_LEVEL", "warning"),
+            ("RINGVAULT_LOG_LEVEL", "info,=["),
         ] {
             assert!(
                 Config::from_sources(None, env(&[(name, value)])).is_err(),
                 "{name}={value:?} accepted"
             );
+        }
+    }
+
+    #[test]
+    fn debug_output_holds_no_nats_credentials() {
+        let config = Config::from_sources(
+            None,
+            env(&[
+                (
+                    "RINGVAULT_NATS_URL",
+                    "nats://user:hunter2-password@127.0.0.1:4222",
+                ),
+                ("RINGVAULT_NATS_TOKEN", "nats-token-s3cret"),
+            ]),
+        )
+        .unwrap();
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2-password"), "{printed}");
+        assert!(!printed.contains("nats-token-s3cret"), "{printed}");
+        assert!(printed.contains("127.0.0.1:4222"), "{printed}");
+    }
+
+    #[test]
+    fn log_levels_and_filters_are_accepted() {
+        for level in [
+            "info",
+            "WARN",
+            "off",
+            "info,ringvault::audit=off",
+            "ringvault=debug",
+        ] {
+            let config = Config::from_sources(None, env(&[("RINGVAULT_LOG_LEVEL", level)]));
+            assert!(config.is_ok(), "{level:?} refused: {:?}", config.err());
+        }
+    }
+
+    #[test]
+    fn http_listen_must_name_a_port() {
+        let secret = (
+            "RINGVAULT_HTTP_TOKEN_SECRET",
+            "a-role-token-secret-of-32-bytes-or-more",
+        );
+        for listen in ["127.0.0.1:9464", "localhost:9464", "[::1]:9464"] {
+            let config =
+                Config::from_sources(None, env(&[secret, ("RINGVAULT_HTTP_LISTEN", listen)]));
+            assert!(config.is_ok(), "{listen:?} refused: {:?}", config.err());
+        }
+        for listen in ["nohost", ":9464", "127.0.0.1:99999", "127.0.0.1:"] {
+            let config =
+                Config::from_sources(None, env(&[secret, ("RINGVAULT_HTTP_LISTEN", listen)]));
+            assert!(config.is_err(), "{listen:?} accepted");
         }
     }
 

@@ -242,9 +242,19 @@ fn missed_events_possible(registry: &KeyringRegistry, why: &'static str) {
     }
 }
 
+/// What a replica reads of another's `dek.created`. The rest (cause, previous key, time) is for
+/// subscribers: in a rolling upgrade, a cause or field a newer replica adds must not make the
+/// older ones drop its events as malformed.
+#[derive(serde::Deserialize)]
+struct AppliedDekCreated {
+    keyring: String,
+    key_id: String,
+    replica: String,
+}
+
 /// Applies one `dek.created` from another replica: storage is read again for its keyring.
 async fn apply_event(args: &EventsArgs, message: &async_nats::Message) {
-    let event: DekCreated = match serde_json::from_slice(&message.payload) {
+    let event: AppliedDekCreated = match serde_json::from_slice(&message.payload) {
         Ok(event) => event,
         Err(error) => {
             tracing::warn!(subject = %message.subject, %error, "ignoring a malformed key event");

@@ -381,6 +381,46 @@ async fn a_key_event_on_another_keyring_s_subject_is_ignored() {
     server.shutdown().await.unwrap();
 }
 
+/// An event from a newer replica (a cause this one does not know, a field it has not heard of)
+/// is still applied: in a rolling upgrade, the older replicas must not drop it as malformed.
+#[tokio::test]
+async fn a_key_event_from_a_newer_replica_is_applied() {
+    let env = TestEnv::start().await;
+    let server = env.service(&[]).await;
+    let client = env.client(Format::Protobuf).await;
+    let first = client.encrypt("ws_newer", "warm").await.unwrap();
+    let rotated = rotate_unannounced(&env, "ws_newer").await;
+    let mut event: serde_json::Value = serde_json::from_slice(&dek_created_from_elsewhere(
+        "ws_newer",
+        &rotated,
+        &first.key_id,
+    ))
+    .unwrap();
+    event["cause"] = "reseal".into();
+    event["shard"] = 7.into();
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    let subject = ringvault::protocol::event_subject(
+        "vault.v1",
+        "ws_newer",
+        ringvault::protocol::DEK_CREATED,
+    );
+    nats.publish(subject, serde_json::to_vec(&event).unwrap().into())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            server
+                .keyrings()
+                .peek_latest("ws_newer")
+                .is_some_and(|dek| dek.id() == rotated.dek.id())
+        })
+        .await,
+        "the event was applied"
+    );
+    server.shutdown().await.unwrap();
+}
+
 /// A keyring actor that fails while it holds a key event's reload loses that reload with its
 /// mailbox; the reload is handed to a fresh actor, so the event still leads to a read of
 /// storage (without waiting for another event or the cache's freshness to run out).

@@ -107,20 +107,25 @@ pub struct RawReply {
 
 impl RawReply {
     /// The error this reply carries, if it is an error reply: the kind comes from the JSON body's
-    /// `code`, else from the `Nats-Service-Error-Code` status; the message from the body, else
-    /// from the `Nats-Service-Error` header.
+    /// `code`, else (no body, or a code this client does not know, as a newer service may send)
+    /// from the `Nats-Service-Error-Code` status; the message from the body, else from the
+    /// `Nats-Service-Error` header.
     pub fn error(&self) -> Option<Error> {
         let status = self.header(protocol::SERVICE_ERROR_CODE);
         let description = self.header(protocol::SERVICE_ERROR);
         if status.is_none() && description.is_none() {
             return None;
         }
-        if let Ok(body) = serde_json::from_slice::<ErrorBody>(&self.body) {
-            return Some(body.into_error());
-        }
-        let kind = status
+        let status_kind = status
             .and_then(|status| status.trim().parse::<u16>().ok())
-            .map_or(Kind::Internal, kind_of_status);
+            .map(kind_of_status);
+        if let Ok(body) = serde_json::from_slice::<ErrorBody>(&self.body) {
+            // Unknown codes would all read as internal, a retryable 503 or 429 among them.
+            let known = Kind::ALL.into_iter().find(|kind| kind.code() == body.code);
+            let kind = known.or(status_kind).unwrap_or(Kind::Internal);
+            return Some(Error::new(kind, body.message));
+        }
+        let kind = status_kind.unwrap_or(Kind::Internal);
         let message = match (description, status) {
             (Some(description), _) if !description.is_empty() => description.to_owned(),
             (_, Some(status)) => format!("service error {status}"),
@@ -465,12 +470,19 @@ mod tests {
     }
 
     #[test]
-    fn unknown_codes_read_as_internal() {
+    fn unknown_codes_read_by_their_status_else_as_internal() {
         let reply = RawReply {
             headers: error_headers("418", "teapot"),
             body: Bytes::from_static(br#"{"code":"teapot","message":"short and stout"}"#),
         };
         assert_eq!(reply.error().unwrap().kind(), Kind::Internal);
+        let reply = RawReply {
+            headers: error_headers("503", "draining"),
+            body: Bytes::from_static(br#"{"code":"draining","message":"come back later"}"#),
+        };
+        let error = reply.error().unwrap();
+        assert_eq!(error.kind(), Kind::Unavailable);
+        assert_eq!(error.message(), "come back later");
     }
 
     #[tokio::test]

@@ -154,9 +154,10 @@ struct ClientArgs {
     /// Bearer token; defaults to the contents of --token-file.
     #[arg(long, env = "RINGVAULT_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// File holding the bearer token (the development token of `serve`).
-    #[arg(long, default_value = "./data/token")]
-    token_file: PathBuf,
+    /// File holding the bearer token [default: ./data/token, the development token of `serve`,
+    /// when it exists].
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Subject prefix of the service.
     #[arg(long, default_value = DEFAULT_PREFIX)]
     prefix: String,
@@ -621,15 +622,38 @@ fn input(argument: Option<String>) -> ringvault::Result<String> {
     Ok(data)
 }
 
-fn client_token(args: &ClientArgs) -> Option<String> {
+/// Where the client commands look for a token when given none: what `serve` writes on its
+/// first start with the embedded defaults.
+const DEVELOPMENT_TOKEN_FILE: &str = "./data/token";
+
+/// The token of a client command: `--token`, else `--token-file`, which must be readable
+/// (the request would otherwise go out without a token and come back "authentication
+/// required", pointing away from the file), else the development token when there is one.
+fn client_token(args: &ClientArgs) -> ringvault::Result<Option<String>> {
+    // Trimmed: a secret mounted from a file often ends in a newline.
     if let Some(token) = &args.token {
-        // As the token file is read: a secret mounted from a file often ends in a newline.
-        return Some(token.trim().to_owned());
+        return Ok(Some(token.trim().to_owned()));
     }
-    std::fs::read_to_string(&args.token_file)
-        .ok()
-        .map(|text| text.trim().to_owned())
-        .filter(|token| !token.is_empty())
+    let Some(path) = &args.token_file else {
+        return Ok(std::fs::read_to_string(DEVELOPMENT_TOKEN_FILE)
+            .ok()
+            .map(|text| text.trim().to_owned())
+            .filter(|token| !token.is_empty()));
+    };
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        Error::new(
+            Kind::NotFound,
+            format!("cannot read the token file {}: {error}", path.display()),
+        )
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(Error::invalid_argument(format!(
+            "the token file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(Some(token.to_owned()))
 }
 
 async fn client_command<F, Fut>(args: &ClientArgs, command: F) -> u8
@@ -637,13 +661,13 @@ where
     F: FnOnce(Client) -> Fut,
     Fut: std::future::Future<Output = ringvault::Result<String>>,
 {
-    let options = ClientOptions {
-        prefix: args.prefix.clone(),
-        token: client_token(args),
-        timeout: Duration::from_millis(args.timeout_ms),
-        ..ClientOptions::default()
-    };
     let outcome = async {
+        let options = ClientOptions {
+            prefix: args.prefix.clone(),
+            token: client_token(args)?,
+            timeout: Duration::from_millis(args.timeout_ms),
+            ..ClientOptions::default()
+        };
         let client = Client::connect(&args.url, options).await?;
         command(client).await
     }

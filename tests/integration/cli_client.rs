@@ -138,3 +138,35 @@ async fn client_commands_round_trip_and_exit_with_the_documented_codes() {
     .await;
     assert_eq!(nobody.status.code(), Some(69), "{nobody:?}");
 }
+
+/// A `--token-file` that cannot be read is named in the error (66), and an empty one refused
+/// (65): neither request goes out without a token to come back "authentication required".
+#[tokio::test]
+async fn a_token_file_that_cannot_be_read_is_named() {
+    let env = TestEnv::start().await;
+    let _service = env.service(&[]).await;
+    let url = env.nats.url();
+    let missing = env.dir.path().join("no-such-token");
+    let empty = env.dir.path().join("empty-token");
+    std::fs::write(&empty, "\n").unwrap();
+    for (file, code) in [(&missing, 66), (&empty, 65)] {
+        let file = file.display().to_string();
+        let output = ringvault(
+            &[
+                "encrypt",
+                "--url",
+                &url,
+                "--token-file",
+                &file,
+                "-k",
+                "ws_1",
+                "hello",
+            ],
+            b"",
+        )
+        .await;
+        assert_eq!(output.status.code(), Some(code), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&file), "{stderr}");
+    }
+}

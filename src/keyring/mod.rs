@@ -517,11 +517,16 @@ impl Keyrings {
         // What the rotation installs is at least as new as LATEST now: ours replaces `current`,
         // which a conditional write proves still LATEST; a lost race re-reads after this.
         let read_started = Instant::now();
-        let rotated = self
-            .shared
-            .store
-            .rotate(&ring.name, current.as_ref())
-            .await?;
+        let rotated = match self.shared.store.rotate(&ring.name, current.as_ref()).await {
+            Ok(rotated) => rotated,
+            Err(error) => {
+                // Its LATEST write may have landed all the same (the answer lost, or late past
+                // the timeout): the cached LATEST is read again on its next use, not kept for
+                // `fresh_for` while storage says otherwise.
+                ring.refresh_due.store(true, Ordering::Release);
+                return Err(error);
+            }
+        };
         let dek = self.install_latest(ring, rotated.dek, read_started);
         if rotated.won {
             self.announce(

@@ -159,6 +159,41 @@ async fn reloads_for_key_events_across_keyrings_are_paced_after_a_burst() {
     assert!(keyrings.schedule_event_reload(&last).is_some());
 }
 
+/// A rotation whose LATEST write landed but whose answer, and every retry, failed leaves the
+/// caller an error; the cached LATEST is then read again on its next use rather than kept for
+/// `fresh_for` while storage holds the new key.
+#[tokio::test]
+async fn a_failed_rotation_whose_latest_landed_is_read_on_next_use() {
+    let (keyrings, faults) = keyrings_with(CachePolicy::default());
+    let first = keyrings.latest("ws_1").await.unwrap();
+    faults.down_after_lost_answer.store(true, Ordering::SeqCst);
+    faults.lose_next_latest_answer.store(true, Ordering::SeqCst);
+    keyrings.rotate("ws_1").await.unwrap_err();
+    faults.set_down(false);
+    let stored = keyrings.store().read_latest("ws_1").await.unwrap().unwrap();
+    assert_ne!(stored.dek.id(), first.id(), "the rotation's LATEST landed");
+    assert_eq!(keyrings.latest("ws_1").await.unwrap().id(), first.id());
+    settle().await;
+    assert!(
+        eventually_latest(&keyrings, "ws_1", stored.dek.id()).await,
+        "the next use read the landed LATEST"
+    );
+}
+
+/// Whether `keyrings` caches `key_id` as `name`'s LATEST within a second of real time.
+async fn eventually_latest(keyrings: &Keyrings, name: &str, key_id: &str) -> bool {
+    for _ in 0..100 {
+        if keyrings
+            .peek_latest(name)
+            .is_some_and(|dek| dek.id() == key_id)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
 #[tokio::test(start_paused = true)]
 async fn stale_latest_survives_a_failing_refresh_until_max_stale() {
     let (keyrings, faults) = keyrings_with(CachePolicy::default());

@@ -23,6 +23,9 @@ pub struct Faults {
     /// The next put of a `LATEST` object is written, then answered with an error (an answer
     /// lost after the write landed).
     pub lose_next_latest_answer: AtomicBool,
+    /// With `lose_next_latest_answer`: every call after that lost answer fails (the store
+    /// went away right after the write landed).
+    pub down_after_lost_answer: AtomicBool,
     /// Just before the next conditional put of a `LATEST` object, that object is written again
     /// with its own bytes: a new version of the same key, as `roll-deks` resealing it makes.
     pub reseal_latest_before_next_put: AtomicBool,
@@ -119,6 +122,9 @@ impl ObjectStorage for FaultyStorage {
                 .lose_next_latest_answer
                 .swap(false, Ordering::SeqCst)
         {
+            if self.faults.down_after_lost_answer.load(Ordering::SeqCst) {
+                self.faults.set_down(true);
+            }
             return Err(Self::injected("put", key));
         }
         written

@@ -54,14 +54,20 @@ async fn fresh_latest_is_served_from_cache() {
     );
 }
 
+/// Caches `name`'s LATEST in `keyrings`, then rotates it as another replica would, behind
+/// their back: the key cached, and the rotation.
+async fn rotated_behind_the_cache(keyrings: &Keyrings, name: &str) -> (Arc<Dek>, Rotation) {
+    let first = keyrings.latest(name).await.unwrap();
+    let other = Keyrings::new(keyrings.store().clone(), CachePolicy::default());
+    let rotated = other.rotate(name).await.unwrap();
+    assert_ne!(rotated.dek.id(), first.id());
+    (first, rotated)
+}
+
 #[tokio::test(start_paused = true)]
 async fn stale_latest_is_served_and_refreshed_in_background() {
     let (keyrings, faults) = keyrings_with(CachePolicy::default());
-    let first = keyrings.latest("ws_1").await.unwrap();
-    // Another replica rotates behind our back.
-    let other = Keyrings::new(keyrings.store().clone(), CachePolicy::default());
-    let rotated = other.rotate("ws_1").await.unwrap();
-    assert_ne!(rotated.dek.id(), first.id());
+    let (first, rotated) = rotated_behind_the_cache(&keyrings, "ws_1").await;
 
     tokio::time::advance(HOUR + Duration::from_secs(1)).await;
     let before = calls(&faults);
@@ -80,9 +86,7 @@ async fn stale_latest_is_served_and_refreshed_in_background() {
 #[tokio::test(start_paused = true)]
 async fn a_fresh_latest_marked_for_refresh_is_read_again_on_its_next_use() {
     let (keyrings, faults) = keyrings_with(CachePolicy::default());
-    let first = keyrings.latest("ws_1").await.unwrap();
-    let other = Keyrings::new(keyrings.store().clone(), CachePolicy::default());
-    let rotated = other.rotate("ws_1").await.unwrap();
+    let (first, rotated) = rotated_behind_the_cache(&keyrings, "ws_1").await;
     assert_eq!(keyrings.refresh_all_on_next_use(), 1);
     let before = calls(&faults);
     assert_eq!(
@@ -106,9 +110,7 @@ async fn a_fresh_latest_marked_for_refresh_is_read_again_on_its_next_use() {
 #[tokio::test(start_paused = true)]
 async fn a_reload_for_a_key_event_that_fails_is_tried_again_on_next_use() {
     let (keyrings, faults) = keyrings_with(CachePolicy::default());
-    let first = keyrings.latest("ws_1").await.unwrap();
-    let other = Keyrings::new(keyrings.store().clone(), CachePolicy::default());
-    let rotated = other.rotate("ws_1").await.unwrap();
+    let (first, rotated) = rotated_behind_the_cache(&keyrings, "ws_1").await;
     faults.set_down(true);
     let error = keyrings
         .apply_new_latest("ws_1", rotated.dek.id())

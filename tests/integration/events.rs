@@ -398,27 +398,32 @@ async fn a_key_event_from_a_newer_replica_is_applied() {
     .unwrap();
     event["cause"] = "reseal".into();
     event["shard"] = 7.into();
-    let nats = async_nats::connect(env.nats.url()).await.unwrap();
-    let subject = ringvault::protocol::event_subject(
-        "vault.v1",
-        "ws_newer",
-        ringvault::protocol::DEK_CREATED,
-    );
-    nats.publish(subject, serde_json::to_vec(&event).unwrap().into())
-        .await
-        .unwrap();
-    nats.flush().await.unwrap();
+    publish_dek_created(&env, "ws_newer", serde_json::to_vec(&event).unwrap()).await;
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            server
-                .keyrings()
-                .peek_latest("ws_newer")
-                .is_some_and(|dek| dek.id() == rotated.dek.id())
-        })
-        .await,
+        comes_to_cache(&server, "ws_newer", rotated.dek.id()).await,
         "the event was applied"
     );
     server.shutdown().await.unwrap();
+}
+
+/// Publishes `payload` on `keyring`'s `dek.created` subject, as another replica would.
+async fn publish_dek_created(env: &TestEnv, keyring: &str, payload: Vec<u8>) {
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    let subject =
+        ringvault::protocol::event_subject("vault.v1", keyring, ringvault::protocol::DEK_CREATED);
+    nats.publish(subject, payload.into()).await.unwrap();
+    nats.flush().await.unwrap();
+}
+
+/// Whether `server` caches `key_id` as `keyring`'s LATEST within 10 s.
+async fn comes_to_cache(server: &ringvault::server::Server, keyring: &str, key_id: &str) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        server
+            .keyrings()
+            .peek_latest(keyring)
+            .is_some_and(|dek| dek.id() == key_id)
+    })
+    .await
 }
 
 /// A keyring actor that fails while it holds a key event's reload loses that reload with its
@@ -434,14 +439,12 @@ async fn a_key_event_whose_actor_fails_is_still_followed_by_a_read() {
 
     // The actor fails on the next message it handles: the event's reload.
     *server.hooks().faults.fail_keyring_actor.lock().unwrap() = Some("ws_lost".to_owned());
-    let nats = async_nats::connect(env.nats.url()).await.unwrap();
-    nats.publish(
-        ringvault::protocol::event_subject("vault.v1", "ws_lost", ringvault::protocol::DEK_CREATED),
-        dek_created_from_elsewhere("ws_lost", &rotated, &first.key_id).into(),
+    publish_dek_created(
+        &env,
+        "ws_lost",
+        dek_created_from_elsewhere("ws_lost", &rotated, &first.key_id),
     )
-    .await
-    .unwrap();
-    nats.flush().await.unwrap();
+    .await;
     assert!(
         eventually(Duration::from_secs(10), || async {
             server
@@ -456,13 +459,7 @@ async fn a_key_event_whose_actor_fails_is_still_followed_by_a_read() {
         "the fault was not hit"
     );
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            server
-                .keyrings()
-                .peek_latest("ws_lost")
-                .is_some_and(|dek| dek.id() == rotated.dek.id())
-        })
-        .await,
+        comes_to_cache(&server, "ws_lost", rotated.dek.id()).await,
         "the new key was not read after the actor failed"
     );
     server.shutdown().await.unwrap();

@@ -550,12 +550,15 @@ impl Config {
                     .to_owned(),
             });
         }
-        let config: Config =
+        let mut config: Config =
             toml::Value::Table(merged)
                 .try_into()
                 .map_err(|error: toml::de::Error| {
                     ConfigError::Parse(without_quoted(&error.to_string()))
                 })?;
+        // tracing's filter reads a level with a space beside it as a target's name: `"info "`
+        // would silence every line.
+        config.log.level = config.log.level.trim().to_owned();
         config.validate()?;
         Ok(config)
     }
@@ -866,6 +869,10 @@ mod tests {
         ] {
             let config = Config::from_sources(None, env(&[("RINGVAULT_LOG_LEVEL", level)]));
             assert!(config.is_ok(), "{level:?} refused: {:?}", config.err());
+        }
+        for (level, kept) in [("info ", "info"), (" warn\n", "warn")] {
+            let config = Config::from_sources(None, env(&[("RINGVAULT_LOG_LEVEL", level)]));
+            assert_eq!(config.unwrap().log.level, kept);
         }
     }
 

@@ -107,6 +107,9 @@ pub fn router(
 pub struct ConnectionLimits {
     /// Connections served at once; further ones wait to be accepted.
     pub max_connections: usize,
+    /// Connections served at once from one address; further ones are closed as they come, so
+    /// that one client cannot take every slot and keep the probes out.
+    pub max_per_peer: usize,
     /// How long a request's headers may take to arrive, counted from when the connection
     /// starts waiting for them (so an idle kept-alive connection is closed after it too).
     pub header_read_timeout: Duration,
@@ -116,6 +119,7 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             max_connections: 64,
+            max_per_peer: 8,
             header_read_timeout: Duration::from_secs(10),
         }
     }
@@ -143,10 +147,11 @@ pub async fn serve_within(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let peers = Arc::new(PeerCounts::default());
     let (closing, closing_seen) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
-    loop {
+    'serving: loop {
         // A slot first: at the cap, connections wait in the listen backlog, not in a task.
         let slot = tokio::select! {
             () = &mut shutdown => break,
@@ -155,24 +160,33 @@ pub async fn serve_within(
                 Err(_) => break,
             },
         };
-        let stream = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    // Out of descriptors, or a connection reset before it was taken: neither
-                    // ends the server; a pause keeps a persistent one from spinning.
-                    tracing::warn!(%error, "http: cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let (stream, peer) = loop {
+            tokio::select! {
+                () = &mut shutdown => break 'serving,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, address)) => {
+                        match PeerCounts::enter(&peers, address.ip(), limits.max_per_peer) {
+                            Some(peer) => break (stream, peer),
+                            // Closed at once, and the slot kept for the next one.
+                            None => drop(stream),
+                        }
+                    }
+                    Err(error) => {
+                        // Out of descriptors, or a connection reset before it was taken:
+                        // neither ends the server; a pause keeps a persistent one from
+                        // spinning.
+                        tracing::warn!(%error, "http: cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
         };
         while connections.try_join_next().is_some() {}
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let mut closing_seen = closing_seen.clone();
         connections.spawn(async move {
             let _slot = slot;
+            let _peer = peer;
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
@@ -188,9 +202,57 @@ pub async fn serve_within(
             let _ = connection.await;
         });
     }
+    // Refused from here on, rather than left waiting in the backlog through the shutdown.
+    drop(listener);
     let _ = closing.send(true);
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Connections open per peer address.
+#[derive(Default)]
+struct PeerCounts(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl PeerCounts {
+    /// Counts a connection from `address` unless it has `limit` open already; the guard
+    /// counts it out when dropped.
+    fn enter(counts: &Arc<Self>, address: std::net::IpAddr, limit: usize) -> Option<PeerGuard> {
+        let mut open = counts
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(address).or_insert(0);
+        if *count >= limit.max(1) {
+            return None;
+        }
+        *count += 1;
+        Some(PeerGuard {
+            counts: counts.clone(),
+            address,
+        })
+    }
+}
+
+/// One counted connection of a peer.
+struct PeerGuard {
+    counts: Arc<PeerCounts>,
+    address: std::net::IpAddr,
+}
+
+impl Drop for PeerGuard {
+    fn drop(&mut self) {
+        let mut open = self
+            .counts
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.address);
+            }
+        }
+    }
 }
 
 async fn live() -> &'static str {
@@ -318,6 +380,65 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     }
 
+    /// One address gets `max_per_peer` connections at once; more are closed as they come,
+    /// leaving the other slots to other clients (the probes).
+    #[tokio::test]
+    async fn one_peer_cannot_take_every_slot() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let router = Router::new().route("/health/live", get(live));
+        let limits = ConnectionLimits {
+            max_connections: 8,
+            max_per_peer: 2,
+            header_read_timeout: Duration::from_secs(30),
+        };
+        tokio::spawn(serve_within(
+            listener,
+            router,
+            limits,
+            std::future::pending(),
+        ));
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut stream = TcpStream::connect(address).await.unwrap();
+            stream
+                .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut first_byte = [0u8; 1];
+            // Answered (kept alive): the connection is counted.
+            tokio::time::timeout(Duration::from_secs(5), stream.peek(&mut first_byte))
+                .await
+                .expect("answered")
+                .unwrap();
+            held.push(stream);
+        }
+        let mut third = TcpStream::connect(address).await.unwrap();
+        let closed = closed_within(&mut third, Duration::from_secs(5)).await;
+        assert_eq!(
+            closed,
+            Some(Vec::new()),
+            "a third connection from one peer was served"
+        );
+        // One closes: once the server has seen it, the peer may connect again.
+        drop(held.pop());
+        let mut answered = false;
+        for _ in 0..50 {
+            let mut again = TcpStream::connect(address).await.unwrap();
+            again
+                .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let answer = closed_within(&mut again, Duration::from_secs(5)).await;
+            if answer.is_some_and(|answer| answer.starts_with(b"HTTP/1.1 200")) {
+                answered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(answered, "the peer's slot was not given back");
+    }
+
     /// Connections that send nothing are closed after the header-read timeout, and while they
     /// fill every slot, a new connection waits for one instead of being served beside them.
     #[tokio::test]
@@ -327,6 +448,7 @@ mod tests {
         let router = Router::new().route("/health/live", get(live));
         let limits = ConnectionLimits {
             max_connections: 2,
+            max_per_peer: 3,
             header_read_timeout: Duration::from_millis(400),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -302,14 +302,14 @@ impl Server {
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
         if let Some(mut http) = self.http.take() {
             let _ = http.stop.send(());
-            // Graceful shutdown waits for open connections, and a client that sent half a
-            // request (or nothing) keeps one open for as long as it likes: it must not hold
-            // the drain of the NATS requests, which matter more than a health probe.
+            // Graceful shutdown waits for requests in progress, and a client that sends its
+            // request slowly keeps one going up to the header timeout: it must not hold the
+            // drain of the NATS requests, which matter more than a health probe.
             if tokio::time::timeout(HTTP_SHUTDOWN_GRACE, &mut http.task)
                 .await
                 .is_err()
             {
-                // Stops accepting; the connections' own tasks end with the runtime.
+                // Stops accepting; the connections' tasks are aborted with it.
                 http.task.abort();
                 tracing::warn!("stopped waiting for http connections still open at shutdown");
             }

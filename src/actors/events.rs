@@ -170,6 +170,9 @@ fn dek_created_subjects(prefix: &str) -> String {
     format!("{prefix}.events.*.{DEK_CREATED}")
 }
 
+/// How long the listener waits before it subscribes again after a subscription ended.
+const RESUBSCRIBE_PAUSE: Duration = Duration::from_millis(200);
+
 /// How often the listener looks whether the NATS connection was made again.
 const RECONNECT_CHECK: Duration = Duration::from_secs(1);
 
@@ -206,6 +209,9 @@ async fn listen(mut subscriber: async_nats::Subscriber, args: EventsArgs) {
             }
         }
         tracing::warn!("key events: the subscription ended; subscribing again");
+        // A pause even when subscribing works at once: a subscription that kept ending would
+        // otherwise spin here, marking every keyring each time.
+        tokio::time::sleep(RESUBSCRIBE_PAUSE).await;
         subscriber = subscribe_again(&args).await;
         why = "subscribed again";
     }

@@ -11,8 +11,9 @@
 //!
 //! A LATEST marked *due for a refresh* is treated as past `fresh_for`: served, and read again
 //! on its next use. Marked are every keyring when key events may have been missed (the events
-//! subscription was made again, the NATS connection came back) and a keyring whose reload for
-//! a key event failed.
+//! subscription was made again, the NATS connection came back), and a keyring whose reload
+//! for a key event, background refresh or rotation failed (a failed refresh after a pause
+//! that grows with each failure in a row).
 //!
 //! DEKs by id are immutable and stay until evicted. The cache holds at most `max_entries`
 //! DEKs; the least recently used go first.
@@ -48,6 +49,13 @@ pub const EVENT_RELOAD_LOST_AFTER: Duration = Duration::from_secs(5);
 /// send a storage read per keyring every [`EVENT_RELOAD_INTERVAL`]. Over it, reloads wait
 /// their turn (still one per keyring, covering every event meanwhile); real rotations are rare.
 pub const EVENT_RELOADS_PER_SEC: u32 = 100;
+
+/// The pause after the `failures`-th background refresh of one keyring's LATEST to fail in a
+/// row: one second, doubling, at most a minute.
+fn refresh_retry_pause(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(6);
+    (Duration::from_secs(1) * (1 << doublings)).min(Duration::from_secs(60))
+}
 
 /// The guard of `mutex`; its sections here cannot panic, so a poisoned one is no broken state.
 fn lock_ignoring_poison<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -149,6 +157,8 @@ pub struct Keyring {
     refreshing: AtomicBool,
     /// LATEST is to be read again on its next use, however fresh (see the module doc).
     refresh_due: AtomicBool,
+    /// Background refreshes of LATEST that failed in a row.
+    refresh_failures: std::sync::atomic::AtomicU32,
     /// The reloads for key events: scheduled, and last started.
     event_reload: std::sync::Mutex<EventReload>,
 }
@@ -181,6 +191,7 @@ impl Keyring {
             load_lock: tokio::sync::Mutex::new(()),
             refreshing: AtomicBool::new(false),
             refresh_due: AtomicBool::new(false),
+            refresh_failures: std::sync::atomic::AtomicU32::new(0),
             event_reload: std::sync::Mutex::new(EventReload::default()),
         }
     }
@@ -698,11 +709,24 @@ impl Keyrings {
         let keyrings = self.clone();
         let ring = ring.clone();
         tokio::spawn(async move {
-            if let Err(error) = keyrings.reload_latest(&ring).await {
-                tracing::warn!(keyring = ring.name, %error, "background refresh of latest failed");
-                // A marked keyring is not past `fresh_for`: without the mark, no use would try
-                // again.
-                ring.refresh_due.store(true, Ordering::Release);
+            match keyrings.reload_latest(&ring).await {
+                Ok(()) => ring.refresh_failures.store(0, Ordering::Relaxed),
+                Err(error) => {
+                    let failures = ring.refresh_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    let pause = refresh_retry_pause(failures);
+                    tracing::warn!(
+                        keyring = ring.name,
+                        %error,
+                        retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                        "background refresh of latest failed"
+                    );
+                    // Still `refreshing` through the pause, so no use starts another read: an
+                    // error storage does not retry (a revoked credential) would otherwise cost
+                    // a read per request. A marked keyring is not past `fresh_for`: without the
+                    // mark after it, no use would try again.
+                    tokio::time::sleep(pause).await;
+                    ring.refresh_due.store(true, Ordering::Release);
+                }
             }
             ring.refreshing.store(false, Ordering::Release);
         });

@@ -196,6 +196,57 @@ async fn eventually_latest(keyrings: &Keyrings, name: &str, key_id: &str) -> boo
     false
 }
 
+/// A refresh that keeps failing is tried again after a pause that grows, not on every use: an
+/// error storage does not retry would otherwise cost a storage read per request.
+#[tokio::test(start_paused = true)]
+async fn a_refresh_that_keeps_failing_waits_longer_each_time() {
+    let (keyrings, faults) = keyrings_with(CachePolicy::default());
+    let (first, rotated) = rotated_behind_the_cache(&keyrings, "ws_1").await;
+    keyrings.refresh_all_on_next_use();
+    faults.set_down(true);
+    let use_and_wait = |wait: Duration| {
+        let keyrings = keyrings.clone();
+        let first = first.clone();
+        async move {
+            assert_eq!(keyrings.latest("ws_1").await.unwrap().id(), first.id());
+            // In steps: a retry's sleep is only armed once the one before it has fired.
+            for _ in 0..wait.as_millis() / 10 {
+                tokio::time::advance(Duration::from_millis(10)).await;
+                settle().await;
+            }
+        }
+    };
+    // The first refresh starts with the first use and fails within the storage budget.
+    use_and_wait(Duration::from_millis(500)).await;
+    let after_first = calls(&faults);
+    assert!(after_first > 0);
+    for _ in 0..5 {
+        use_and_wait(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        calls(&faults),
+        after_first,
+        "uses during the pause read nothing"
+    );
+    // After the first pause (1 s from the failure), a use tries again, and fails again.
+    use_and_wait(Duration::from_millis(800)).await;
+    use_and_wait(Duration::from_millis(500)).await;
+    let after_second = calls(&faults);
+    assert!(after_second > after_first, "tried again after the pause");
+    // The second pause is 2 s: 1.2 s on, a use still reads nothing.
+    use_and_wait(Duration::from_millis(1200)).await;
+    use_and_wait(Duration::from_millis(10)).await;
+    assert_eq!(calls(&faults), after_second, "the second pause is longer");
+    faults.set_down(false);
+    use_and_wait(Duration::from_secs(1)).await;
+    use_and_wait(Duration::from_millis(500)).await;
+    assert_eq!(
+        keyrings.peek_latest("ws_1").unwrap().id(),
+        rotated.dek.id(),
+        "storage back: the next try read the new LATEST"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn stale_latest_survives_a_failing_refresh_until_max_stale() {
     let (keyrings, faults) = keyrings_with(CachePolicy::default());

@@ -353,6 +353,22 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpStream;
 
+    /// `/health/live` served within `limits` on a free loopback port until `shutdown`: its
+    /// address, and the server's task.
+    async fn serve_live(
+        limits: ConnectionLimits,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let router = Router::new().route("/health/live", get(live));
+        let server = tokio::spawn(serve_within(listener, router, limits, shutdown));
+        (address, server)
+    }
+
     /// Reads until the peer closes; `None` if it stays open for `within`.
     async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
         let mut received = Vec::new();
@@ -364,10 +380,8 @@ mod tests {
 
     #[tokio::test]
     async fn request_headers_over_the_read_buffer_are_refused() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let router = Router::new().route("/health/live", get(live));
-        tokio::spawn(serve(listener, router, std::future::pending()));
+        let (address, _server) =
+            serve_live(ConnectionLimits::default(), std::future::pending()).await;
         let mut stream = TcpStream::connect(address).await.unwrap();
         let filler = "a".repeat(MAX_READ_BUFFER + 1024);
         let request = format!("GET /health/live HTTP/1.1\r\nHost: x\r\nX-Filler: {filler}\r\n\r\n");
@@ -384,20 +398,12 @@ mod tests {
     /// leaving the other slots to other clients (the probes).
     #[tokio::test]
     async fn one_peer_cannot_take_every_slot() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let router = Router::new().route("/health/live", get(live));
         let limits = ConnectionLimits {
             max_connections: 8,
             max_per_peer: 2,
             header_read_timeout: Duration::from_secs(30),
         };
-        tokio::spawn(serve_within(
-            listener,
-            router,
-            limits,
-            std::future::pending(),
-        ));
+        let (address, _server) = serve_live(limits, std::future::pending()).await;
         let mut held = Vec::new();
         for _ in 0..2 {
             let mut stream = TcpStream::connect(address).await.unwrap();
@@ -443,18 +449,16 @@ mod tests {
     /// fill every slot, a new connection waits for one instead of being served beside them.
     #[tokio::test]
     async fn silent_connections_are_closed_and_counted_against_the_cap() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let router = Router::new().route("/health/live", get(live));
         let limits = ConnectionLimits {
             max_connections: 2,
             max_per_peer: 3,
             header_read_timeout: Duration::from_millis(400),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_within(listener, router, limits, async move {
+        let (address, server) = serve_live(limits, async move {
             let _ = stopped.await;
-        }));
+        })
+        .await;
         let mut silent = Vec::new();
         for _ in 0..2 {
             silent.push(TcpStream::connect(address).await.unwrap());

@@ -217,10 +217,7 @@ impl PeerCounts {
     /// Counts a connection from `address` unless it has `limit` open already; the guard
     /// counts it out when dropped.
     fn enter(counts: &Arc<Self>, address: std::net::IpAddr, limit: usize) -> Option<PeerGuard> {
-        let mut open = counts
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut open = crate::lock_ignoring_poison(&counts.0);
         let count = open.entry(address).or_insert(0);
         if *count >= limit.max(1) {
             return None;
@@ -241,11 +238,7 @@ struct PeerGuard {
 
 impl Drop for PeerGuard {
     fn drop(&mut self) {
-        let mut open = self
-            .counts
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut open = crate::lock_ignoring_poison(&self.counts.0);
         if let Some(count) = open.get_mut(&self.address) {
             *count -= 1;
             if *count == 0 {

@@ -45,3 +45,11 @@ pub mod server;
 pub mod storage;
 
 pub use error::{Error, Kind, Result};
+
+/// The guard of `mutex`, poisoned or not: for mutexes whose sections leave no half-done state,
+/// so that a panic elsewhere while one was held breaks nothing.
+pub(crate) fn lock_ignoring_poison<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

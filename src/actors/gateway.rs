@@ -123,7 +123,7 @@ impl EndpointStats {
             self.errors.fetch_add(1, Ordering::Relaxed);
             // The code only: `$SRV.STATS` answers anyone on the nats account, and messages
             // name subjects, keyrings and what callers sent.
-            let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+            let mut last = crate::lock_ignoring_poison(&self.last_error);
             *last = format!("{}:{}", error.kind().status(), error.kind().code());
         }
     }

@@ -141,7 +141,7 @@ fn take_pending(
     slot: &std::sync::Mutex<Option<crate::protocol::Method>>,
     method: crate::protocol::Method,
 ) -> bool {
-    let mut pending = slot.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pending = crate::lock_ignoring_poison(slot);
     if *pending == Some(method) {
         *pending = None;
         return true;
@@ -186,10 +186,7 @@ impl FaultHooks {
 
     /// Consumes the pending delay of the next request of `method`.
     pub fn take_request_delay(&self, method: crate::protocol::Method) -> Option<Duration> {
-        let mut pending = self
-            .delay_next_request
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut pending = crate::lock_ignoring_poison(&self.delay_next_request);
         match *pending {
             Some((delayed, delay)) if delayed == method => {
                 *pending = None;
@@ -222,10 +219,7 @@ impl FaultHooks {
 
     /// Consumes the pending failure of keyring `name`'s actor.
     pub fn take_keyring_failure(&self, name: &str) -> bool {
-        let mut pending = self
-            .fail_keyring_actor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut pending = crate::lock_ignoring_poison(&self.fail_keyring_actor);
         if pending.as_deref() == Some(name) {
             *pending = None;
             return true;

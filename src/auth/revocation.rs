@@ -551,11 +551,11 @@ pub(crate) async fn sync_forever(
         async move {
             let outcome = load_revocations(&*backend, &revocations).await;
             let waited = match &outcome {
-                Ok(loaded) if loaded.unreadable > 0 => unreadable_since
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert_with(tokio::time::Instant::now)
-                    .elapsed(),
+                Ok(loaded) if loaded.unreadable > 0 => {
+                    crate::lock_ignoring_poison(&unreadable_since)
+                        .get_or_insert_with(tokio::time::Instant::now)
+                        .elapsed()
+                }
                 _ => Duration::ZERO,
             };
             match outcome {

@@ -34,6 +34,7 @@ pub use store::{KeyringStore, LatestRead, Rotated};
 
 use crate::crypto::Dek;
 use crate::error::{Error, Result};
+use crate::lock_ignoring_poison;
 use crate::protocol::DekCause;
 use crate::storage::{validate_key_id, validate_keyring};
 
@@ -55,13 +56,6 @@ pub const EVENT_RELOADS_PER_SEC: u32 = 100;
 fn refresh_retry_pause(failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(6);
     (Duration::from_secs(1) * (1 << doublings)).min(Duration::from_secs(60))
-}
-
-/// The guard of `mutex`; its sections here cannot panic, so a poisoned one is no broken state.
-fn lock_ignoring_poison<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// How often a manual rotation writes a new LATEST when each write loses to a rewrite of the

@@ -121,8 +121,9 @@ impl RawReply {
             .map(kind_of_status);
         if let Ok(body) = serde_json::from_slice::<ErrorBody>(&self.body) {
             // Unknown codes would all read as internal, a retryable 503 or 429 among them.
-            let known = Kind::ALL.into_iter().find(|kind| kind.code() == body.code);
-            let kind = known.or(status_kind).unwrap_or(Kind::Internal);
+            let kind = Kind::from_known_code(&body.code)
+                .or(status_kind)
+                .unwrap_or(Kind::Internal);
             return Some(Error::new(kind, body.message));
         }
         let kind = status_kind.unwrap_or(Kind::Internal);

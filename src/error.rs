@@ -77,10 +77,13 @@ impl Kind {
 
     /// The kind of a wire code; unknown codes read as [`Kind::Internal`].
     pub fn from_code(code: &str) -> Kind {
-        Kind::ALL
-            .into_iter()
-            .find(|kind| kind.code() == code)
-            .unwrap_or(Kind::Internal)
+        Kind::from_known_code(code).unwrap_or(Kind::Internal)
+    }
+
+    /// The kind of a wire code, or `None` for a code this version does not know (a newer
+    /// service's).
+    pub fn from_known_code(code: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|kind| kind.code() == code)
     }
 }
 
@@ -188,6 +191,7 @@ mod tests {
         codes.dedup();
         assert_eq!(codes.len(), Kind::ALL.len());
         assert_eq!(Kind::from_code("no_such_code"), Kind::Internal);
+        assert_eq!(Kind::from_known_code("no_such_code"), None);
     }
 
     #[test]

@@ -651,7 +651,8 @@ impl Config {
         }
         // A bare word is a target to tracing's filter, not a level: `warning` would keep only
         // the lines of a target named `warning`, and with them every audit line would go.
-        let level = self.log.level.trim();
+        // Trimmed already by `from_sources`.
+        let level = self.log.level.as_str();
         let bare_level_ok = ["trace", "debug", "info", "warn", "error", "off"]
             .iter()
             .any(|known| level.eq_ignore_ascii_case(known));

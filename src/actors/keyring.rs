@@ -326,26 +326,27 @@ impl KeyringRegistry {
 
     /// Hands a scheduled reload for a key event to the keyring's actor.
     async fn deliver_apply_latest(&self, name: &str, key_id: &str) {
-        // A draining actor refuses the message; a fresh one takes it.
-        for _ in 0..ACTOR_DELIVERY_ATTEMPTS {
-            let actor = match self.actor(name).await {
-                Ok(actor) => actor,
-                Err(error) => {
-                    tracing::warn!(keyring = name, %error, "could not apply a new latest key");
-                    self.keyrings.cancel_event_reload(name);
-                    self.keyrings.refresh_on_next_use(name);
+        'undelivered: {
+            // A draining actor refuses the message; a fresh one takes it.
+            for _ in 0..ACTOR_DELIVERY_ATTEMPTS {
+                let actor = match self.actor(name).await {
+                    Ok(actor) => actor,
+                    Err(error) => {
+                        tracing::warn!(keyring = name, %error, "could not apply a new latest key");
+                        break 'undelivered;
+                    }
+                };
+                let message = KeyringMsg::ApplyLatest {
+                    key_id: key_id.to_owned(),
+                };
+                if actor.send_message(message).is_ok() {
                     return;
                 }
-            };
-            let message = KeyringMsg::ApplyLatest {
-                key_id: key_id.to_owned(),
-            };
-            if actor.send_message(message).is_ok() {
-                return;
+                self.forget(actor.get_id());
             }
-            self.forget(actor.get_id());
+            tracing::warn!(keyring = name, key_id, "could not apply a new latest key");
         }
-        tracing::warn!(keyring = name, key_id, "could not apply a new latest key");
+        // Given up: the turn goes back for the next event, and the next use reads meanwhile.
         self.keyrings.cancel_event_reload(name);
         self.keyrings.refresh_on_next_use(name);
     }

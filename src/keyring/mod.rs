@@ -190,6 +190,11 @@ impl Keyring {
         }
     }
 
+    /// Has LATEST read again on its next use, however fresh (see the module doc).
+    fn mark_refresh_due(&self) {
+        self.refresh_due.store(true, Ordering::Release);
+    }
+
     /// The keyring's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -315,7 +320,7 @@ impl Keyrings {
     pub fn refresh_all_on_next_use(&self) -> usize {
         let mut marked = 0;
         for ring in self.shared.rings.iter() {
-            ring.refresh_due.store(true, Ordering::Release);
+            ring.mark_refresh_due();
             marked += 1;
         }
         marked
@@ -324,7 +329,7 @@ impl Keyrings {
     /// Marks keyring `name`'s LATEST due for a refresh, if it is cached.
     pub fn refresh_on_next_use(&self, name: &str) {
         if let Some(ring) = self.shared.rings.get(name) {
-            ring.refresh_due.store(true, Ordering::Release);
+            ring.mark_refresh_due();
         }
     }
 
@@ -528,7 +533,7 @@ impl Keyrings {
                 // Its LATEST write may have landed all the same (the answer lost, or late past
                 // the timeout): the cached LATEST is read again on its next use, not kept for
                 // `fresh_for` while storage says otherwise.
-                ring.refresh_due.store(true, Ordering::Release);
+                ring.mark_refresh_due();
                 return Err(error);
             }
         };
@@ -617,7 +622,7 @@ impl Keyrings {
         };
         if let Err(error) = self.reload_latest(&ring).await {
             // Another replica's key would otherwise wait for `fresh_for`: the next use tries.
-            ring.refresh_due.store(true, Ordering::Release);
+            ring.mark_refresh_due();
             return Err(error);
         }
         if !key_id.is_empty() && ring.cached_latest_id().as_deref() != Some(key_id) {
@@ -719,7 +724,7 @@ impl Keyrings {
                     // a read per request. A marked keyring is not past `fresh_for`: without the
                     // mark after it, no use would try again.
                     tokio::time::sleep(pause).await;
-                    ring.refresh_due.store(true, Ordering::Release);
+                    ring.mark_refresh_due();
                 }
             }
             ring.refreshing.store(false, Ordering::Release);
